@@ -1,0 +1,67 @@
+# celery-idem developer tasks. GNU make >= 4.
+#
+#   make test      lint + typecheck + the whole pytest suite (PYTEST_ARGS appended)
+#   make lint      ruff check + ruff format --check
+#   make typecheck mypy (strict; config and files in pyproject.toml)
+#   make faults    only tests/faults
+#   make demo      run example_project.demo
+#   make clean     remove caches/build artefacts (keeps .venv; `make distclean` drops it)
+#
+# The suite starts its own throwaway redis-server; set REDIS_URL to use an
+# existing server instead (it is never flushed).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VENV_PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Only directories that exist (example_project may be added later).
+LINT_DIRS := $(wildcard celery_idem tests example_project)
+
+.DEFAULT_GOAL := test
+.PHONY: all $(VENV) venv install lint format typecheck test demo faults clean distclean
+
+all: test
+
+# Create the virtualenv only if it is missing.
+$(VENV_PY):
+	$(PYTHON) -m venv $(VENV)
+
+# (Re)install the package + dev extras whenever pyproject.toml changes.
+$(STAMP): pyproject.toml | $(VENV_PY)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+# `make .venv` / `make venv`: create + install if missing or stale.
+$(VENV) venv install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
+
+# Rewrites files: not part of `make test`.
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINT_DIRS)
+	$(BIN)/ruff format $(LINT_DIRS)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+faults: $(STAMP)
+	$(VENV_PY) -m pytest tests/faults $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV_PY) -m example_project.demo
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,215 @@
+"""Suite-wide fixtures: a private throwaway Redis, per-test key prefixes, RabbitMQ skips.
+
+The suite never touches a Redis it did not start: without ``REDIS_URL`` it runs
+its own ``redis-server`` (see ``tests/redis_server.py``) on a free 127.0.0.1 port.
+With ``REDIS_URL`` set, tests run against that server and isolate themselves by
+key prefix only; nothing is ever flushed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+# Make ``from tests.redis_server import ...`` (preferred) and
+# ``from redis_server import ...`` both work however pytest was invoked, and
+# resolve to ONE module object (no duplicate RedisServer classes).
+_TESTS_DIR = Path(__file__).resolve().parent
+for _path in (str(_TESTS_DIR.parent), str(_TESTS_DIR)):
+    if _path not in sys.path:
+        sys.path.append(_path)
+
+
+def _load_helper() -> ModuleType:
+    helper_file = _TESTS_DIR / "redis_server.py"
+    for name in ("tests.redis_server", "redis_server"):
+        module = sys.modules.get(name)
+        if module is not None and Path(module.__file__ or "").resolve() == helper_file:
+            return module
+    try:
+        module = importlib.import_module("tests.redis_server")
+        if Path(module.__file__ or "").resolve() == helper_file:
+            return module
+    except ImportError:
+        pass
+    # Some other top-level ``tests`` package shadows ours: load by path.
+    spec = importlib.util.spec_from_file_location("redis_server", helper_file)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["redis_server"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_helper = _load_helper()
+sys.modules.setdefault("tests.redis_server", _helper)
+sys.modules.setdefault("redis_server", _helper)
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+else:
+    RedisServer = _helper.RedisServer
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+AMQP_PROBE_TIMEOUT = 0.5
+
+
+# --------------------------------------------------------------------------- redis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | None]:
+    """The suite's private redis-server, or None when ``REDIS_URL`` is set."""
+    if os.environ.get("REDIS_URL"):
+        yield None
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> str:
+    """``REDIS_URL`` if set, else the private server's ``redis://127.0.0.1:PORT/0``."""
+    if redis_server is None:
+        return os.environ["REDIS_URL"]
+    return redis_server.url(db=0)
+
+
+@pytest.fixture
+def key_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A unique key prefix (``"t-" + 10 hex chars``) for this test.
+
+    If the test used the suite Redis (``redis_url``/``redis_client``, directly or
+    through another fixture), keys starting with the prefix are deleted
+    afterwards (SCAN + DEL) from every non-empty db of that server. Never
+    FLUSHALL/FLUSHDB.
+    """
+    prefix = "t-" + uuid.uuid4().hex[:10]
+    yield prefix
+    # Only clean up if the test actually had Redis available: do not start a
+    # server (or contact REDIS_URL) just to delete nothing.
+    if "redis_url" not in request.fixturenames and "redis_client" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("redis_url")
+    _delete_prefixed(url, prefix)
+
+
+@pytest.fixture
+def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
+    """A ``redis.Redis`` for ``redis_url`` (bytes responses, db from the URL).
+
+    Use ``key_prefix`` for every key; leftovers are scan-deleted after the test.
+    """
+    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _delete_prefixed(url: str, prefix: str) -> None:
+    """Delete keys matching ``prefix*`` in every non-empty db of ``url``'s server."""
+    pattern = _glob_escape(prefix) + "*"
+    base = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        own_db = int(base.connection_pool.connection_kwargs.get("db", 0) or 0)
+        dbs = {own_db}
+        try:
+            keyspace = base.info("keyspace")
+            dbs.update(int(name[2:]) for name in keyspace if name.startswith("db"))
+        except redis.ResponseError:  # INFO may be restricted on managed servers
+            pass
+        for db in sorted(dbs):
+            client = base if db == own_db else redis.Redis.from_url(url, db=db)
+            try:
+                batch: list[bytes] = []
+                for key in client.scan_iter(match=pattern, count=500):
+                    batch.append(key)
+                    if len(batch) >= 500:
+                        client.delete(*batch)
+                        batch.clear()
+                if batch:
+                    client.delete(*batch)
+            finally:
+                if client is not base:
+                    client.close()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # e.g. the test broke the server on purpose; nothing to clean then.
+        sys.stderr.write(f"\nwarning: could not clean up keys {prefix}* on {url}: {exc}\n")
+    finally:
+        base.close()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+@pytest.fixture
+def store_server() -> Iterator[RedisServer]:
+    """A separate, fresh redis-server for this test only (opt-in; stopped afterwards).
+
+    For tests that count commands (``INFO commandstats``, ``CONFIG RESETSTAT``),
+    restart the server (``store_server.restart()``: same port, empty data) or
+    otherwise need a server nobody else uses. Always private, even with
+    ``REDIS_URL`` set.
+    """
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- rabbitmq
+
+
+def amqp_url() -> str:
+    """``AMQP_URL`` if set, else the local default broker URL."""
+    return os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
+
+
+@functools.cache
+def _amqp_unreachable_reason() -> str | None:
+    url = amqp_url()
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    try:
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    except ValueError:
+        return f"AMQP_URL {url!r} has an invalid port"
+    try:
+        with socket.create_connection((host, port), timeout=AMQP_PROBE_TIMEOUT):
+            return None
+    except OSError as exc:
+        source = "AMQP_URL" if os.environ.get("AMQP_URL") else "default broker"
+        return (
+            f"RabbitMQ not reachable at {host}:{port} ({source}) within "
+            f"{AMQP_PROBE_TIMEOUT}s: {exc}"
+        )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``@pytest.mark.rabbitmq`` tests when no broker accepts connections."""
+    if item.get_closest_marker("rabbitmq") is None:
+        return
+    reason = _amqp_unreachable_reason()
+    if reason is not None:
+        pytest.skip(reason)

