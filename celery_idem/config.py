@@ -1,0 +1,584 @@
+"""Configuration: the settings, their defaults, validation, and precedence.
+
+This module owns the settings, their defaults, validation, and the one place where
+precedence call > task > app > default is decided. Everything else in celery-idem
+receives a validated, frozen :class:`IdemSettings` and never reads raw configuration,
+so a bad value fails here, once, with a message that names the setting, the value,
+where it came from and what is accepted.
+
+Pure: imports neither celery nor redis. ``app_conf`` is any mapping (Celery's
+``app.conf`` or a plain dict), which keeps the rules testable without an app.
+
+Cost: callers resolve once per task per process and cache the result; a message that
+carries call-level overrides goes through :func:`with_call_overrides`, which validates
+only the overridden names and returns the cached object untouched when there are none.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import difflib
+import enum
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from celery_idem.exceptions import IdempotencyConfigError
+
+__all__ = [
+    "CALL_SETTINGS",
+    "DEFAULTS",
+    "SETTINGS",
+    "IdemSettings",
+    "InProgressPolicy",
+    "StoreErrorPolicy",
+    "resolve_settings",
+    "with_call_overrides",
+]
+
+
+class InProgressPolicy(str, enum.Enum):
+    """What a duplicate does when another live run holds its key."""
+
+    RETRY = "retry"
+    """Retry the task later (Celery retry with countdown); the worker slot is freed."""
+    WAIT = "wait"
+    """Block the worker, polling until the owner completes or its lease runs out."""
+    RAISE = "raise"
+    """Fail at once with :class:`~celery_idem.exceptions.DuplicateInProgress`."""
+
+
+class StoreErrorPolicy(str, enum.Enum):
+    """What a task does when the idempotency store cannot be reached."""
+
+    RETRY = "retry"
+    """Retry the task later; nothing runs without a claim (the safe default)."""
+    RUN = "run"
+    """Run the body unprotected: availability over at-most-once."""
+    RAISE = "raise"
+    """Fail with :class:`~celery_idem.exceptions.StoreUnavailable`."""
+
+
+DEFAULTS: Mapping[str, object] = MappingProxyType(
+    {
+        "idem_redis_url": None,
+        "idem_ttl": 86400,
+        "idem_lease": 60,
+        "idem_key_prefix": "idem",
+        "idem_on_in_progress": InProgressPolicy.RETRY,
+        "idem_on_store_error": StoreErrorPolicy.RETRY,
+        "idem_cache_errors": (),
+        "idem_max_result_bytes": 1048576,
+    }
+)
+"""Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs"."""
+
+SETTINGS: tuple[str, ...] = tuple(DEFAULTS)
+"""Every setting name, in documentation order. The names are a public contract."""
+
+CALL_SETTINGS: frozenset[str] = frozenset(
+    {
+        "idem_ttl",
+        "idem_lease",
+        "idem_on_in_progress",
+        "idem_on_store_error",
+        "idem_max_result_bytes",
+    }
+)
+"""Settings a single call may override (they travel in the message headers).
+
+The others decide *where* a key lives or *which* failures are replayed; changing them
+per call would let two calls with the same key disagree about the record itself.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IdemSettings:
+    """The validated settings one task runs with.
+
+    Frozen so a resolved object can be cached per task and shared between threads,
+    and so a call-level override has to produce a new object instead of leaking into
+    the next message. Build it with :func:`resolve_settings`, which validates; the
+    constructor itself does not.
+
+    Attributes:
+        redis_url: Where records live (``redis://``, ``rediss://``, ``unix://`` or
+            ``memory://``). ``None`` when no Redis was configured or found; the store
+            factory raises at first use, so importing and configuring never fail
+            just because Redis is absent.
+        ttl: Seconds a completed result is kept and replayed.
+        lease: Seconds a claim survives without renewal; after that another run may
+            take the key over.
+        key_prefix: First component of every Redis key.
+        on_in_progress: What a duplicate does while another run holds the key.
+        on_store_error: What a task does when the store is unreachable.
+        cache_errors: Exception classes whose failure is stored and re-raised to
+            duplicates instead of letting the key be claimed again.
+        max_result_bytes: Largest encoded result that is stored.
+    """
+
+    redis_url: str | None
+    ttl: float
+    lease: float
+    key_prefix: str
+    on_in_progress: InProgressPolicy
+    on_store_error: StoreErrorPolicy
+    cache_errors: tuple[type[BaseException], ...]
+    max_result_bytes: int
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between lease renewals: a third of the lease.
+
+        Two renewals can be missed (a slow round trip, a GC pause) before the lease
+        runs out, which is why the lease must be at least one second.
+        """
+        return self.lease / 3
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Invalid(Exception):
+    """Raised by a validator; the caller turns it into IdempotencyConfigError.
+
+    Keeping validators ignorant of names and origins lets one table describe each
+    setting and one function format every message the same way.
+    """
+
+    def __init__(self, why: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_URL_SCHEMES = _REDIS_SCHEMES | {"memory"}
+_MAX_PREFIX_LEN = 64
+_MAX_REPR = 80
+
+
+def _short_repr(value: object) -> str:
+    """Return ``repr(value)`` cut to a length that keeps one error message readable."""
+    text = repr(value)
+    if len(text) > _MAX_REPR:
+        return text[: _MAX_REPR - 3] + "..."
+    return text
+
+
+def _url_scheme(value: str) -> str:
+    """Return the lower-cased scheme of a URL, or ``""`` when it has none."""
+    scheme, sep, _ = value.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def _check_redis_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("not a str")
+    if _url_scheme(value) not in _URL_SCHEMES:
+        raise _Invalid("unsupported scheme")
+    return value
+
+
+def _seconds(value: object, *, minimum: float, inclusive: bool) -> float:
+    """Validate a duration in seconds; ``bool`` is refused though it is an ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"a {type(value).__name__}, not a number")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise _Invalid("too large") from None
+    if not math.isfinite(seconds):
+        raise _Invalid("not finite")
+    if seconds < minimum or (not inclusive and seconds == minimum):
+        raise _Invalid("out of range")
+    return seconds
+
+
+def _check_ttl(value: object) -> float:
+    return _seconds(value, minimum=0.0, inclusive=False)
+
+
+def _check_lease(value: object) -> float:
+    return _seconds(value, minimum=1.0, inclusive=True)
+
+
+def _check_key_prefix(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"a {type(value).__name__}, not a str")
+    if not value:
+        raise _Invalid("empty")
+    if len(value) > _MAX_PREFIX_LEN:
+        raise _Invalid(f"{len(value)} characters")
+    if "{" in value or "}" in value:
+        raise _Invalid("contains a brace")
+    if any(ch.isspace() for ch in value):
+        raise _Invalid("contains whitespace")
+    return value
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _policy_parser(members: type[_E]) -> Callable[[object], _E]:
+    """Build a parser accepting a member or its value in any letter case."""
+    by_value: dict[str, _E] = {str(m.value): m for m in members}
+
+    def parse(value: object) -> _E:
+        if isinstance(value, members):
+            return value
+        if isinstance(value, str):
+            member = by_value.get(value.lower())
+            if member is not None:
+                return member
+        raise _Invalid()
+
+    return parse
+
+
+def _import_dotted(name: str) -> object:
+    """Import ``package.module.ClassName`` (nested attributes allowed).
+
+    A name without a dot is looked up in :mod:`builtins`, so ``"ValueError"`` works.
+    The longest importable module prefix wins, which also finds nested classes.
+    """
+    parts = name.split(".")
+    if any(not part for part in parts):
+        raise _Invalid(f"entry {name!r} is not a dotted name")
+    if len(parts) == 1:
+        if not hasattr(builtins, name):
+            raise _Invalid(f"entry {name!r} is not a builtin; use 'package.module.{name}'")
+        return getattr(builtins, name)
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if module_name == missing or module_name.startswith(missing + "."):
+                continue  # this prefix is not a module; try a shorter one
+            raise _Invalid(f"entry {name!r}: importing {module_name!r} failed: {exc}") from None
+        except Exception as exc:
+            raise _Invalid(
+                f"entry {name!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        for attr in parts[split:]:
+            try:
+                obj = getattr(obj, attr)
+            except AttributeError:
+                raise _Invalid(f"entry {name!r}: {attr!r} not found in {module_name!r}") from None
+        return obj
+    raise _Invalid(f"entry {name!r}: no module {parts[0]!r} can be imported")
+
+
+def _check_cache_errors(value: object) -> tuple[type[BaseException], ...]:
+    entries: tuple[object, ...]
+    if isinstance(value, (tuple, list, set, frozenset)):
+        entries = tuple(value)
+    elif isinstance(value, (str, type)):
+        entries = (value,)
+    else:
+        raise _Invalid(f"a {type(value).__name__}")
+    classes: list[type[BaseException]] = []
+    for entry in entries:
+        resolved = _import_dotted(entry) if isinstance(entry, str) else entry
+        if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
+            raise _Invalid(f"entry {_short_repr(entry)} is not an exception class")
+        if resolved not in classes:
+            classes.append(resolved)
+    return tuple(classes)
+
+
+def _check_max_result_bytes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"a {type(value).__name__}, not an int")
+    if value <= 0:
+        raise _Invalid("out of range")
+    return value
+
+
+_RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
+    {
+        "idem_redis_url": (
+            _check_redis_url,
+            "a str URL with scheme redis://, rediss://, unix:// or memory://",
+        ),
+        "idem_ttl": (_check_ttl, "seconds as an int or float > 0 (not bool)"),
+        "idem_lease": (
+            _check_lease,
+            "seconds as an int or float >= 1 (not bool); a shorter lease cannot be "
+            "renewed reliably",
+        ),
+        "idem_key_prefix": (
+            _check_key_prefix,
+            f"a non-empty str of at most {_MAX_PREFIX_LEN} characters without whitespace "
+            "or '{' '}' (braces would change Redis Cluster hash slots)",
+        ),
+        "idem_on_in_progress": (
+            _policy_parser(InProgressPolicy),
+            "one of 'retry', 'wait', 'raise' (any case) or an InProgressPolicy member",
+        ),
+        "idem_on_store_error": (
+            _policy_parser(StoreErrorPolicy),
+            "one of 'retry', 'run', 'raise' (any case) or a StoreErrorPolicy member",
+        ),
+        "idem_cache_errors": (
+            _check_cache_errors,
+            "an exception class or dotted name 'package.module.ClassName', or a "
+            "tuple/list/set of them",
+        ),
+        "idem_max_result_bytes": (_check_max_result_bytes, "an int > 0 (not bool)"),
+    }
+)
+
+_FIELDS: Mapping[str, str] = MappingProxyType({name: name[5:] for name in SETTINGS})
+_DJANGO_PREFIX = "CELERY_"
+_DJANGO_NAMES: Mapping[str, str] = MappingProxyType(
+    {name: _DJANGO_PREFIX + name.upper() for name in SETTINGS}
+)
+_DJANGO_KNOWN = frozenset(_DJANGO_NAMES.values())
+_APP = "app configuration"
+_CALL = "call option"
+
+
+def _validate(name: str, key: str, value: object, where: str, task_name: str | None) -> Any:
+    """Run the validator of ``name``, turning a rejection into a full error message.
+
+    Args:
+        name: The canonical setting name.
+        key: The spelling it was found under (``CELERY_IDEM_TTL`` for ``idem_ttl``).
+        value: The raw value.
+        where: The origin, for the message.
+        task_name: Carried into the error.
+    """
+    check, expected = _RULES[name]
+    try:
+        return check(value)
+    except _Invalid as exc:
+        label = name if key == name else f"{name} (set as {key})"
+        why = f" ({exc.why})" if exc.why else ""
+        raise IdempotencyConfigError(
+            f"{label} from {where} is invalid: {_short_repr(value)}{why}; expected {expected}.",
+            None,
+            task_name,
+        ) from None
+
+
+_DEFAULT_VALUES: Mapping[str, Any] = MappingProxyType(
+    {name: _RULES[name][0](DEFAULTS[name]) for name in SETTINGS if DEFAULTS[name] is not None}
+)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _unknown_name(
+    key: str,
+    value: object,
+    candidates: tuple[str, ...],
+    *,
+    prefix: str,
+    where: str,
+    task_name: str | None,
+) -> IdempotencyConfigError:
+    """Build the error for a misspelt setting, suggesting the closest valid name.
+
+    Names are compared without their shared ``prefix``: it would otherwise make
+    every ``idem_*`` name look similar and suggest nonsense.
+    """
+    cut = len(prefix)
+    close = difflib.get_close_matches(key[cut:], [c[cut:] for c in candidates], n=1)
+    hint = (
+        f"did you mean {prefix + close[0]!r}?"
+        if close
+        else f"valid names: {', '.join(candidates)}."
+    )
+    return IdempotencyConfigError(
+        f"{key} from {where} is not a celery-idem setting (value {_short_repr(value)}); {hint}",
+        None,
+        task_name,
+    )
+
+
+_CALL_ORDERED = tuple(name for name in SETTINGS if name in CALL_SETTINGS)
+_DJANGO_ORDERED = tuple(_DJANGO_NAMES.values())
+
+
+def _check_app_names(app_conf: Mapping[str, Any], task_name: str | None) -> None:
+    """Refuse misspelt ``idem_*`` / ``CELERY_IDEM_*`` keys; ignore all other keys.
+
+    A typo in configuration would otherwise silently leave the default in force.
+    """
+    for key in app_conf:
+        if not isinstance(key, str):
+            continue
+        if key.startswith("idem_"):
+            if key not in _FIELDS:
+                raise _unknown_name(
+                    key,
+                    app_conf.get(key),
+                    SETTINGS,
+                    prefix="idem_",
+                    where=_APP,
+                    task_name=task_name,
+                )
+        elif key.startswith("CELERY_IDEM_") and key not in _DJANGO_KNOWN:
+            raise _unknown_name(
+                key,
+                app_conf.get(key),
+                _DJANGO_ORDERED,
+                prefix="CELERY_IDEM_",
+                where=_APP,
+                task_name=task_name,
+            )
+
+
+def _task_where(task_name: str | None) -> str:
+    return f"task option of {task_name!r}" if task_name else "task option"
+
+
+def _redis_fallback(app_conf: Mapping[str, Any]) -> str | None:
+    """Reuse Celery's result backend, else its broker, when either is a Redis URL.
+
+    Celery's ``app.conf`` exposes ``result_backend`` and ``broker_url`` as properties
+    that also honour the ``CELERY_RESULT_BACKEND`` / ``CELERY_BROKER_URL`` environment
+    variables; reading the attribute first finds the same server Celery connects to.
+    A plain dict has no such attribute and is read by key (either spelling).
+    """
+    for attr, django_key in (
+        ("result_backend", "CELERY_RESULT_BACKEND"),
+        ("broker_url", "CELERY_BROKER_URL"),
+    ):
+        url = getattr(app_conf, attr, None)
+        if url is None:
+            url = app_conf.get(attr)
+            if url is None:
+                url = app_conf.get(django_key)
+        if isinstance(url, str) and _url_scheme(url) in _REDIS_SCHEMES:
+            return url
+    return None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_settings(
+    app_conf: Mapping[str, Any],
+    task_options: Mapping[str, Any] | None = None,
+    call_options: Mapping[str, Any] | None = None,
+    *,
+    task_name: str | None = None,
+) -> IdemSettings:
+    """Resolve and validate every setting: call > task > app > default.
+
+    Precedence is decided here (the call layer through :func:`with_call_overrides`)
+    and nowhere else, so every component sees the same answer. A value of ``None``
+    in a layer means "not set there" and falls through, which lets decorators pass
+    every option without overriding the app.
+
+    Args:
+        app_conf: Celery's ``app.conf`` or any mapping. ``idem_ttl`` is read, then the
+            Django spelling ``CELERY_IDEM_TTL``. Unrelated keys are ignored; unknown
+            ``idem_*`` keys are refused as typos.
+        task_options: Options given on the task (decorator or class attributes).
+        call_options: Per-call overrides from the message; only
+            :data:`CALL_SETTINGS` are allowed.
+        task_name: The task's name, for error messages.
+
+    Returns:
+        The frozen settings. Callers cache it per task; per message use
+        :func:`with_call_overrides` on the cached object.
+
+    Raises:
+        IdempotencyConfigError: A value is invalid, a name is misspelt, or a call
+            option names a setting that cannot be set per call.
+    """
+    _check_app_names(app_conf, task_name)
+    task_where = _task_where(task_name)
+    if task_options:
+        for key in task_options:
+            if isinstance(key, str) and key.startswith("idem_") and key not in _FIELDS:
+                raise _unknown_name(
+                    key,
+                    task_options[key],
+                    SETTINGS,
+                    prefix="idem_",
+                    where=task_where,
+                    task_name=task_name,
+                )
+
+    values: dict[str, Any] = {}
+    for name in SETTINGS:
+        raw = task_options.get(name) if task_options else None
+        if raw is not None:
+            values[_FIELDS[name]] = _validate(name, name, raw, task_where, task_name)
+            continue
+        key = name
+        raw = app_conf.get(name)
+        if raw is None:
+            key = _DJANGO_NAMES[name]
+            raw = app_conf.get(key)
+        if raw is not None:
+            values[_FIELDS[name]] = _validate(name, key, raw, _APP, task_name)
+        elif name == "idem_redis_url":
+            values[_FIELDS[name]] = _redis_fallback(app_conf)
+        else:
+            values[_FIELDS[name]] = _DEFAULT_VALUES[name]
+    settings = IdemSettings(**values)
+    if call_options:
+        return with_call_overrides(settings, call_options, task_name=task_name)
+    return settings
+
+
+def with_call_overrides(
+    base: IdemSettings,
+    call_options: Mapping[str, Any],
+    *,
+    task_name: str | None = None,
+) -> IdemSettings:
+    """Apply per-call overrides to already resolved settings.
+
+    The per-message path: only the overridden names are validated, and ``base``
+    itself is returned when nothing is overridden, so the common case allocates
+    nothing. Keys not starting with ``idem_`` are ignored, so the whole header
+    mapping may be passed.
+
+    Args:
+        base: Settings from :func:`resolve_settings` (usually cached).
+        call_options: The call's options; ``None`` values mean "not set".
+        task_name: The task's name, for error messages.
+
+    Returns:
+        ``base`` when no :data:`CALL_SETTINGS` is set, else a new object.
+
+    Raises:
+        IdempotencyConfigError: A value is invalid, or an ``idem_*`` name is not a
+            per-call setting (or is misspelt).
+    """
+    changes: dict[str, Any] | None = None
+    for key, raw in call_options.items():
+        if key not in CALL_SETTINGS:
+            if isinstance(key, str) and key.startswith("idem_"):
+                if key in _FIELDS:
+                    raise IdempotencyConfigError(
+                        f"{key} cannot be set per call; set it on the task or the app "
+                        f"(call option value {_short_repr(raw)}; per-call settings: "
+                        f"{', '.join(_CALL_ORDERED)}).",
+                        None,
+                        task_name,
+                    )
+                raise _unknown_name(
+                    key, raw, _CALL_ORDERED, prefix="idem_", where=_CALL, task_name=task_name
+                )
+            continue
+        if raw is None:
+            continue
+        if changes is None:
+            changes = {}
+        changes[_FIELDS[key]] = _validate(key, key, raw, _CALL, task_name)
+    if changes is None:
+        return base
+    return dataclasses.replace(base, **changes)
