@@ -1,0 +1,76 @@
+"""The exception hierarchy: one root, every error names its key and task.
+
+Celery's result backend rebuilds a task's exception on the client from ``exc.args``
+(``exception_to_python``), so each class keeps ``(message, key, task_name)`` as its
+positional args and prints only the message. That way a caller of
+``AsyncResult.get()`` receives the same type, with the same text, that the worker raised.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DuplicateInProgress",
+    "IdempotencyConfigError",
+    "IdempotencyError",
+    "IdempotencyKeyMismatch",
+    "InvalidIdempotencyKey",
+    "LeaseLost",
+    "ResultNotStored",
+    "StoreUnavailable",
+    "UnencodableArgument",
+]
+
+
+class IdempotencyError(Exception):
+    """Root of every error celery-idem raises.
+
+    Args:
+        message: What happened and what to do about it.
+        key: The idempotency key concerned (``None`` where no key exists yet,
+            as for a configuration error).
+        task_name: The Celery task concerned, when known.
+    """
+
+    def __init__(self, message: str, key: str | None = None, task_name: str | None = None) -> None:
+        super().__init__(message, key, task_name)
+        self.message = message
+        self.key = key
+        self.task_name = task_name
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class IdempotencyConfigError(IdempotencyError):
+    """A setting has an invalid value; the message names the setting."""
+
+
+class InvalidIdempotencyKey(IdempotencyError, ValueError):
+    """The key is empty, not a string, or longer than the limit."""
+
+
+class UnencodableArgument(InvalidIdempotencyKey, TypeError):
+    """An argument has no canonical encoding, so no key can be derived from it."""
+
+
+class IdempotencyKeyMismatch(IdempotencyError):
+    """The key was used before with other arguments; nothing was run."""
+
+
+class DuplicateInProgress(IdempotencyError):
+    """Another run holds the key right now (policy ``raise``)."""
+
+
+class StoreUnavailable(IdempotencyError):
+    """The idempotency store could not be reached."""
+
+
+class ResultNotStored(IdempotencyError):
+    """The key completed, but its result could not be kept (too big or unserializable).
+
+    The body is not run again, because its side effect already happened.
+    """
+
+
+class LeaseLost(IdempotencyError):
+    """A run learned that another run took its key over (its lease ran out)."""

@@ -1,0 +1,184 @@
+"""MemoryStore: the Redis protocol's semantics in one process, for users' unit tests.
+
+Each method does under one lock what the Lua script of the same name does in Redis
+(see ``store/lua``), so a test suite using it sees the same claims, fences, take-overs
+and mismatches a worker sees in production. The contract suite in ``tests/contract``
+runs against both stores to keep it that way. Time is ``time.time()``, so freezegun
+can move it: a test can let a lease run out without sleeping.
+
+Not for production: records live in the process, so two workers do not share them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimState,
+    RecordKind,
+    Stored,
+    StoredRecord,
+)
+
+__all__ = ["MemoryStore"]
+
+_FREE = "F"
+_IN_PROGRESS = "P"
+
+
+@dataclass
+class _Record:
+    state: str
+    fence: int
+    expires_at: float
+    owner: str | None = None
+    deadline: float = 0.0
+    fingerprint: str = ""
+    task_id: str = ""
+    stored: Stored | None = None
+
+
+class MemoryStore:
+    """An in-process :class:`~celery_idem.store.base.Store`; thread-safe."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, key: str, now: float) -> _Record | None:
+        record = self._records.get(key)
+        if record is not None and record.expires_at <= now:
+            del self._records[key]
+            return None
+        return record
+
+    def _owned(self, key: str, token: str, now: float) -> _Record | None:
+        record = self._live(key, now)
+        if record is None or record.owner != token:
+            return None
+        return record
+
+    def claim(
+        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome:
+        """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._live(key, now)
+            fence = record.fence if record else 0
+            if record is not None:
+                if record.state == _IN_PROGRESS and record.owner == token:
+                    return ClaimOutcome(ClaimState.CLAIMED, fence, task_id)
+                if (
+                    record.state != _FREE
+                    and fingerprint
+                    and record.fingerprint
+                    and record.fingerprint != fingerprint
+                ):
+                    return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
+                if record.stored is not None:
+                    return ClaimOutcome(
+                        ClaimState.COMPLETED, fence, record.task_id, stored=record.stored
+                    )
+            took_over = False
+            if record is not None and record.state == _IN_PROGRESS:
+                parked_for_us = record.owner == "" and record.task_id == task_id
+                if not parked_for_us:
+                    if record.deadline > now:
+                        left = record.deadline - now
+                        return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
+                    took_over = True
+            self._records[key] = _Record(
+                state=_IN_PROGRESS,
+                fence=fence + 1,
+                expires_at=now + ttl + lease,
+                owner=token,
+                deadline=now + lease,
+                fingerprint=fingerprint,
+                task_id=task_id,
+            )
+            return ClaimOutcome(ClaimState.CLAIMED, fence + 1, task_id, took_over=took_over)
+
+    def renew(self, key: str, *, token: str, lease: float) -> bool:
+        """See ``lua/renew.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._owned(key, token, now)
+            if record is None:
+                return False
+            record.deadline = now + lease
+            record.expires_at = max(record.expires_at, now + 2 * lease)
+            return True
+
+    def complete(self, key: str, *, token: str, fence: int, stored: Stored, ttl: float) -> bool:
+        """See ``lua/complete.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._live(key, now)
+            if record is None or record.owner != token:
+                return bool(record and record.stored is not None and record.fence == fence)
+            record.state = stored.kind.value
+            record.stored = stored
+            record.owner = None
+            record.deadline = 0.0
+            record.expires_at = now + ttl
+            return True
+
+    def release(self, key: str, *, token: str) -> bool:
+        """See ``lua/release.lua``."""
+        with self._lock:
+            record = self._owned(key, token, time.time())
+            if record is None:
+                return False
+            record.state = _FREE
+            record.owner = None
+            record.deadline = 0.0
+            record.fingerprint = ""
+            record.task_id = ""
+            return True
+
+    def park(self, key: str, *, token: str, hold: float) -> bool:
+        """See ``lua/park.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._owned(key, token, now)
+            if record is None:
+                return False
+            record.owner = ""
+            record.deadline = now + hold
+            record.expires_at = max(record.expires_at, now + 2 * hold)
+            return True
+
+    def read(self, key: str) -> StoredRecord | None:
+        """See ``lua/read.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._live(key, now)
+            if record is None:
+                return None
+            return StoredRecord(
+                state=record.state,
+                fence=record.fence,
+                task_id=record.task_id,
+                fingerprint=record.fingerprint,
+                lease_left=record.deadline - now if record.state == _IN_PROGRESS else None,
+                ttl=record.expires_at - now,
+                stored=record.stored,
+            )
+
+    def forget(self, key: str) -> bool:
+        """Delete the record whatever its state."""
+        with self._lock:
+            return self._records.pop(key, None) is not None
+
+    def clear(self) -> None:
+        """Drop every record (between users' tests)."""
+        with self._lock:
+            self._records.clear()
+
+
+# Kinds a completed record may have, for readers that test ``state``.
+COMPLETED_STATES = frozenset(kind.value for kind in RecordKind)

@@ -1,0 +1,193 @@
+"""RedisStore: the only code that talks to Redis.
+
+Each transition of a record is one Lua script in ``store/lua`` (its contract is the
+comment at its top), run with EVALSHA through redis-py's ``Script`` objects, which
+reload a script transparently after ``NOSCRIPT`` (a restart, a failover, ``SCRIPT
+FLUSH``). This module turns the scripts' replies into typed outcomes and every
+redis-py error into :class:`~celery_idem.exceptions.StoreUnavailable`, chained.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimState,
+    RecordKind,
+    Stored,
+    StoredRecord,
+)
+
+__all__ = ["RedisStore", "redis_store_for_url"]
+
+_SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "read")
+_COMPLETED = {kind.value: kind for kind in RecordKind}
+
+
+def _load_sources() -> dict[str, str]:
+    lua = resources.files("celery_idem.store").joinpath("lua")
+    return {name: lua.joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPT_NAMES}
+
+
+_SOURCES = _load_sources()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisStore:
+    """A :class:`~celery_idem.store.base.Store` on one Redis server (or proxy).
+
+    Args:
+        client: A redis-py client that returns bytes (``decode_responses=False``).
+        url: The URL the client was made from, for error messages only.
+    """
+
+    def __init__(self, client: redis.Redis, *, url: str = "") -> None:
+        self.client = client
+        self.url = url
+        self._claim = client.register_script(_SOURCES["claim"])
+        self._renew = client.register_script(_SOURCES["renew"])
+        self._complete = client.register_script(_SOURCES["complete"])
+        self._release = client.register_script(_SOURCES["release"])
+        self._park = client.register_script(_SOURCES["park"])
+        self._read = client.register_script(_SOURCES["read"])
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """Build a store for ``url`` with timeouts fit for a task's hot path.
+
+        redis-py's default retries back off for seconds; a worker would rather fail
+        fast and let the ``idem_on_store_error`` policy decide. One quick retry still
+        hides a pooled connection that went stale across a Redis restart.
+        """
+        try:
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=5.0,
+                socket_connect_timeout=2.0,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+                health_check_interval=30,
+            )
+        except ValueError as exc:
+            raise IdempotencyConfigError(
+                f"idem_redis_url {url!r} is not a Redis URL celery-idem can use: {exc}"
+            ) from exc
+        return cls(client, url=url)
+
+    def _unavailable(self, key: str, exc: redis.RedisError) -> StoreUnavailable:
+        where = f" at {self.url}" if self.url else ""
+        return StoreUnavailable(
+            f"the idempotency store{where} failed on record {key!r}: "
+            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
+            f"idem_redis_url is right.",
+            key=key,
+        )
+
+    def _call(self, script: Any, key: str, args: list[Any]) -> Any:
+        try:
+            return script(keys=[key], args=args)
+        except redis.RedisError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    def claim(
+        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome:
+        """See :meth:`celery_idem.store.base.Store.claim`."""
+        reply = self._call(
+            self._claim, key, [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease)]
+        )
+        code, fence = int(reply[0]), int(reply[1])
+        if code == 1:
+            return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=bool(reply[2]))
+        owner = _text(reply[2])
+        if code == 2:
+            stored = Stored(_COMPLETED[_text(reply[3])], bytes(reply[4]), _text(reply[5]))
+            return ClaimOutcome(ClaimState.COMPLETED, fence, owner, stored=stored)
+        if code == 3:
+            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, int(reply[3]) / 1000.0)
+        return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
+
+    def renew(self, key: str, *, token: str, lease: float) -> bool:
+        """See :meth:`celery_idem.store.base.Store.renew`."""
+        # The record must outlive the lease by the retention the claim gave it; one
+        # lease of slack is enough because a renewal arrives every lease/3.
+        return bool(self._call(self._renew, key, [token, _ms(lease), _ms(2 * lease)]))
+
+    def complete(self, key: str, *, token: str, fence: int, stored: Stored, ttl: float) -> bool:
+        """See :meth:`celery_idem.store.base.Store.complete`."""
+        args = [token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl)]
+        return bool(self._call(self._complete, key, args))
+
+    def release(self, key: str, *, token: str) -> bool:
+        """See :meth:`celery_idem.store.base.Store.release`."""
+        return bool(self._call(self._release, key, [token]))
+
+    def park(self, key: str, *, token: str, hold: float) -> bool:
+        """See :meth:`celery_idem.store.base.Store.park`."""
+        return bool(self._call(self._park, key, [token, _ms(hold), _ms(2 * hold)]))
+
+    def read(self, key: str) -> StoredRecord | None:
+        """See :meth:`celery_idem.store.base.Store.read`."""
+        reply = self._call(self._read, key, [])
+        now, pttl = int(reply[0]), int(reply[1])
+        if pttl == -2:
+            return None
+        fields = {_text(reply[i]): reply[i + 1] for i in range(2, len(reply), 2)}
+        state = _text(fields.get("s", b""))
+        deadline = fields.get("d")
+        lease_left = (int(deadline) - now) / 1000.0 if deadline is not None else None
+        stored = None
+        if state in _COMPLETED:
+            stored = Stored(
+                _COMPLETED[state], bytes(fields.get("r", b"")), _text(fields.get("c", b""))
+            )
+        return StoredRecord(
+            state=state,
+            fence=int(fields.get("f", 0)),
+            task_id=_text(fields.get("i", b"")),
+            fingerprint=_text(fields.get("a", b"")),
+            lease_left=lease_left,
+            ttl=pttl / 1000.0 if pttl >= 0 else None,
+            stored=stored,
+        )
+
+    def forget(self, key: str) -> bool:
+        """See :meth:`celery_idem.store.base.Store.forget`."""
+        try:
+            return bool(self.client.delete(key))
+        except redis.RedisError as exc:
+            raise self._unavailable(key, exc) from exc
+
+
+_stores: dict[tuple[int, str], RedisStore] = {}
+_stores_lock = threading.Lock()
+
+
+def redis_store_for_url(url: str) -> RedisStore:
+    """The process's store for ``url``: one client (and pool) per process and URL.
+
+    Keyed by pid, so a prefork child never shares a socket with its parent.
+    """
+    key = (os.getpid(), url)
+    store = _stores.get(key)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(key)
+            if store is None:
+                store = _stores[key] = RedisStore.from_url(url)
+    return store

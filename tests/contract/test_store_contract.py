@@ -1,0 +1,278 @@
+"""One suite, every store: the in-memory store must behave exactly like Redis.
+
+Each test runs twice, against ``MemoryStore`` (time moved with freezegun) and against
+``RedisStore`` on the suite's own redis-server (time passes for real; every wait is a
+condition with a deadline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from celery_idem.store import ClaimState, MemoryStore, RecordKind, Store, Stored
+from celery_idem.store.redis import RedisStore
+from tests.redis_server import wait_for
+
+LEASE = 0.3
+TTL = 30.0
+RESULT = Stored(RecordKind.RESULT, b'{"ok": 1}', "j")
+
+
+@dataclass
+class Backend:
+    store: Store
+    prefix: str
+    advance: Callable[[str, float], None]
+    """Let ``seconds`` pass for the record ``key`` (freezegun, or a deadline wait)."""
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend]:
+    if request.param == "memory":
+        with freeze_time("2026-01-01 00:00:00") as frozen:
+
+            def tick(_key: str, seconds: float) -> None:
+                frozen.tick(seconds)
+
+            yield Backend(MemoryStore(), key_prefix, tick)
+        return
+    url = request.getfixturevalue("redis_url")
+    store = RedisStore.from_url(url)
+
+    def wait(_key: str, seconds: float) -> None:
+        # The server's clock decides leases: wait until it has moved on, not a guess.
+        def server_ms() -> int:
+            seconds, micros = store.client.time()
+            return int(seconds) * 1000 + int(micros) // 1000
+
+        target = server_ms() + int(seconds * 1000)
+        wait_for(lambda: server_ms() >= target, timeout=seconds + 5, message="server clock")
+
+    yield Backend(store, key_prefix, wait)
+
+
+def claim(backend: Backend, key: str, token: str = "t1", task_id: str = "id-1", **kw: Any) -> Any:
+    kw.setdefault("fingerprint", "fp")
+    kw.setdefault("lease", LEASE)
+    kw.setdefault("ttl", TTL)
+    return backend.store.claim(backend.key(key), token=token, task_id=task_id, **kw)
+
+
+def test_fresh_key_is_claimed_with_fence_one(backend: Backend) -> None:
+    out = claim(backend, "k")
+    assert out.state is ClaimState.CLAIMED
+    assert out.fence == 1
+    assert out.took_over is False
+
+
+def test_second_attempt_sees_in_progress_with_owner_and_lease_left(backend: Backend) -> None:
+    claim(backend, "k", lease=10.0)
+    out = claim(backend, "k", token="t2", task_id="id-2", lease=10.0)
+    assert out.state is ClaimState.IN_PROGRESS
+    assert out.task_id == "id-1"
+    assert 0 < out.lease_left <= 10.0
+
+
+def test_same_attempt_claiming_again_gets_the_same_claim(backend: Backend) -> None:
+    first = claim(backend, "k")
+    again = claim(backend, "k")
+    assert again.state is ClaimState.CLAIMED
+    assert again.fence == first.fence
+
+
+def test_completed_key_replays_payload_codec_kind_and_task_id(backend: Backend) -> None:
+    out = claim(backend, "k")
+    payload = Stored(RecordKind.RESULT, b"\x00\xffbinary\x00", "p")
+    assert backend.store.complete(
+        backend.key("k"), token="t1", fence=out.fence, stored=payload, ttl=TTL
+    )
+    dup = claim(backend, "k", token="t2", task_id="id-2")
+    assert dup.state is ClaimState.COMPLETED
+    assert dup.stored == payload
+    assert dup.task_id == "id-1"
+    assert dup.fence == 1
+
+
+def test_complete_is_fenced_by_token(backend: Backend) -> None:
+    claim(backend, "k")
+    assert not backend.store.complete(backend.key("k"), token="zz", fence=1, stored=RESULT, ttl=TTL)
+    assert claim(backend, "k", token="t2").state is ClaimState.IN_PROGRESS
+
+
+def test_complete_twice_by_the_same_attempt_is_true(backend: Backend) -> None:
+    claim(backend, "k")
+    k = backend.key("k")
+    assert backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
+    assert backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
+
+
+def test_other_fingerprint_is_a_mismatch_and_changes_nothing(backend: Backend) -> None:
+    claim(backend, "k")
+    before = backend.store.read(backend.key("k"))
+    out = claim(backend, "k", token="t2", task_id="id-2", fingerprint="other")
+    assert out.state is ClaimState.MISMATCH
+    assert out.task_id == "id-1"
+    after = backend.store.read(backend.key("k"))
+    assert before is not None
+    assert after is not None
+    assert (after.state, after.fence, after.task_id, after.fingerprint) == (
+        before.state,
+        before.fence,
+        before.task_id,
+        before.fingerprint,
+    )
+
+
+def test_mismatch_also_on_a_completed_key(backend: Backend) -> None:
+    claim(backend, "k")
+    backend.store.complete(backend.key("k"), token="t1", fence=1, stored=RESULT, ttl=TTL)
+    out = claim(backend, "k", token="t2", fingerprint="other")
+    assert out.state is ClaimState.MISMATCH
+
+
+def test_empty_fingerprint_is_not_checked(backend: Backend) -> None:
+    claim(backend, "k", fingerprint="")
+    backend.store.complete(backend.key("k"), token="t1", fence=1, stored=RESULT, ttl=TTL)
+    assert claim(backend, "k", token="t2", fingerprint="").state is ClaimState.COMPLETED
+
+
+def test_release_frees_the_key_and_the_fence_keeps_growing(backend: Backend) -> None:
+    claim(backend, "k")
+    assert backend.store.release(backend.key("k"), token="t1")
+    out = claim(backend, "k", token="t2", task_id="id-2", fingerprint="other-args-ok")
+    assert out.state is ClaimState.CLAIMED
+    assert out.fence == 2
+    assert out.took_over is False
+
+
+def test_release_by_a_non_owner_changes_nothing(backend: Backend) -> None:
+    claim(backend, "k", lease=10.0)
+    assert not backend.store.release(backend.key("k"), token="intruder")
+    assert claim(backend, "k", token="t2", lease=10.0).state is ClaimState.IN_PROGRESS
+
+
+def test_expired_lease_is_taken_over_with_a_higher_fence(backend: Backend) -> None:
+    claim(backend, "k")
+    backend.advance(backend.key("k"), LEASE + 0.05)
+    out = claim(backend, "k", token="t2", task_id="id-2")
+    assert out.state is ClaimState.CLAIMED
+    assert out.fence == 2
+    assert out.took_over is True
+    k = backend.key("k")
+    # The stale owner can neither renew, complete nor release the newer attempt's key.
+    assert not backend.store.renew(k, token="t1", lease=LEASE)
+    assert not backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
+    assert not backend.store.release(k, token="t1")
+    assert backend.store.complete(k, token="t2", fence=2, stored=RESULT, ttl=TTL)
+
+
+def test_renewal_keeps_the_lease_alive(backend: Backend) -> None:
+    claim(backend, "k")
+    k = backend.key("k")
+    for _ in range(3):
+        backend.advance(k, LEASE / 2)
+        assert backend.store.renew(k, token="t1", lease=LEASE)
+    assert claim(backend, "k", token="t2", task_id="id-2").state is ClaimState.IN_PROGRESS
+
+
+def test_parked_key_is_claimable_by_its_task_id_only(backend: Backend) -> None:
+    claim(backend, "k")
+    k = backend.key("k")
+    assert backend.store.park(k, token="t1", hold=10.0)
+    other = claim(backend, "k", token="t2", task_id="id-2")
+    assert other.state is ClaimState.IN_PROGRESS
+    retry = claim(backend, "k", token="t3", task_id="id-1")
+    assert retry.state is ClaimState.CLAIMED
+    assert retry.fence == 2
+    assert retry.took_over is False
+
+
+def test_park_by_a_non_owner_changes_nothing(backend: Backend) -> None:
+    claim(backend, "k", lease=10.0)
+    assert not backend.store.park(backend.key("k"), token="intruder", hold=10.0)
+    assert claim(backend, "k", token="t9", task_id="id-1", lease=10.0).state is (
+        ClaimState.IN_PROGRESS
+    )
+
+
+def test_completed_record_expires_after_ttl(backend: Backend) -> None:
+    claim(backend, "k")
+    k = backend.key("k")
+    backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=0.3)
+    assert backend.store.read(k) is not None
+    backend.advance(k, 0.35)
+    if isinstance(backend.store, RedisStore):  # expiry is lazy/periodic on the server
+        wait_for(lambda: backend.store.read(k) is None, timeout=5, message="record expiry")
+    assert backend.store.read(k) is None
+    assert claim(backend, "k", token="t2").state is ClaimState.CLAIMED
+
+
+def test_read_reports_the_record_and_forget_deletes_it(backend: Backend) -> None:
+    k = backend.key("k")
+    assert backend.store.read(k) is None
+    claim(backend, "k", lease=10.0)
+    rec = backend.store.read(k)
+    assert rec is not None
+    assert rec.state == "P"
+    assert rec.fence == 1
+    assert rec.task_id == "id-1"
+    assert rec.fingerprint == "fp"
+    assert rec.lease_left is not None
+    assert 0 < rec.lease_left <= 10.0
+    assert backend.store.forget(k) is True
+    assert backend.store.forget(k) is False
+    assert backend.store.read(k) is None
+
+
+def test_cached_error_and_no_result_kinds_round_trip(backend: Backend) -> None:
+    for name, kind in (("e", RecordKind.ERROR), ("x", RecordKind.NO_RESULT)):
+        claim(backend, name)
+        stored = Stored(kind, b'{"reason": "r"}', "j")
+        backend.store.complete(backend.key(name), token="t1", fence=1, stored=stored, ttl=TTL)
+        out = claim(backend, name, token="t2")
+        assert out.state is ClaimState.COMPLETED
+        assert out.stored == stored
+
+
+def test_many_threads_claiming_one_key_only_one_wins(backend: Backend) -> None:
+    import threading
+
+    if not isinstance(backend.store, RedisStore):
+        pytest.skip("freezegun's frozen clock is process-global; Redis covers the race")
+    results: list[ClaimState] = []
+    lock = threading.Lock()
+
+    def go(i: int) -> None:
+        out = claim(backend, "race", token=f"t{i}", task_id=f"id-{i}", lease=30.0)
+        with lock:
+            results.append(out.state)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results.count(ClaimState.CLAIMED) == 1
+    assert results.count(ClaimState.IN_PROGRESS) == 19
+
+
+def test_memory_store_time_follows_freezegun() -> None:
+    store = MemoryStore()
+    with freeze_time("2026-01-01") as frozen:
+        store.claim("k", token="a", task_id="1", fingerprint="", lease=60, ttl=10)
+        frozen.tick(59)
+        assert store.claim("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10).state is (
+            ClaimState.IN_PROGRESS
+        )
+        frozen.tick(2)
+        assert store.claim("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10).state is (
+            ClaimState.CLAIMED
+        )
