@@ -144,10 +144,10 @@ def decode_error(
         if f"{cls.__module__}.{cls.__qualname__}" == path:
             try:
                 return cls(*args), described
-            except Exception:  # noqa: BLE001 - a class whose __init__ differs still gets its message
+            except Exception:
                 try:
                     return cls(message), described
-                except Exception:  # noqa: BLE001
+                except Exception:
                     return None, described
     return None, described
 

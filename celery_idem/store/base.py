@@ -18,8 +18,8 @@ __all__ = [
     "ClaimOutcome",
     "ClaimState",
     "RecordKind",
-    "Stored",
     "Store",
+    "Stored",
     "StoredRecord",
 ]
 

@@ -1,0 +1,39 @@
+"""celery-idem: idempotent Celery tasks, one atomic and fenced Redis claim per key.
+
+The public API is what ``__all__`` names; everything else may change.
+"""
+
+from __future__ import annotations
+
+from celery_idem.config import IdemSettings, InProgressPolicy, StoreErrorPolicy
+from celery_idem.exceptions import (
+    DuplicateInProgress,
+    IdempotencyConfigError,
+    IdempotencyError,
+    IdempotencyKeyMismatch,
+    InvalidIdempotencyKey,
+    LeaseLost,
+    ResultNotStored,
+    StoreUnavailable,
+    UnencodableArgument,
+)
+from celery_idem.task import IdempotentTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DuplicateInProgress",
+    "IdemSettings",
+    "IdempotencyConfigError",
+    "IdempotencyError",
+    "IdempotencyKeyMismatch",
+    "IdempotentTask",
+    "InProgressPolicy",
+    "InvalidIdempotencyKey",
+    "LeaseLost",
+    "ResultNotStored",
+    "StoreErrorPolicy",
+    "StoreUnavailable",
+    "UnencodableArgument",
+    "__version__",
+]

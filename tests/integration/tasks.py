@@ -1,0 +1,166 @@
+"""The Celery app and tasks that the integration tests run on real worker processes.
+
+Configured from environment variables that the ``Worker`` helper sets, so the test
+process (which sends) and each worker subprocess (which runs) build the same app.
+Every body writes to an effect ledger (a Redis list per name, in a database the
+library never touches), so the tests count real executions, not what the library says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_idem import IdempotentTask
+
+BROKER = os.environ.get("IDEM_TEST_BROKER", "memory://")
+BACKEND = os.environ.get("IDEM_TEST_BACKEND", "cache+memory://")
+STORE = os.environ.get("IDEM_TEST_STORE", "memory://tests")
+LEDGER = os.environ.get("IDEM_TEST_LEDGER", "")
+VISIBILITY = float(os.environ.get("IDEM_TEST_VISIBILITY", "3600"))
+
+app = Celery("idemtest", broker=BROKER, backend=BACKEND)
+app.conf.update(
+    idem_redis_url=STORE,
+    idem_lease=float(os.environ.get("IDEM_TEST_LEASE", "60")),
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    result_extended=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        "visibility_timeout": VISIBILITY,
+        "unacked_restore_throttle": 1,
+        "unacked_restore_interval": 1,
+    },
+    result_backend_transport_options={"visibility_timeout": VISIBILITY},
+)
+
+_ledger_client: redis.Redis | None = None
+
+
+def ledger() -> redis.Redis:
+    """The effect ledger (one client per process: prefork children make their own)."""
+    global _ledger_client
+    pid = os.getpid()
+    if _ledger_client is None or getattr(_ledger_client, "_pid", None) != pid:
+        _ledger_client = redis.Redis.from_url(LEDGER)
+        _ledger_client._pid = pid  # type: ignore[attr-defined]
+    return _ledger_client
+
+
+def effect(name: str, **fields: Any) -> int:
+    """Record one real execution of ``name``; returns how many there were so far."""
+    return int(ledger().rpush(f"ledger:{name}", json.dumps({"pid": os.getpid(), **fields})))
+
+
+class PaymentDeclined(Exception):
+    """A failure worth caching: retrying would decline again."""
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.record")
+def record(
+    self: IdempotentTask, name: str, value: Any = None, pause: float = 0.0
+) -> dict[str, Any]:
+    effect(name, key=self.idempotency_key, fence=self.idempotency_fence, task_id=self.request.id)
+    if pause:
+        time.sleep(pause)
+    return {"name": name, "value": value, "key": self.idempotency_key}
+
+
+@app.task(
+    base=IdempotentTask, bind=True, name="t.send_email", idempotency_key="{user_id}:{template}"
+)
+def send_email(self: IdempotentTask, user_id: int, template: str, body: str = "") -> str:
+    effect(f"email:{user_id}:{template}", body=body)
+    return f"sent {template} to {user_id} ({self.idempotency_key})"
+
+
+@app.task(
+    base=IdempotentTask, name="t.welcome", idempotency_key=lambda user_id, **_: f"welcome:{user_id}"
+)
+def welcome(user_id: int, ledger_name: str) -> str:
+    effect(ledger_name)
+    return f"welcome {user_id}"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fail_first")
+def fail_first(self: IdempotentTask, name: str) -> str:
+    """Fails on its first execution, succeeds on the next: the key must be released."""
+    if effect(name) == 1:
+        raise ValueError(f"{name}: transient failure")
+    return f"{name} ok"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.declined", idem_cache_errors=(PaymentDeclined,))
+def declined(self: IdempotentTask, name: str) -> str:
+    effect(name)
+    raise PaymentDeclined(f"card declined for {name}")
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.retry_once", max_retries=3)
+def retry_once(self: IdempotentTask, name: str, countdown: float = 1.0) -> dict[str, Any]:
+    n = effect(name, retries=self.request.retries, fence=self.idempotency_fence)
+    if n == 1:
+        raise self.retry(countdown=countdown)
+    return {"retries": self.request.retries, "fence": self.idempotency_fence}
+
+
+@app.task(
+    base=IdempotentTask,
+    bind=True,
+    name="t.autoretry",
+    autoretry_for=(ValueError,),
+    default_retry_delay=1,
+    max_retries=3,
+)
+def autoretry(self: IdempotentTask, name: str) -> str:
+    if effect(name, retries=self.request.retries) == 1:
+        raise ValueError("first try fails")
+    return f"{name} after {self.request.retries} retries"
+
+
+@app.task(base=IdempotentTask, name="t.unserializable")
+def unserializable(name: str) -> object:
+    effect(name)
+    return object()
+
+
+@app.task(base=IdempotentTask, name="t.big", idem_max_result_bytes=1000)
+def big(name: str, size: int) -> str:
+    effect(name)
+    return "x" * size
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.slow", idem_lease=1)
+def slow(self: IdempotentTask, name: str, seconds: float) -> dict[str, Any]:
+    """Runs longer than its lease; renewal must keep every duplicate out."""
+    effect(name, fence=self.idempotency_fence)
+    time.sleep(seconds)
+    return {"name": name, "fence": self.idempotency_fence}
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.wait_slow", idem_on_in_progress="wait")
+def wait_slow(self: IdempotentTask, name: str, seconds: float) -> str:
+    effect(name)
+    time.sleep(seconds)
+    return f"{name} done"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.raise_slow", idem_on_in_progress="raise")
+def raise_slow(self: IdempotentTask, name: str, seconds: float) -> str:
+    effect(name)
+    time.sleep(seconds)
+    return f"{name} done"
+
+
+@app.task(name="t.plain_collect")
+def plain_collect(value: Any, name: str) -> Any:
+    """A plain callback: records what it was called with."""
+    effect(name, value=value)
+    return value
