@@ -18,7 +18,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
+from celery_idem.exceptions import IdempotencyConfigError, IdempotencyError, StoreUnavailable
 from celery_idem.store.base import (
     ClaimOutcome,
     ClaimState,
@@ -34,8 +34,28 @@ _COMPLETED = {kind.value: kind for kind in RecordKind}
 
 
 def _load_sources() -> dict[str, str]:
+    """Each script with the record codec (``record.lua``) in front of it."""
     lua = resources.files("celery_idem.store").joinpath("lua")
-    return {name: lua.joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPT_NAMES}
+    prelude = lua.joinpath("record.lua").read_text("utf-8")
+    return {
+        name: prelude + lua.joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPT_NAMES
+    }
+
+
+def _decode_record(raw: bytes) -> dict[str, Any]:
+    """Parse the format documented in ``lua/record.lua`` (the Lua ``decode``, in Python)."""
+    out: dict[str, Any] = {"s": raw[:1].decode()}
+    pos = 1
+    for name in ("f", "d"):
+        colon = raw.index(b":", pos)
+        out[name], pos = int(raw[pos:colon]), colon + 1
+    for name in ("o", "a", "i", "c"):
+        colon = raw.index(b":", pos)
+        start = colon + 1
+        end = start + int(raw[pos:colon])
+        out[name], pos = raw[start:end], end
+    out["r"] = raw[pos:]
+    return out
 
 
 _SOURCES = _load_sources()
@@ -101,6 +121,16 @@ class RedisStore:
     def _call(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=[key], args=args)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            raise self._unavailable(key, exc) from exc
+        except redis.ResponseError as exc:
+            # Not an outage: retrying would fail the same way (a key of another type
+            # under our prefix, a damaged record, a read-only replica).
+            raise IdempotencyError(
+                f"the idempotency store refused record {key!r}: {exc}. Is another "
+                f"application writing under idem_key_prefix, or is this a replica?",
+                key=key,
+            ) from exc
         except redis.RedisError as exc:
             raise self._unavailable(key, exc) from exc
 
@@ -143,26 +173,21 @@ class RedisStore:
 
     def read(self, key: str) -> StoredRecord | None:
         """See :meth:`celery_idem.store.base.Store.read`."""
-        reply = self._call(self._read, key, [])
-        now, pttl = int(reply[0]), int(reply[1])
-        if pttl == -2:
+        now, pttl, raw = self._call(self._read, key, [])
+        if not raw:
             return None
-        fields = {_text(reply[i]): reply[i + 1] for i in range(2, len(reply), 2)}
-        state = _text(fields.get("s", b""))
-        deadline = fields.get("d")
-        lease_left = (int(deadline) - now) / 1000.0 if deadline is not None else None
+        r = _decode_record(bytes(raw))
+        state = r["s"]
         stored = None
         if state in _COMPLETED:
-            stored = Stored(
-                _COMPLETED[state], bytes(fields.get("r", b"")), _text(fields.get("c", b""))
-            )
+            stored = Stored(_COMPLETED[state], bytes(r["r"]), _text(r["c"]))
         return StoredRecord(
             state=state,
-            fence=int(fields.get("f", 0)),
-            task_id=_text(fields.get("i", b"")),
-            fingerprint=_text(fields.get("a", b"")),
-            lease_left=lease_left,
-            ttl=pttl / 1000.0 if pttl >= 0 else None,
+            fence=r["f"],
+            task_id=_text(r["i"]),
+            fingerprint=_text(r["a"]),
+            lease_left=(r["d"] - int(now)) / 1000.0 if state == "P" else None,
+            ttl=int(pttl) / 1000.0 if int(pttl) >= 0 else None,
             stored=stored,
         )
 

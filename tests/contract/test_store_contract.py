@@ -7,6 +7,7 @@ condition with a deadline).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -242,16 +243,18 @@ def test_cached_error_and_no_result_kinds_round_trip(backend: Backend) -> None:
         assert out.stored == stored
 
 
-def test_many_threads_claiming_one_key_only_one_wins(backend: Backend) -> None:
-    import threading
-
-    if not isinstance(backend.store, RedisStore):
-        pytest.skip("freezegun's frozen clock is process-global; Redis covers the race")
+def test_many_threads_claiming_one_key_on_redis_only_one_wins(
+    redis_url: str, key_prefix: str
+) -> None:
+    # Redis only: freezegun's frozen clock is process-wide, so the memory store's race
+    # is covered by its lock rather than by threads here.
+    store = RedisStore.from_url(redis_url)
+    key = f"{key_prefix}:race"
     results: list[ClaimState] = []
     lock = threading.Lock()
 
     def go(i: int) -> None:
-        out = claim(backend, "race", token=f"t{i}", task_id=f"id-{i}", lease=30.0)
+        out = store.claim(key, token=f"t{i}", task_id=f"id-{i}", fingerprint="", lease=30, ttl=30)
         with lock:
             results.append(out.state)
 

@@ -2,17 +2,17 @@
 -- The retried message (same task id) may claim it; a duplicate with another task id
 -- still sees IN_PROGRESS until the hold runs out.
 --
--- KEYS[1]  the record (see claim.lua)
+-- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  owner token of the attempt
 -- ARGV[2]  hold in ms (retry countdown + lease)
 -- ARGV[3]  least record expiry in ms (the claim's longer one is kept)
 -- Returns 1 when parked, 0 when the token does not own the key (nothing changed).
-if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
+local r = decode(redis.call('GET', KEYS[1]))
+if not r or r.s ~= 'P' or r.o ~= ARGV[1] then
   return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'o', '', 'd', now + tonumber(ARGV[2]))
+r.o, r.d = '', now_ms() + tonumber(ARGV[2])
+redis.call('SET', KEYS[1], encode(r), 'KEEPTTL')
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end

@@ -1,12 +1,13 @@
 -- release.lua: free the key after a failed attempt, so a retry can claim it.
 -- The fence stays, so it keeps growing across attempts.
 --
--- KEYS[1]  the record (see claim.lua)
+-- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  owner token of the attempt
 -- Returns 1 when released, 0 when the token does not own the key (nothing changed).
-if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
+local r = decode(redis.call('GET', KEYS[1]))
+if not r or r.s ~= 'P' or r.o ~= ARGV[1] then
   return 0
 end
-redis.call('HDEL', KEYS[1], 'o', 'd', 'a', 'i', 'r', 'c')
-redis.call('HSET', KEYS[1], 's', 'F')
+local free = {s = 'F', f = r.f, d = 0, o = '', a = '', i = '', c = '', r = ''}
+redis.call('SET', KEYS[1], encode(free), 'KEEPTTL')
 return 1

@@ -1,0 +1,92 @@
+"""Round trips and footprint, counted on a Redis that only the worker's store talks to.
+
+The worker runs with the solo pool so one process owns one store connection; the
+broker and result backend live on the suite's other server. Redis 7 counts the
+commands a script runs in ``INFO commandstats`` too, so round trips are read from
+``MONITOR`` instead, keeping the commands that came over the network (a script's own
+commands show there with the client type ``lua``).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.redis_server import RedisServer, wait_for
+
+pytestmark = pytest.mark.integration
+T = 30
+
+
+class Monitor:
+    """The commands that reach the server over the network (the test sends only markers)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.client = server.client(0)
+        self._monitor = self.client.monitor()
+        self._conn = self._monitor.__enter__()
+        self.seen: list[tuple[str, str]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                cmd = self._conn.next_command()
+            except Exception:  # the connection is closed by close()
+                return
+            if cmd.get("client_type") != "lua":
+                self.seen.append((cmd["client_address"], cmd["command"]))
+
+    def sync(self) -> list[str]:
+        """Everything the server processed until now (a marker ECHO closes the batch)."""
+        marker = uuid.uuid4().hex
+        self.client.echo(marker)
+        wait_for(lambda: any(marker in c for _, c in self.seen), timeout=10, message="monitor")
+        batch = [c for _, c in self.seen if marker not in c and "ECHO" not in c.upper()[:7]]
+        self.seen.clear()
+        return [c.split()[0].strip('"').lower() for c in batch]
+
+    def close(self) -> None:
+        self.client.close()
+        self._monitor.connection.disconnect()
+
+
+def test_one_round_trip_per_duplicate_two_per_first_run_and_small_records(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
+) -> None:
+    w = start_worker(pool="solo", concurrency=1, extra_env={"IDEM_TEST_STORE": store_server.url(0)})
+    monitor = Monitor(store_server)
+    try:
+        # Warm up: connect and load the scripts (EVALSHA -> NOSCRIPT -> SCRIPT LOAD) once.
+        tasks.record.apply_async((f"warm-{uid}",), queue=w.queue).get(timeout=T)
+        monitor.sync()
+
+        payload = "x" * 98
+        first = tasks.record.apply_async((uid, payload), queue=w.queue).get(timeout=T)
+        assert monitor.sync() == ["evalsha", "evalsha"]  # claim + complete, no renewal
+
+        again = tasks.record.apply_async((uid, payload), queue=w.queue).get(timeout=T)
+        assert again == first
+        assert monitor.sync() == ["evalsha"]  # one claim-or-read answers a duplicate
+    finally:
+        monitor.close()
+
+
+def test_completed_record_with_a_100_byte_result_fits_in_300_bytes(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
+) -> None:
+    w = start_worker(pool="solo", concurrency=1, extra_env={"IDEM_TEST_STORE": store_server.url(0)})
+    client = store_server.client(0)
+    # t.big returns "x" * size; JSON adds two quotes: a result of exactly 100 bytes.
+    assert tasks.big.apply_async((uid, 98), queue=w.queue).get(timeout=T) == "x" * 98
+    (key,) = list(client.scan_iter("idem:*"))
+    raw = client.get(key)
+    assert raw.endswith(b'"' + b"x" * 98 + b'"')  # the 100-byte result, stored as it is
+    usage = client.memory_usage(key, samples=0)
+    assert usage is not None
+    assert usage <= 300, (usage, raw)
