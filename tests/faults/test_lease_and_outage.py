@@ -1,0 +1,71 @@
+"""Items 7 and 10: a paused owner loses its lease and cannot overwrite the newer run;
+an unreachable store keeps the body from running until it is back, then it runs once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+
+from celery_idem.keys import storage_key
+from celery_idem.store.redis import RedisStore
+from tests.integration.conftest import ledger_count
+from tests.redis_server import RedisServer, wait_for
+
+pytestmark = pytest.mark.integration
+T = 60
+
+
+def test_paused_owner_is_taken_over_and_its_late_completion_is_refused(
+    start_worker: Any, tasks: ModuleType, ledger: redis.Redis, uid: str, celery_env: dict[str, str]
+) -> None:
+    w = start_worker(extra_env={"IDEM_TEST_LEASE": "2"})
+    key = f"pause-{uid}"
+    stale = tasks.record.apply_async((uid, "stale", 3.0), idempotency_key=key, queue=w.queue)
+    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="first run started")
+    pid = json.loads(ledger.lindex(f"ledger:{uid}", 0))["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the owner and its renewal thread freeze
+    try:
+        # Other arguments would be a mismatch; the same ones wait for the lease to end.
+        newer = tasks.record.apply_async((uid, "stale", 3.0), idempotency_key=key, queue=w.queue)
+        out = newer.get(timeout=T)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert out["value"] == "stale"
+    entries = [json.loads(x) for x in ledger.lrange(f"ledger:{uid}", 0, -1)]
+    assert [e["fence"] for e in entries] == [1, 2]  # the take-over ran with a higher fence
+    assert entries[1]["task_id"] == newer.id
+    # The paused run wakes up, finishes its body, and its completion is refused.
+    stale.get(timeout=T)
+    wait_for(lambda: "lease lost (complete)" in w.log(), timeout=T, message="lease-lost log")
+    line = next(x for x in w.log().splitlines() if "lease lost (complete)" in x)
+    assert stale.id in line
+    assert key in line
+    store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
+    record = store.read(storage_key("idem", "t.record", key))
+    assert record is not None
+    assert (record.state, record.fence, record.task_id) == ("C", 2, newer.id)
+
+
+def test_store_down_body_does_not_run_until_it_is_back_then_runs_once(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    w = start_worker(extra_env={"IDEM_TEST_STORE": store_server.url(0)})
+    tasks.record.apply_async((f"warm-{uid}",), queue=w.queue).get(timeout=T)
+    store_server.stop()
+    res = tasks.record.apply_async((uid, 1), queue=w.queue)
+    wait_for(
+        lambda: w.log().count(f"t.record[{res.id}] key=") >= 2,
+        timeout=T,
+        message="at least two deferrals while the store is down",
+    )
+    assert "store unavailable, body not run" in w.log()
+    assert ledger_count(ledger, uid) == 0
+    store_server.start()
+    assert res.get(timeout=T)["name"] == uid
+    assert ledger_count(ledger, uid) == 1

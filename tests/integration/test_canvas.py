@@ -1,0 +1,79 @@
+"""Item 14: keys through groups, and callbacks of replayed and redelivered messages."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+from celery import group
+
+from tests.integration.conftest import Worker, ledger_count
+from tests.redis_server import wait_for
+
+pytestmark = pytest.mark.integration
+T = 30
+
+
+def test_key_given_to_a_group_keeps_one_record_per_member(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    key = f"grp-{uid}"
+    members = [tasks.record.s(f"{uid}-{i}", i) for i in range(3)]
+    first = group(members).apply_async(idempotency_key=key, queue=worker.queue).get(timeout=T)
+    assert [r["value"] for r in first] == [0, 1, 2]
+    assert [r["key"] for r in first] == [f"{key}#0", f"{key}#1", f"{key}#2"]
+    again = group(members).apply_async(idempotency_key=key, queue=worker.queue).get(timeout=T)
+    assert again == first
+    assert [ledger_count(ledger, f"{uid}-{i}") for i in range(3)] == [1, 1, 1]
+
+
+def test_duplicate_with_a_new_task_id_runs_its_own_callbacks_with_the_stored_value(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    cb = f"cb-{uid}"
+    link = tasks.plain_collect.s(cb).set(queue=worker.queue)
+    a = tasks.record.apply_async((uid, 1), link=link, queue=worker.queue)
+    b = tasks.record.apply_async((uid, 1), link=link, queue=worker.queue)
+    assert a.get(timeout=T) == b.get(timeout=T)
+    wait_for(lambda: ledger_count(ledger, cb) == 2, timeout=T, message="both callbacks ran")
+    values = [json.loads(x)["value"] for x in ledger.lrange(f"ledger:{cb}", 0, -1)]
+    assert values == [a.get(), a.get()]
+    assert ledger_count(ledger, uid) == 1
+
+
+def test_redelivered_completed_message_does_not_dispatch_callbacks_twice(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    cb = f"cb-{uid}"
+    link = tasks.plain_collect.s(cb).set(queue=worker.queue)
+    task_id = f"redeliver-{uid}"
+    value = tasks.record.apply_async((uid, 1), task_id=task_id, link=link, queue=worker.queue)
+    value = value.get(timeout=T)
+    wait_for(lambda: ledger_count(ledger, cb) == 1, timeout=T, message="first callback")
+    # The broker hands the same message (same task id) out again after it completed,
+    # as it does when a worker dies between storing the result and acking.
+    again = tasks.record.apply_async((uid, 1), task_id=task_id, link=link, queue=worker.queue)
+    done = f"t.record[{task_id}] succeeded"
+    wait_for(lambda: worker.log().count(done) == 2, timeout=T, message="redelivery handled")
+    assert again.get(timeout=T) == value
+    # A callback the redelivery sent would be queued ahead of this marker (one FIFO
+    # queue), so once the marker ran and every received task finished, it would have run.
+    tasks.plain_collect.apply_async((0, f"marker-{uid}"), queue=worker.queue).get(timeout=T)
+    wait_for(lambda: all_received_finished(worker), timeout=T, message="queue drained")
+    assert ledger_count(ledger, cb) == 1
+    assert ledger_count(ledger, uid) == 1
+
+
+def all_received_finished(worker: Worker) -> bool:
+    log = worker.log()
+    ids = re.findall(r"Task (\S+\[[^\]]+\]) received", log)
+    return all(f"{i} succeeded" in log or f"{i} raised" in log or f"{i} retry" in log for i in ids)
+
+
+def test_invalid_setting_stops_the_worker_at_start_naming_it(start_worker: Any) -> None:
+    with pytest.raises(RuntimeError, match="idem_lease"):
+        start_worker(extra_env={"IDEM_TEST_LEASE": "0.5"})
