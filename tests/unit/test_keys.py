@@ -14,6 +14,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from celery_idem.canonical import canonical_encode, fingerprint_of
 from celery_idem.exceptions import (
     IdempotencyConfigError,
     InvalidIdempotencyKey,
@@ -24,8 +25,6 @@ from celery_idem.keys import (
     KeyRule,
     KeySource,
     ResolvedKey,
-    canonical_encode,
-    fingerprint_of,
     storage_key,
     validate_key,
 )
