@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_idem import DuplicateInProgress
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
 
@@ -92,4 +93,27 @@ def test_visibility_timeout_redelivery_while_running_does_not_run_the_body(
         message="the broker redelivered the running message",
     )
     assert res.get(timeout=T)["name"] == uid
+    assert ledger_count(ledger, uid) == 1
+
+
+def test_wait_policy_blocks_the_duplicate_until_the_result_is_stored(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    first = tasks.wait_slow.apply_async((uid, 2.0), queue=worker.queue)
+    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="first run started")
+    dup = tasks.wait_slow.apply_async((uid, 2.0), queue=worker.queue)
+    assert dup.get(timeout=T) == first.get(timeout=T) == f"{uid} done"
+    assert ledger_count(ledger, uid) == 1
+    assert f"t.wait_slow[{dup.id}] retry" not in worker.log()  # it waited, it did not re-queue
+
+
+def test_raise_policy_fails_the_duplicate_with_duplicate_in_progress(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    first = tasks.raise_slow.apply_async((uid, 2.0), queue=worker.queue)
+    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="first run started")
+    dup = tasks.raise_slow.apply_async((uid, 2.0), queue=worker.queue)
+    with pytest.raises(DuplicateInProgress, match=first.id):
+        dup.get(timeout=T)
+    assert first.get(timeout=T) == f"{uid} done"
     assert ledger_count(ledger, uid) == 1
