@@ -116,6 +116,8 @@ class Renewer:
                 continue
             except Exception:  # the thread must outlive any one bad renewal
                 logger.exception("celery-idem renewal of %s failed", lease.key)
+                if not lease.cancelled:  # keep trying: giving up would lose the lease
+                    self._reschedule(lease, failed=True)
                 continue
             if lease.cancelled:
                 continue

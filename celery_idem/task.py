@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -54,6 +56,8 @@ _DEFERRALS = "idem-deferrals"
 """Header counting store-error deferrals of one message, for the backoff."""
 _FIRST_DEFERRAL = 0.5
 """Seconds before a duplicate of a running key first looks again (doubling each time)."""
+_GROUP_INDEX = "idem-group-index"
+"""Header with an eager group member's position (workers get ``request.group_index``)."""
 _COMPLETE_RETRIES = (0.05, 0.25, 1.0)
 """Pauses between attempts at storing a finished run's outcome when Redis fails."""
 
@@ -93,6 +97,7 @@ class _Run:
     fingerprint: str
     token: str
     fence: int = 0
+    lost: bool = False
 
     @property
     def task_id(self) -> str:
@@ -181,6 +186,12 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def apply(self, args: Sequence[Any] | None = None, kwargs: Any = None, **options: Any) -> Any:
         """Run eagerly, under the same protocol; ``idempotency_key=...`` is honoured."""
         self._idem_headers(options)
+        group_id = options.get("group_id")
+        headers = options.get("headers")
+        if group_id and headers and HEADER in headers and _GROUP_INDEX not in headers:
+            # An eager group applies its members one after another without telling
+            # them their position (a worker gets ``group_index``); count them here.
+            options["headers"] = {**headers, _GROUP_INDEX: _eager_group_position(group_id)}
         return super().apply(args, kwargs, **options)
 
     # -- configuration ------------------------------------------------------------
@@ -232,10 +243,14 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             settings = with_call_overrides(settings, headers, task_name=self.name)
         resolved = spec.rule.resolve(args, kwargs, headers.get(HEADER))
         key = resolved.key
-        if resolved.source is KeySource.CALL and request.group_index is not None:
-            # Celery copies a group's (or chord header's) options to every member, so
-            # each member keeps its own record under the key plus its position.
-            key = f"{key}#{request.group_index}"
+        if resolved.source is KeySource.CALL:
+            index = request.group_index
+            if index is None:
+                index = headers.get(_GROUP_INDEX)
+            if index is not None:
+                # Celery copies a group's (or chord header's) options to every member,
+                # so each member keeps its own record under the key plus its position.
+                key = f"{key}#{index}"
         request.idem_key = key
         return _Run(
             spec=spec,
@@ -445,6 +460,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return lambda _lease: self._idem_report_lost(run, "renew")
 
     def _idem_report_lost(self, run: _Run, stage: str) -> None:
+        if run.lost:  # the renewer already told: one loss, one warning, one signal
+            return
+        run.lost = True
         self._idem_log(
             logging.WARNING, run, "lease lost (%s): another attempt took the key over; this "
             "run's outcome is not stored", stage,
@@ -517,6 +535,24 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         )
         if not owned:
             self._idem_report_lost(run, "complete")
+
+
+_eager_groups: threading.local = threading.local()
+
+
+def _eager_group_position(group_id: str) -> int:
+    """The next member position of an eagerly applied group, per thread.
+
+    Only the last few groups are remembered: an eager group's members are applied
+    back to back, so a group id never comes back after a few others.
+    """
+    positions: OrderedDict[str, int] = getattr(_eager_groups, "positions", None) or OrderedDict()
+    _eager_groups.positions = positions
+    position = positions.pop(group_id, -1) + 1
+    positions[group_id] = position
+    while len(positions) > 16:
+        positions.popitem(last=False)
+    return position
 
 
 def _deferrals(request: Any) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "Store",
     "Stored",
     "StoredRecord",
+    "drop_memory_store",
     "store_for_url",
 ]
 
@@ -41,3 +42,8 @@ def store_for_url(url: str | None, *, task_name: str | None = None) -> Store:
     from celery_idem.store.redis import redis_store_for_url  # noqa: PLC0415 - keeps redis optional for memory://
 
     return redis_store_for_url(url)
+
+
+def drop_memory_store(url: str) -> None:
+    """Forget the in-process store of a ``memory://`` URL (after a test)."""
+    _memory_stores.pop(url, None)

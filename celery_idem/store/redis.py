@@ -31,6 +31,8 @@ __all__ = ["RedisStore", "redis_store_for_url"]
 
 _SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "read")
 _COMPLETED = {kind.value: kind for kind in RecordKind}
+_TRANSIENT = ("LOADING", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", "BUSY ")
+"""Error replies that a moment later may not be: treated as an outage, not a refusal."""
 
 
 def _load_sources() -> dict[str, str]:
@@ -121,11 +123,14 @@ class RedisStore:
     def _call(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=[key], args=args)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
+            # ReadOnlyError: a demoted primary during a failover, which passes.
             raise self._unavailable(key, exc) from exc
         except redis.ResponseError as exc:
-            # Not an outage: retrying would fail the same way (a key of another type
-            # under our prefix, a damaged record, a read-only replica).
+            if str(exc).startswith(_TRANSIENT):
+                raise self._unavailable(key, exc) from exc
+            # Otherwise not an outage: retrying would fail the same way (a key of
+            # another type under our prefix, a damaged record).
             raise IdempotencyError(
                 f"the idempotency store refused record {key!r}: {exc}. Is another "
                 f"application writing under idem_key_prefix, or is this a replica?",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery_idem.store import store_for_url
+from celery_idem.store import drop_memory_store, store_for_url
 from celery_idem.store.memory import MemoryStore
 from celery_idem.task import invalidate_settings
 
@@ -43,6 +43,7 @@ def use_memory_store(app: Any) -> Iterator[MemoryStore]:
         yield store
     finally:
         store.clear()
+        drop_memory_store(url)
         if had:
             app.conf.idem_redis_url = previous
         else:
