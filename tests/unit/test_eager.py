@@ -9,99 +9,29 @@ so no task, setting or record leaks into another test.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from celery import Celery, group
+from celery import group
 from celery.result import EagerResult
 
 from celery_idem import (
     IdempotencyConfigError,
     IdempotencyKeyMismatch,
-    IdempotentTask,
     InvalidIdempotencyKey,
     ResultNotStored,
 )
 from celery_idem.config import DEFAULTS
-from celery_idem.keys import MAX_KEY_LENGTH, storage_key
-from celery_idem.store import RecordKind, Store, StoredRecord, store_for_url
+from celery_idem.keys import MAX_KEY_LENGTH
+from celery_idem.store import RecordKind
 from celery_idem.task import invalidate_settings
-from celery_idem.testing import use_memory_store
-
-STORE_DB = 5
-"""The Redis database the Redis-backed variant keeps its records in."""
+from tests.unit.conftest import Env
 
 _ABSENT = object()
 
 
 class Declined(Exception):
     """A business failure a task caches with ``idem_cache_errors``."""
-
-
-def with_db(url: str, db: int) -> str:
-    """``url`` with its database path replaced by ``db``."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
-
-
-@dataclass
-class Env:
-    """One test's eager app, the store its tasks use and their key prefix."""
-
-    app: Celery
-    store: Store
-    prefix: str
-
-    def task(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
-        """Register a function on this app as an IdempotentTask (never shared)."""
-
-        def register(fn: Callable[..., Any]) -> Any:
-            return self.app.task(
-                fn,
-                base=IdempotentTask,
-                shared=False,
-                name=f"{self.app.main}.{fn.__name__}",
-                **options,
-            )
-
-        return register
-
-    def record(self, task: Any, key: str) -> StoredRecord | None:
-        """The store's record for ``key`` of ``task``."""
-        return self.store.read(storage_key(self.prefix, task.name, key))
-
-
-def make_app(tag: str) -> Celery:
-    app = Celery(
-        f"eager-{tag}-{uuid.uuid4().hex[:8]}",
-        broker="memory://",
-        backend="cache+memory://",
-        set_as_current=False,
-    )
-    app.conf.task_always_eager = True
-    return app
-
-
-@pytest.fixture(params=["memory", "redis"])
-def env(request: pytest.FixtureRequest, redis_url: str, key_prefix: str) -> Iterator[Env]:
-    """An eager app on the MemoryStore, or on the suite's Redis (db 5)."""
-    app = make_app(request.param)
-    app.conf.idem_key_prefix = key_prefix
-    if request.param == "memory":
-        with use_memory_store(app) as store:
-            yield Env(app, store, key_prefix)
-        return
-    url = with_db(redis_url, STORE_DB)
-    app.conf.idem_redis_url = url
-    invalidate_settings()
-    try:
-        yield Env(app, store_for_url(url), key_prefix)
-    finally:
-        invalidate_settings()
 
 
 # --------------------------------------------------------------------------- running once

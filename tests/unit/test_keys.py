@@ -70,7 +70,7 @@ def only_kwargs(**kwargs: Any) -> None:
     """Keyword arguments only."""
 
 
-def derived(run: Any, *args: Any, **kwargs: Any) -> ResolvedKey:
+def derived(run: Any, /, *args: Any, **kwargs: Any) -> ResolvedKey:
     return KeyRule(TASK, run, None).resolve(args, kwargs)
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery import Celery
@@ -30,13 +28,11 @@ from celery_idem import (
     StoreUnavailable,
     signals,
 )
-from celery_idem.keys import storage_key
-from celery_idem.store import ClaimState, Store, store_for_url
+from celery_idem.store import ClaimState
 from celery_idem.task import invalidate_settings
-from celery_idem.testing import use_memory_store
 from tests.redis_server import free_port, wait_for
+from tests.unit.conftest import Env, make_app
 
-STORE_DB = 5
 LOGGER = "celery_idem"
 
 DOCUMENTED = {
@@ -48,11 +44,6 @@ DOCUMENTED = {
     "result_not_stored": {"key", "task_id", "reason"},
 }
 """The kwargs each signal is documented to carry (besides ``sender`` and ``signal``)."""
-
-
-def with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
 
 
 @contextmanager
@@ -88,56 +79,6 @@ def assert_names_run(record: logging.LogRecord, task: Any, task_id: str, key: st
     assert record.idem_task == task.name  # type: ignore[attr-defined]
     assert record.idem_task_id == task_id  # type: ignore[attr-defined]
     assert record.idem_key == key  # type: ignore[attr-defined]
-
-
-@dataclass
-class Env:
-    app: Celery
-    store: Store
-    prefix: str
-
-    def task(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
-        def register(fn: Callable[..., Any]) -> Any:
-            return self.app.task(
-                fn,
-                base=IdempotentTask,
-                shared=False,
-                name=f"{self.app.main}.{fn.__name__}",
-                **options,
-            )
-
-        return register
-
-    def storage(self, task: Any, key: str) -> str:
-        return storage_key(self.prefix, task.name, key)
-
-
-def make_app(tag: str) -> Celery:
-    app = Celery(
-        f"signals-{tag}-{uuid.uuid4().hex[:8]}",
-        broker="memory://",
-        backend="cache+memory://",
-        set_as_current=False,
-    )
-    app.conf.task_always_eager = True
-    return app
-
-
-@pytest.fixture(params=["memory", "redis"])
-def env(request: pytest.FixtureRequest, redis_url: str, key_prefix: str) -> Iterator[Env]:
-    app = make_app(request.param)
-    app.conf.idem_key_prefix = key_prefix
-    if request.param == "memory":
-        with use_memory_store(app) as store:
-            yield Env(app, store, key_prefix)
-        return
-    url = with_db(redis_url, STORE_DB)
-    app.conf.idem_redis_url = url
-    invalidate_settings()
-    try:
-        yield Env(app, store_for_url(url), key_prefix)
-    finally:
-        invalidate_settings()
 
 
 @pytest.fixture
