@@ -1,22 +1,24 @@
 """Lease renewal: one background thread per process keeps every running claim alive.
 
-A thread per task would cost a thread start on every execution; instead each claim is
-an entry in one heap, renewed every lease/3 by a single daemon thread that sleeps until
-the next entry is due. A task shorter than lease/3 never reaches the thread and so costs
-no round trip. Removing an entry is O(1) (it is marked and skipped when popped).
+A thread per task would cost a thread start on every execution. Instead each running
+claim is one entry in a dict, and a single daemon thread wakes when the earliest entry
+is due (lease/3 after its claim or last renewal), renews what is due, and sleeps again.
+Adding and removing an entry is a dict operation under a lock: a task shorter than
+lease/3 is removed before it is due, costs no round trip, and does not wake the thread
+(it only wakes early when a new entry is due before its planned wake-up).
 
-After a fork (prefork pool) the child starts its own thread lazily: threads do not
-survive ``fork()``, so the process id is checked on every add.
+After a fork (prefork pool) the child gets a fresh lock, dict and thread: threads do
+not survive ``fork()``, and a lock held by the parent's thread at that moment would
+stay held in the child forever.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +28,9 @@ from celery_idem.store.base import Store
 __all__ = ["Lease", "Renewer", "next_due", "renewer"]
 
 logger = logging.getLogger("celery_idem.renewer")
+
+_IDLE_WAKE = 60.0
+"""Seconds the thread sleeps with nothing to renew (an add wakes it earlier)."""
 
 
 def next_due(now: float, lease: float, *, failed: bool = False) -> float:
@@ -39,97 +44,113 @@ def next_due(now: float, lease: float, *, failed: bool = False) -> float:
 
 @dataclass(eq=False)
 class Lease:
-    """One running claim that the renewer keeps alive."""
+    """One running claim that the renewer keeps alive.
+
+    ``describe`` names the task, task id and key for log lines (the store key alone is
+    a hash nobody can read).
+    """
 
     store: Store
     key: str
     token: str
     lease: float
     on_lost: Callable[[Lease], None]
+    describe: str = ""
     lost: bool = False
     cancelled: bool = False
     renewals: int = field(default=0)
+    due: float = 0.0
 
 
 class Renewer:
-    """The process's renewal thread and its schedule."""
+    """The process's renewal thread and the claims it keeps alive."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._heap: list[tuple[float, int, Lease]] = []
-        self._counter = itertools.count()
-        self._cond = threading.Condition()
-        self._pid = 0
+        self._reset()
+        ref = weakref.ref(self)
+
+        def after_fork_in_child() -> None:
+            live = ref()
+            if live is not None:
+                live._reset()
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._live: dict[int, Lease] = {}
+        self._planned = float("inf")
+        self._pid = os.getpid()
         self._thread: threading.Thread | None = None
 
     def add(self, lease: Lease) -> Lease:
-        """Schedule ``lease`` for renewal every lease/3 until :meth:`remove`."""
-        with self._cond:
-            if self._pid != os.getpid():
-                self._start()
-            due = next_due(self._clock(), lease.lease)
-            heapq.heappush(self._heap, (due, next(self._counter), lease))
-            if self._heap[0][2] is lease:
-                self._cond.notify()
+        """Renew ``lease`` every lease/3 until :meth:`remove`."""
+        lease.due = next_due(self._clock(), lease.lease)
+        with self._lock:
+            if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork)
+                self._reset()
+            self._live[id(lease)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-idem-renewer", daemon=True
+                )
+                self._thread.start()
+            elif lease.due < self._planned:
+                self._wake.set()
         return lease
 
-    @staticmethod
-    def remove(lease: Lease) -> None:
-        """Stop renewing ``lease`` (the body finished); no lock, no wake-up needed."""
+    def remove(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (its body finished); never wakes the thread."""
         lease.cancelled = True
+        with self._lock:
+            self._live.pop(id(lease), None)
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        self._heap = []
-        self._thread = threading.Thread(target=self._run, name="celery-idem-renewer", daemon=True)
-        self._thread.start()
+    def _due_now(self) -> list[Lease]:
+        now = self._clock()
+        with self._lock:
+            return [lease for lease in self._live.values() if lease.due <= now]
 
-    def _next(self) -> Lease:
-        with self._cond:
-            while True:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                due = self._heap[0][0]
-                wait = due - self._clock()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                return heapq.heappop(self._heap)[2]
-
-    def _reschedule(self, lease: Lease, *, failed: bool) -> None:
-        with self._cond:
-            due = next_due(self._clock(), lease.lease, failed=failed)
-            heapq.heappush(self._heap, (due, next(self._counter), lease))
+    def _plan(self) -> float:
+        """Seconds until the earliest entry is due; :meth:`add` wakes us if one comes sooner."""
+        now = self._clock()
+        with self._lock:
+            self._planned = min(
+                (lease.due for lease in self._live.values()), default=now + _IDLE_WAKE
+            )
+            self._wake.clear()
+            return max(0.0, self._planned - now)
 
     def _run(self) -> None:
         while True:
-            lease = self._next()
+            for lease in self._due_now():
+                self._renew(lease)
+            self._wake.wait(self._plan())
+
+    def _renew(self, lease: Lease) -> None:
+        failed = False
+        try:
+            owned = lease.store.renew(lease.key, token=lease.token, lease=lease.lease)
+        except StoreUnavailable as exc:
+            logger.warning("celery-idem could not renew the lease of %s: %s", lease.describe, exc)
+            owned, failed = True, True
+        except Exception:  # the thread must outlive any one bad renewal; keep trying
+            logger.exception("celery-idem renewal of %s failed", lease.describe)
+            owned, failed = True, True
+        if lease.cancelled:
+            return
+        if not owned:
+            lease.lost = True
+            self.remove(lease)
             try:
-                owned = lease.store.renew(lease.key, token=lease.token, lease=lease.lease)
-            except StoreUnavailable as exc:
-                logger.warning("celery-idem could not renew the lease on %s: %s", lease.key, exc)
-                if not lease.cancelled:
-                    self._reschedule(lease, failed=True)
-                continue
-            except Exception:  # the thread must outlive any one bad renewal
-                logger.exception("celery-idem renewal of %s failed", lease.key)
-                if not lease.cancelled:  # keep trying: giving up would lose the lease
-                    self._reschedule(lease, failed=True)
-                continue
-            if lease.cancelled:
-                continue
-            if not owned:
-                lease.lost = True
-                try:
-                    lease.on_lost(lease)
-                except Exception:  # a signal receiver must not kill renewals
-                    logger.exception("celery-idem lease_lost handler failed for %s", lease.key)
-                continue
+                lease.on_lost(lease)
+            except Exception:  # a signal receiver must not kill renewals
+                logger.exception("celery-idem lease_lost handler failed for %s", lease.describe)
+            return
+        if not failed:
             lease.renewals += 1
-            self._reschedule(lease, failed=False)
+        lease.due = next_due(self._clock(), lease.lease, failed=failed)
 
 
 renewer = Renewer()

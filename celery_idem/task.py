@@ -19,10 +19,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, ClassVar, NoReturn
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.signals import worker_init
 
 from celery_idem import codec, signals
@@ -56,6 +57,8 @@ _DEFERRALS = "idem-deferrals"
 """Header counting store-error deferrals of one message, for the backoff."""
 _FIRST_DEFERRAL = 0.5
 """Seconds before a duplicate of a running key first looks again (doubling each time)."""
+_RETRY_KEY = "idem-retry-key"
+"""Header carrying the effective key into a retried message (its arguments may differ)."""
 _GROUP_INDEX = "idem-group-index"
 """Header with an eager group member's position (workers get ``request.group_index``)."""
 _COMPLETE_RETRIES = (0.05, 0.25, 1.0)
@@ -126,15 +129,17 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     abstract: ClassVar[bool] = True
     _idem_key_rule: ClassVar[str | Callable[..., Any] | None] = None
     _idem_spec_cache: _Spec | None = None
+    _idem_settings_cache: tuple[int, IdemSettings] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery's decorator turns task options into class attributes, which would hide
         # the ``idempotency_key`` property; move the rule aside and keep the property.
         super().__init_subclass__(**kwargs)
-        rule = cls.__dict__.get("idempotency_key")
-        if rule is not None and not isinstance(rule, property):
-            cls._idem_key_rule = rule
-            delattr(cls, "idempotency_key")
+        if "idempotency_key" in cls.__dict__:
+            rule = cls.__dict__["idempotency_key"]
+            if not isinstance(rule, property):
+                cls._idem_key_rule = rule  # None switches an inherited rule off
+                delattr(cls, "idempotency_key")
 
     @property
     def idempotency_key(self) -> str | None:
@@ -162,7 +167,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         if key is not None:
             headers[HEADER] = validate_key(key, task_name=self.name, source=KeySource.CALL)
         if overrides:
-            with_call_overrides(self._idem_spec().settings, overrides, task_name=self.name)
+            with_call_overrides(self._idem_settings(), overrides, task_name=self.name)
             headers.update(overrides)
         options["headers"] = headers
 
@@ -194,14 +199,40 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             options["headers"] = {**headers, _GROUP_INDEX: _eager_group_position(group_id)}
         return super().apply(args, kwargs, **options)
 
+    def retry(self, *args: Any, **options: Any) -> Any:
+        """Celery's ``retry``, keeping this execution's key for the retried message.
+
+        A retry may change its arguments (``self.retry(args=(page + 1,))``); its key
+        must not change with them, or the parked record would be abandoned and a
+        duplicate of the original request would run again.
+        """
+        key = getattr(self.request, "idem_key", None)
+        if key is not None:
+            base = options.get("headers") or self.request.as_execution_options().get("headers")
+            options["headers"] = {**(base or {}), _RETRY_KEY: key}
+        return super().retry(*args, **options)
+
     # -- configuration ------------------------------------------------------------
+
+    def _idem_settings(self) -> IdemSettings:
+        """The task's settings (app and task layers), cached; needs no store.
+
+        A process that only publishes (no Redis of its own) can still validate call
+        options against them.
+        """
+        cached = self._idem_settings_cache
+        if cached is not None and cached[0] == _generation:
+            return cached[1]
+        settings = resolve_settings(self.app.conf, _task_options(type(self)), task_name=self.name)
+        self._idem_settings_cache = (_generation, settings)
+        return settings
 
     def _idem_spec(self) -> _Spec:
         spec = self._idem_spec_cache
         if spec is not None and spec.pid == os.getpid() and spec.generation == _generation:
             return spec
         conf = self.app.conf
-        settings = resolve_settings(conf, _task_options(type(self)), task_name=self.name)
+        settings = self._idem_settings()
         accept = conf.result_accept_content or conf.accept_content
         spec = _Spec(
             settings=settings,
@@ -241,16 +272,20 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         settings = spec.settings
         if any(name in CALL_SETTINGS for name in headers):
             settings = with_call_overrides(settings, headers, task_name=self.name)
+        retry_key = headers.get(_RETRY_KEY)
         resolved = spec.rule.resolve(args, kwargs, headers.get(HEADER))
         key = resolved.key
-        if resolved.source is KeySource.CALL:
+        if isinstance(retry_key, str) and retry_key:
+            key = retry_key  # the key of the execution this message retries, as it was
+        elif resolved.source is KeySource.CALL:
             index = request.group_index
             if index is None:
                 index = headers.get(_GROUP_INDEX)
             if index is not None:
                 # Celery copies a group's (or chord header's) options to every member,
-                # so each member keeps its own record under the key plus its position.
-                key = f"{key}#{index}"
+                # so each member keeps its own record: the key plus its position and
+                # its arguments (nested groups restart their positions at 0).
+                key = f"{key}#{index}.{resolved.fingerprint[:8]}"
         request.idem_key = key
         return _Run(
             spec=spec,
@@ -260,7 +295,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             kwargs=kwargs,
             key=key,
             storage=storage_key(settings.key_prefix, self.name, key),
-            fingerprint="" if resolved.source is KeySource.ARGS else resolved.fingerprint,
+            # A retry's record keeps the original request's fingerprint (claim.lua).
+            fingerprint=""
+            if resolved.source is KeySource.ARGS or retry_key
+            else resolved.fingerprint,
             token=os.urandom(9).hex(),
         )
 
@@ -303,10 +341,16 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 return outcome
             time.sleep(min(max(outcome.lease_left, 0.01), settings.lease / 20.0, 0.5))
 
-    def _idem_store_down(self, run: _Run, exc: StoreUnavailable) -> None:
+    def _idem_store_down(self, run: _Run, cause: StoreUnavailable) -> None:
         """Apply ``idem_on_store_error`` when the claim could not reach the store."""
         policy = run.settings.on_store_error
-        exc.key, exc.task_name = run.key, self.name
+        # The store names only its hashed record; the caller needs the task and key.
+        exc = StoreUnavailable(
+            f"task {self.name!r} could not claim key {run.key!r}: {cause}",
+            key=run.key,
+            task_name=self.name,
+        )
+        exc.__cause__ = cause
         signals.store_error.send(
             sender=self, key=run.key, task_id=run.task_id, exc=exc, stage="claim", policy=policy
         )
@@ -320,7 +364,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             return
         if policy is StoreErrorPolicy.RAISE or run.request.is_eager:
             raise exc
-        countdown = min(2.0 ** _deferrals(run.request), 60.0)
+        countdown = min(2.0 ** min(_deferrals(run.request), 6), 60.0)
         self._idem_log(
             logging.WARNING, run, "store unavailable, body not run; retry in %.0f s: %s",
             countdown, exc,
@@ -328,14 +372,27 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self._idem_defer(run, countdown, exc)
 
     def _idem_defer(self, run: _Run, countdown: float, exc: BaseException) -> NoReturn:
-        """Send this message again after ``countdown``, not counted as one of its retries."""
+        """Send this message again after ``countdown``, not counted as one of its retries.
+
+        If the new message cannot be published, this one is rejected and requeued rather
+        than acked: acking it would lose the only copy of the work.
+        """
         request = run.request
-        headers = {**(request.headers or {}), _DEFERRALS: _deferrals(request) + 1}
+        # Celery's own execution options (x-death headers filtered out for RabbitMQ).
+        headers = dict(request.as_execution_options().get("headers") or {})
+        headers[_DEFERRALS] = _deferrals(request) + 1
         sig = self.signature_from_request(
             request, run.args, run.kwargs, countdown=countdown, retries=request.retries,
             headers=headers,
         )  # fmt: skip
-        sig.apply_async()
+        try:
+            sig.apply_async()
+        except Exception as publish_error:
+            self._idem_log(
+                logging.ERROR, run, "could not re-queue this message (%s); requeuing it",
+                publish_error,
+            )  # fmt: skip
+            raise Reject(publish_error, requeue=True) from publish_error
         raise Retry(exc=exc, when=countdown, sig=sig)
 
     def _idem_signal_in_progress(self, run: _Run, outcome: ClaimOutcome) -> None:
@@ -363,13 +420,16 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             key=run.key,
             task_name=self.name,
         )
-        if policy is InProgressPolicy.RAISE or run.request.is_eager:
+        # The same task id (a redelivery, or a retry that overtook its own parking) is
+        # this work's only message: it must come back, whatever the policy says.
+        own = outcome.task_id == run.task_id
+        if run.request.is_eager or (policy is InProgressPolicy.RAISE and not own):
             raise error
         # Come back soon, then less and less often, but never later than the holder's
         # lease would end: by then it has completed (replay), failed (claim and run) or
         # died (take over). Waiting the whole lease at once would keep the duplicate's
         # caller waiting a minute for a task that takes a second.
-        backoff = _FIRST_DEFERRAL * 2.0 ** _deferrals(run.request)
+        backoff = _FIRST_DEFERRAL * 2.0 ** min(_deferrals(run.request), 10)
         self._idem_defer(run, min(max(outcome.lease_left, 0.05), backoff), error)
 
     def _idem_mismatch(self, run: _Run, outcome: ClaimOutcome) -> NoReturn:
@@ -393,10 +453,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         assert stored is not None  # COMPLETED always carries it
         request = run.request
         if outcome.task_id == run.task_id:
-            # A redelivery of the very message that completed: its callbacks and chain
-            # were dispatched by that run, so this one must not send them again.
+            # A redelivery of the very message that completed: its callbacks, chain and
+            # errbacks were dispatched by that run, so this one must not send them again.
             request.callbacks = None
             request.chain = None
+            request.errbacks = None
         run.fence = request.idem_fence = outcome.fence
         self._idem_log(logging.DEBUG, run, "replaying the outcome of task %s", outcome.task_id)
         signals.replayed.send(
@@ -440,7 +501,14 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         if outcome.took_over:
             self._idem_log(logging.WARNING, run, "took over a key whose lease ran out")
         lease = renewer.add(
-            Lease(run.spec.store, run.storage, run.token, run.settings.lease, self._idem_lost(run))
+            Lease(
+                run.spec.store,
+                run.storage,
+                run.token,
+                run.settings.lease,
+                self._idem_lost(run),
+                describe=f"{self.name}[{run.task_id}] key={run.key!r}",
+            )
         )
         try:
             retval = self.run(*run.args, **run.kwargs)
@@ -471,7 +539,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             sender=self, key=run.key, task_id=run.task_id, fence=run.fence, stage=stage
         )
 
-    def _idem_store_failed(self, run: _Run, exc: StoreUnavailable, stage: str) -> None:
+    def _idem_store_failed(self, run: _Run, exc: IdempotencyError, stage: str) -> None:
         self._idem_log(logging.ERROR, run, "could not %s the record: %s", stage, exc)
         signals.store_error.send(
             sender=self, key=run.key, task_id=run.task_id, exc=exc, stage=stage, policy=None
@@ -482,14 +550,16 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         when = exc.when
         if isinstance(when, int | float):
             countdown = float(when)
-        elif when is not None and hasattr(when, "timestamp"):
+        elif isinstance(when, datetime):
+            if when.tzinfo is None:  # Celery reads a naive eta as UTC
+                when = when.replace(tzinfo=timezone.utc)
             countdown = max(0.0, when.timestamp() - time.time())
         else:
             countdown = 0.0
         try:
             hold = countdown + run.settings.lease
             run.spec.store.park(run.storage, token=run.token, hold=hold)
-        except StoreUnavailable as store_exc:  # the task's own retry wins
+        except IdempotencyError as store_exc:  # the task's own retry wins
             self._idem_store_failed(run, store_exc, "park")
 
     def _idem_failed(self, run: _Run, exc: BaseException) -> None:
@@ -500,7 +570,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 self._idem_store_outcome(run, codec.encode_error(exc))
             else:
                 run.spec.store.release(run.storage, token=run.token)
-        except StoreUnavailable as store_exc:  # the task's own exception wins
+        except IdempotencyError as store_exc:  # the task's own exception wins
             self._idem_store_failed(run, store_exc, "release")
 
     def _idem_complete(self, run: _Run, retval: Any) -> None:
@@ -527,11 +597,18 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
                     return
                 time.sleep(pause)
                 continue
+            except IdempotencyError as exc:  # refused for good: the result still stands
+                self._idem_store_failed(run, exc, "complete")
             return
 
     def _idem_store_outcome(self, run: _Run, stored: Stored) -> None:
         owned = run.spec.store.complete(
-            run.storage, token=run.token, fence=run.fence, stored=stored, ttl=run.settings.ttl
+            run.storage,
+            token=run.token,
+            fence=run.fence,
+            task_id=run.task_id,
+            stored=stored,
+            ttl=run.settings.ttl,
         )
         if not owned:
             self._idem_report_lost(run, "complete")
@@ -556,8 +633,11 @@ def _eager_group_position(group_id: str) -> int:
 
 
 def _deferrals(request: Any) -> int:
-    """How many times celery-idem has deferred this message already."""
-    return int((request.headers or {}).get(_DEFERRALS, 0))
+    """How many times celery-idem has deferred this message already (0 if unreadable)."""
+    try:
+        return max(0, int((request.headers or {}).get(_DEFERRALS, 0)))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _validate_on_worker_start(sender: Any = None, **_: Any) -> None:

@@ -104,8 +104,10 @@ class Store(Protocol):
         """Claim ``key`` for this attempt, or report what holds it.
 
         Claims when the key is absent or released, when the owner's lease has run out
-        (take-over), or when the owner parked it for a retry of this same ``task_id``.
-        The record then lives for ``ttl + lease`` so its fence outlives the run.
+        (take-over), or when the owner parked it for a retry of this same ``task_id``
+        (whatever the fingerprint: a retry may change its arguments). The new fence is
+        one more than the last, and at least the store's clock in ms, so it only grows,
+        even after the record expired. The record lives ``ttl + lease``.
         """
         ...
 
@@ -113,11 +115,13 @@ class Store(Protocol):
         """Push the lease deadline to now + ``lease``; False when ``token`` no longer owns."""
         ...
 
-    def complete(self, key: str, *, token: str, fence: int, stored: Stored, ttl: float) -> bool:
+    def complete(
+        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+    ) -> bool:
         """Store the outcome and keep it ``ttl`` seconds; False when ``token`` no longer owns.
 
         Asking twice for the same attempt (a client retry after a lost reply) answers
-        True again: the completed record still carries this attempt's ``fence``.
+        True again: the completed record still carries this attempt's fence and task id.
         """
         ...
 

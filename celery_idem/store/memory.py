@@ -69,38 +69,44 @@ class MemoryStore:
             now = time.time()
             record = self._live(key, now)
             fence = record.fence if record else 0
+            took_over = parked_for_us = False
             if record is not None:
                 if record.state == _IN_PROGRESS and record.owner == token:
                     return ClaimOutcome(ClaimState.CLAIMED, fence, task_id)
-                if (
-                    record.state != _FREE
-                    and fingerprint
-                    and record.fingerprint
-                    and record.fingerprint != fingerprint
-                ):
-                    return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
-                if record.stored is not None:
-                    return ClaimOutcome(
-                        ClaimState.COMPLETED, fence, record.task_id, stored=record.stored
-                    )
-            took_over = False
-            if record is not None and record.state == _IN_PROGRESS:
-                parked_for_us = record.owner == "" and record.task_id == task_id
+                parked_for_us = (
+                    record.state == _IN_PROGRESS
+                    and record.owner == ""
+                    and record.task_id == task_id
+                )
                 if not parked_for_us:
-                    if record.deadline > now:
-                        left = record.deadline - now
-                        return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
-                    took_over = True
+                    if (
+                        record.state != _FREE
+                        and fingerprint
+                        and record.fingerprint
+                        and record.fingerprint != fingerprint
+                    ):
+                        return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
+                    if record.stored is not None:
+                        return ClaimOutcome(
+                            ClaimState.COMPLETED, fence, record.task_id, stored=record.stored
+                        )
+                    if record.state == _IN_PROGRESS:
+                        if record.deadline > now:
+                            left = record.deadline - now
+                            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
+                        took_over = True
+            fence = max(fence + 1, int(now * 1000))
             self._records[key] = _Record(
                 state=_IN_PROGRESS,
-                fence=fence + 1,
+                fence=fence,
                 expires_at=now + ttl + lease,
                 owner=token,
                 deadline=now + lease,
-                fingerprint=fingerprint,
+                # A parked retry keeps the original request's fingerprint.
+                fingerprint=record.fingerprint if record and parked_for_us else fingerprint,
                 task_id=task_id,
             )
-            return ClaimOutcome(ClaimState.CLAIMED, fence + 1, task_id, took_over=took_over)
+            return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=took_over)
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
@@ -113,13 +119,20 @@ class MemoryStore:
             record.expires_at = max(record.expires_at, now + 2 * lease)
             return True
 
-    def complete(self, key: str, *, token: str, fence: int, stored: Stored, ttl: float) -> bool:
+    def complete(
+        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+    ) -> bool:
         """See ``lua/complete.lua``."""
         with self._lock:
             now = time.time()
             record = self._live(key, now)
             if record is None or record.owner != token:
-                return bool(record and record.stored is not None and record.fence == fence)
+                return bool(
+                    record
+                    and record.stored is not None
+                    and record.fence == fence
+                    and record.task_id == task_id
+                )
             record.state = stored.kind.value
             record.stored = stored
             record.owner = None

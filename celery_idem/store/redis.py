@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -31,8 +32,20 @@ __all__ = ["RedisStore", "redis_store_for_url"]
 
 _SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "read")
 _COMPLETED = {kind.value: kind for kind in RecordKind}
-_TRANSIENT = ("LOADING", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", "BUSY ")
-"""Error replies that a moment later may not be: treated as an outage, not a refusal."""
+_OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
+    cls
+    for name in (
+        "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
+        "TimeoutError",
+        "ReadOnlyError",  # a demoted primary during a failover
+        "OutOfMemoryError",  # maxmemory reached under noeviction
+        "MasterDownError",
+        "TryAgainError",
+        "ClusterDownError",
+    )
+    if isinstance(cls := getattr(redis.exceptions, name, None), type)
+)
+"""redis-py errors that a moment later may be gone: an outage, under idem_on_store_error."""
 
 
 def _load_sources() -> dict[str, str]:
@@ -81,7 +94,7 @@ class RedisStore:
 
     def __init__(self, client: redis.Redis, *, url: str = "") -> None:
         self.client = client
-        self.url = url
+        self.url = maybe_sanitize_url(url) if url else "Redis"  # never log a password
         self._claim = client.register_script(_SOURCES["claim"])
         self._renew = client.register_script(_SOURCES["renew"])
         self._complete = client.register_script(_SOURCES["complete"])
@@ -103,18 +116,17 @@ class RedisStore:
                 socket_timeout=5.0,
                 socket_connect_timeout=2.0,
                 retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-                health_check_interval=30,
             )
         except ValueError as exc:
             raise IdempotencyConfigError(
-                f"idem_redis_url {url!r} is not a Redis URL celery-idem can use: {exc}"
+                f"idem_redis_url {maybe_sanitize_url(url)!r} is not a Redis URL celery-idem "
+                f"can use: {exc}"
             ) from exc
         return cls(client, url=url)
 
     def _unavailable(self, key: str, exc: redis.RedisError) -> StoreUnavailable:
-        where = f" at {self.url}" if self.url else ""
         return StoreUnavailable(
-            f"the idempotency store{where} failed on record {key!r}: "
+            f"the idempotency store at {self.url} failed on record {key!r}: "
             f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
             f"idem_redis_url is right.",
             key=key,
@@ -123,17 +135,15 @@ class RedisStore:
     def _call(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=[key], args=args)
-        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
-            # ReadOnlyError: a demoted primary during a failover, which passes.
+        except _OUTAGES as exc:
             raise self._unavailable(key, exc) from exc
         except redis.ResponseError as exc:
-            if str(exc).startswith(_TRANSIENT):
-                raise self._unavailable(key, exc) from exc
-            # Otherwise not an outage: retrying would fail the same way (a key of
-            # another type under our prefix, a damaged record).
+            # Not an outage: retrying would fail the same way (a key of another type
+            # under our prefix, a damaged record, a script error).
             raise IdempotencyError(
-                f"the idempotency store refused record {key!r}: {exc}. Is another "
-                f"application writing under idem_key_prefix, or is this a replica?",
+                f"the idempotency store at {self.url} refused record {key!r}: "
+                f"{type(exc).__name__}: {exc}. Is another application writing under "
+                f"idem_key_prefix?",
                 key=key,
             ) from exc
         except redis.RedisError as exc:
@@ -163,9 +173,11 @@ class RedisStore:
         # lease of slack is enough because a renewal arrives every lease/3.
         return bool(self._call(self._renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
-    def complete(self, key: str, *, token: str, fence: int, stored: Stored, ttl: float) -> bool:
+    def complete(
+        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+    ) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
-        args = [token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl)]
+        args = [token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id]
         return bool(self._call(self._complete, key, args))
 
     def release(self, key: str, *, token: str) -> bool:

@@ -60,6 +60,15 @@ def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend
     yield Backend(store, key_prefix, wait)
 
 
+def complete(backend: Backend, key: str, *, token: str, stored: Stored, ttl: float) -> bool:
+    """Complete as the attempt ``token``, with the fence and task id the record holds."""
+    rec = backend.store.read(key)
+    fence, task_id = (rec.fence, rec.task_id) if rec else (0, "")
+    return backend.store.complete(
+        key, token=token, fence=fence, task_id=task_id, stored=stored, ttl=ttl
+    )
+
+
 def claim(backend: Backend, key: str, token: str = "t1", task_id: str = "id-1", **kw: Any) -> Any:
     kw.setdefault("fingerprint", "fp")
     kw.setdefault("lease", LEASE)
@@ -67,11 +76,23 @@ def claim(backend: Backend, key: str, token: str = "t1", task_id: str = "id-1", 
     return backend.store.claim(backend.key(key), token=token, task_id=task_id, **kw)
 
 
-def test_fresh_key_is_claimed_with_fence_one(backend: Backend) -> None:
+def test_fresh_key_is_claimed_with_a_fence_from_the_store_clock(backend: Backend) -> None:
     out = claim(backend, "k")
     assert out.state is ClaimState.CLAIMED
-    assert out.fence == 1
+    assert out.fence >= 1_700_000_000_000  # milliseconds: grows even across expiry
     assert out.took_over is False
+
+
+def test_fence_keeps_growing_after_the_record_expired(backend: Backend) -> None:
+    first = claim(backend, "k")
+    complete(backend, backend.key("k"), token="t1", stored=RESULT, ttl=0.2)
+    backend.advance(backend.key("k"), 0.25)
+    if isinstance(backend.store, RedisStore):
+        wait_for(lambda: backend.store.read(backend.key("k")) is None, timeout=5, message="expiry")
+    assert backend.store.read(backend.key("k")) is None
+    again = claim(backend, "k", token="t2", task_id="id-2")
+    assert again.state is ClaimState.CLAIMED
+    assert again.fence > first.fence
 
 
 def test_second_attempt_sees_in_progress_with_owner_and_lease_left(backend: Backend) -> None:
@@ -92,27 +113,25 @@ def test_same_attempt_claiming_again_gets_the_same_claim(backend: Backend) -> No
 def test_completed_key_replays_payload_codec_kind_and_task_id(backend: Backend) -> None:
     out = claim(backend, "k")
     payload = Stored(RecordKind.RESULT, b"\x00\xffbinary\x00", "p")
-    assert backend.store.complete(
-        backend.key("k"), token="t1", fence=out.fence, stored=payload, ttl=TTL
-    )
+    assert complete(backend, backend.key("k"), token="t1", stored=payload, ttl=TTL)
     dup = claim(backend, "k", token="t2", task_id="id-2")
     assert dup.state is ClaimState.COMPLETED
     assert dup.stored == payload
     assert dup.task_id == "id-1"
-    assert dup.fence == 1
+    assert dup.fence == out.fence
 
 
 def test_complete_is_fenced_by_token(backend: Backend) -> None:
     claim(backend, "k")
-    assert not backend.store.complete(backend.key("k"), token="zz", fence=1, stored=RESULT, ttl=TTL)
+    assert not complete(backend, backend.key("k"), token="zz", stored=RESULT, ttl=TTL)
     assert claim(backend, "k", token="t2").state is ClaimState.IN_PROGRESS
 
 
 def test_complete_twice_by_the_same_attempt_is_true(backend: Backend) -> None:
     claim(backend, "k")
     k = backend.key("k")
-    assert backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
-    assert backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
+    assert complete(backend, k, token="t1", stored=RESULT, ttl=TTL)
+    assert complete(backend, k, token="t1", stored=RESULT, ttl=TTL)
 
 
 def test_other_fingerprint_is_a_mismatch_and_changes_nothing(backend: Backend) -> None:
@@ -134,23 +153,23 @@ def test_other_fingerprint_is_a_mismatch_and_changes_nothing(backend: Backend) -
 
 def test_mismatch_also_on_a_completed_key(backend: Backend) -> None:
     claim(backend, "k")
-    backend.store.complete(backend.key("k"), token="t1", fence=1, stored=RESULT, ttl=TTL)
+    complete(backend, backend.key("k"), token="t1", stored=RESULT, ttl=TTL)
     out = claim(backend, "k", token="t2", fingerprint="other")
     assert out.state is ClaimState.MISMATCH
 
 
 def test_empty_fingerprint_is_not_checked(backend: Backend) -> None:
     claim(backend, "k", fingerprint="")
-    backend.store.complete(backend.key("k"), token="t1", fence=1, stored=RESULT, ttl=TTL)
+    complete(backend, backend.key("k"), token="t1", stored=RESULT, ttl=TTL)
     assert claim(backend, "k", token="t2", fingerprint="").state is ClaimState.COMPLETED
 
 
 def test_release_frees_the_key_and_the_fence_keeps_growing(backend: Backend) -> None:
-    claim(backend, "k")
+    first = claim(backend, "k")
     assert backend.store.release(backend.key("k"), token="t1")
     out = claim(backend, "k", token="t2", task_id="id-2", fingerprint="other-args-ok")
     assert out.state is ClaimState.CLAIMED
-    assert out.fence == 2
+    assert out.fence > first.fence
     assert out.took_over is False
 
 
@@ -161,18 +180,18 @@ def test_release_by_a_non_owner_changes_nothing(backend: Backend) -> None:
 
 
 def test_expired_lease_is_taken_over_with_a_higher_fence(backend: Backend) -> None:
-    claim(backend, "k")
+    first = claim(backend, "k")
     backend.advance(backend.key("k"), LEASE + 0.05)
     out = claim(backend, "k", token="t2", task_id="id-2")
     assert out.state is ClaimState.CLAIMED
-    assert out.fence == 2
+    assert out.fence > first.fence
     assert out.took_over is True
     k = backend.key("k")
     # The stale owner can neither renew, complete nor release the newer attempt's key.
     assert not backend.store.renew(k, token="t1", lease=LEASE)
-    assert not backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=TTL)
+    assert not complete(backend, k, token="t1", stored=RESULT, ttl=TTL)
     assert not backend.store.release(k, token="t1")
-    assert backend.store.complete(k, token="t2", fence=2, stored=RESULT, ttl=TTL)
+    assert complete(backend, k, token="t2", stored=RESULT, ttl=TTL)
 
 
 def test_renewal_keeps_the_lease_alive(backend: Backend) -> None:
@@ -185,14 +204,14 @@ def test_renewal_keeps_the_lease_alive(backend: Backend) -> None:
 
 
 def test_parked_key_is_claimable_by_its_task_id_only(backend: Backend) -> None:
-    claim(backend, "k")
+    first = claim(backend, "k")
     k = backend.key("k")
     assert backend.store.park(k, token="t1", hold=10.0)
     other = claim(backend, "k", token="t2", task_id="id-2")
     assert other.state is ClaimState.IN_PROGRESS
     retry = claim(backend, "k", token="t3", task_id="id-1")
     assert retry.state is ClaimState.CLAIMED
-    assert retry.fence == 2
+    assert retry.fence > first.fence
     assert retry.took_over is False
 
 
@@ -207,7 +226,7 @@ def test_park_by_a_non_owner_changes_nothing(backend: Backend) -> None:
 def test_completed_record_expires_after_ttl(backend: Backend) -> None:
     claim(backend, "k")
     k = backend.key("k")
-    backend.store.complete(k, token="t1", fence=1, stored=RESULT, ttl=0.3)
+    complete(backend, k, token="t1", stored=RESULT, ttl=0.3)
     assert backend.store.read(k) is not None
     backend.advance(k, 0.35)
     if isinstance(backend.store, RedisStore):  # expiry is lazy/periodic on the server
@@ -219,11 +238,11 @@ def test_completed_record_expires_after_ttl(backend: Backend) -> None:
 def test_read_reports_the_record_and_forget_deletes_it(backend: Backend) -> None:
     k = backend.key("k")
     assert backend.store.read(k) is None
-    claim(backend, "k", lease=10.0)
+    out = claim(backend, "k", lease=10.0)
     rec = backend.store.read(k)
     assert rec is not None
     assert rec.state == "P"
-    assert rec.fence == 1
+    assert rec.fence == out.fence
     assert rec.task_id == "id-1"
     assert rec.fingerprint == "fp"
     assert rec.lease_left is not None
@@ -237,7 +256,7 @@ def test_cached_error_and_no_result_kinds_round_trip(backend: Backend) -> None:
     for name, kind in (("e", RecordKind.ERROR), ("x", RecordKind.NO_RESULT)):
         claim(backend, name)
         stored = Stored(kind, b'{"reason": "r"}', "j")
-        backend.store.complete(backend.key(name), token="t1", fence=1, stored=stored, ttl=TTL)
+        complete(backend, backend.key(name), token="t1", stored=stored, ttl=TTL)
         out = claim(backend, name, token="t2")
         assert out.state is ClaimState.COMPLETED
         assert out.stored == stored
@@ -279,3 +298,30 @@ def test_memory_store_time_follows_freezegun() -> None:
         assert store.claim("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10).state is (
             ClaimState.CLAIMED
         )
+
+
+def test_parked_retry_may_change_its_arguments(backend: Backend) -> None:
+    # self.retry(args=...) comes back with another fingerprint under the same task id.
+    first = claim(backend, "k", fingerprint="page-1")
+    assert backend.store.park(backend.key("k"), token="t1", hold=10.0)
+    retry = claim(backend, "k", token="t2", task_id="id-1", fingerprint="page-2")
+    assert retry.state is ClaimState.CLAIMED
+    assert retry.fence > first.fence
+    # ...and the record keeps the original request's fingerprint for its duplicates.
+    assert claim(backend, "k", token="t3", task_id="id-9", fingerprint="page-1").state is (
+        ClaimState.IN_PROGRESS
+    )
+    assert claim(backend, "k", token="t4", task_id="id-9", fingerprint="page-2").state is (
+        ClaimState.MISMATCH
+    )
+
+
+def test_a_stale_attempt_cannot_pass_for_the_one_that_completed(backend: Backend) -> None:
+    out = claim(backend, "k")
+    k = backend.key("k")
+    assert backend.store.complete(
+        k, token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL
+    )
+    assert not backend.store.complete(
+        k, token="t9", fence=out.fence, task_id="id-9", stored=RESULT, ttl=TTL
+    )

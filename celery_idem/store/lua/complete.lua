@@ -7,14 +7,16 @@
 -- ARGV[4]  payload (serialized result, error, or the reason there is none)
 -- ARGV[5]  codec tag of the payload
 -- ARGV[6]  retention in ms
+-- ARGV[7]  task id of the attempt
 -- Returns 1 when stored (or already stored by this same attempt: a client retry
--- after a lost reply), 0 when another attempt owns the key now: nothing is written.
+-- after a lost reply finds its own fence and task id), 0 when another attempt owns
+-- the key now: nothing is written.
 local r = decode(redis.call('GET', KEYS[1]))
 if not r then
   return 0
 end
 if r.s ~= 'P' or r.o ~= ARGV[1] then
-  if completed(r) and r.f == tonumber(ARGV[2]) then
+  if completed(r) and r.f == tonumber(ARGV[2]) and r.i == ARGV[7] then
     return 1
   end
   return 0

@@ -1,0 +1,114 @@
+"""The example project's demo, run end to end exactly as ``make demo`` runs it.
+
+``python -m example_project.demo`` starts its own throwaway redis-server, an SMTP
+server, a real worker and the webhook server, plays the four scenarios over HTTP and
+prints a summary table. This test runs it as a subprocess and checks what the report
+says about each event, not just the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "aiosmtpd",
+    reason="the example's requirements are not installed: "
+    "pip install -r example_project/requirements.txt (or run `make demo` once)",
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TIMEOUT = 150  # the demo itself takes ~15 s; `make demo` promises under 2 minutes
+
+ROW = re.compile(
+    r"^\s+(?P<event>[ABCD])\s{2,}.*?\s(?P<deliveries>\d+)\s+(?P<executions>\d+)"
+    r"\s+(?P<emails>\d+)\s+(?P<from_store>\d+)\s+(?P<answer>\S+)\s*$",
+    re.MULTILINE,
+)
+MESSAGE_ID = re.compile(r"^<[0-9a-f]{16}@acme\.example>$")
+
+
+def run_demo() -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # its own redis-server
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "example_project.demo"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=DEMO_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the demo then stops the worker, servers and Redis it started.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f"the demo took more than {DEMO_TIMEOUT} s; its output:\n{out}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def summary_rows(output: str) -> dict[str, dict[str, str]]:
+    _, _, table = output.partition("\nSummary\n")
+    return {m["event"]: m.groupdict() for m in ROW.finditer(table)}
+
+
+def counts(row: dict[str, str]) -> tuple[int, int, int, int]:
+    return (
+        int(row["deliveries"]),
+        int(row["executions"]),
+        int(row["emails"]),
+        int(row["from_store"]),
+    )
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(DEMO_TIMEOUT + 60)
+def test_demo_sends_one_email_per_event_and_refuses_a_reused_id() -> None:
+    result = run_demo()
+    output = result.stdout
+    assert result.returncode == 0, output
+    rows = summary_rows(output)
+    assert sorted(rows) == ["A", "B", "C", "D"], output
+
+    # A: five deliveries (three at once), the body ran once, one email, four answers
+    # replayed from the store, and every delivery answered with that email's Message-ID.
+    assert counts(rows["A"]) == (5, 1, 1, 4), output
+    # B: the second delivery, 2 s later, was answered from the stored result.
+    assert counts(rows["B"]) == (2, 1, 1, 1), output
+    # C: the body started twice (SIGKILLed mid-send, then the redelivered message took
+    # the key over), and exactly one email was sent.
+    assert counts(rows["C"]) == (1, 2, 1, 0), output
+    # D: A's event id with another customer: refused, nothing ran, nothing sent.
+    assert counts(rows["D"]) == (1, 0, 0, 0), output
+    assert rows["D"]["answer"] == "IdempotencyKeyMismatch", output
+
+    message_ids = [rows[event]["answer"] for event in "ABC"]
+    assert all(MESSAGE_ID.match(m) for m in message_ids), output
+    assert len(set(message_ids)) == 3, output
+    # Every single delivery's own answer (GET /tasks/<id>) was the event's Message-ID.
+    answers = re.findall(r"answer \d+: SUCCESS (\S+)", output)
+    assert answers == [message_ids[0]] * 5 + [message_ids[1]] * 2 + [message_ids[2]], output
+    assert re.search(r"answer 1: FAILURE IdempotencyKeyMismatch: idempotency key", output)
+    assert "X-Idempotency-Fence: 2" in output, output  # C's email came from the takeover
+    assert re.search(r"^PASS: ", output, re.MULTILINE), output
+
+    # Everything the demo started is stopped: Redis and both workers' main processes.
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)", output)]
+    assert len(pids) == 3, output
+    assert all(gone(pid) for pid in pids), pids
