@@ -49,13 +49,20 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The example's requirements too: the suite runs the demo end to end.
+test: lint typecheck $(EXAMPLE_STAMP)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 faults: $(STAMP)
 	$(VENV_PY) -m pytest tests/faults $(PYTEST_ARGS)
 
-demo: $(STAMP)
+# The example's own requirements (an SMTP server), reinstalled when the file changes.
+EXAMPLE_STAMP := $(VENV)/.example-installed
+$(EXAMPLE_STAMP): example_project/requirements.txt | $(STAMP)
+	$(BIN)/pip install -r example_project/requirements.txt
+	touch $@
+
+demo: $(STAMP) $(EXAMPLE_STAMP)
 	$(VENV_PY) -m example_project.demo
 
 clean:

@@ -82,6 +82,9 @@ class _Spec:
     store: Store
     serializer: str
     accept: frozenset[str]
+    max_defer: float
+    """Longest countdown of a deferral: under half the broker's visibility timeout, so
+    the broker does not hand the waiting message out a second time."""
     pid: int
     generation: int
 
@@ -105,6 +108,10 @@ class _Run:
     @property
     def task_id(self) -> str:
         return str(self.request.id)
+
+
+_EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored)
+"""Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
 
 
 def _task_options(cls: type) -> dict[str, Any]:
@@ -135,6 +142,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # Celery's decorator turns task options into class attributes, which would hide
         # the ``idempotency_key`` property; move the rule aside and keep the property.
         super().__init_subclass__(**kwargs)
+        # Refusals are outcomes, not crashes: the worker logs them without a traceback.
+        cls.throws = (*cls.__dict__.get("throws", ()), *_EXPECTED)
         if "idempotency_key" in cls.__dict__:
             rule = cls.__dict__["idempotency_key"]
             if not isinstance(rule, property):
@@ -234,7 +243,9 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         conf = self.app.conf
         settings = self._idem_settings()
         accept = conf.result_accept_content or conf.accept_content
+        visibility = (conf.broker_transport_options or {}).get("visibility_timeout")
         spec = _Spec(
+            max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
             rule=KeyRule(self.name, self.run, type(self)._idem_key_rule),
             store=store_for_url(settings.redis_url, task_name=self.name),
@@ -364,7 +375,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             return
         if policy is StoreErrorPolicy.RAISE or run.request.is_eager:
             raise exc
-        countdown = min(2.0 ** min(_deferrals(run.request), 6), 60.0)
+        countdown = min(2.0 ** min(_deferrals(run.request), 6), 60.0, run.spec.max_defer)
         self._idem_log(
             logging.WARNING, run, "store unavailable, body not run; retry in %.0f s: %s",
             countdown, exc,
@@ -430,7 +441,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # died (take over). Waiting the whole lease at once would keep the duplicate's
         # caller waiting a minute for a task that takes a second.
         backoff = _FIRST_DEFERRAL * 2.0 ** min(_deferrals(run.request), 10)
-        self._idem_defer(run, min(max(outcome.lease_left, 0.05), backoff), error)
+        countdown = min(max(outcome.lease_left, 0.05), backoff, run.spec.max_defer)
+        self._idem_defer(run, countdown, error)
 
     def _idem_mismatch(self, run: _Run, outcome: ClaimOutcome) -> NoReturn:
         self._idem_log(
