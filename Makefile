@@ -53,8 +53,9 @@ typecheck: $(STAMP)
 test: lint typecheck $(EXAMPLE_STAMP)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
+# The fault suite alone, writing docs/reliability.md from this run's figures.
 faults: $(STAMP)
-	$(VENV_PY) -m pytest tests/faults $(PYTEST_ARGS)
+	IDEM_FAULTS_REPORT=docs/reliability.md $(VENV_PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 # The example's own requirements (an SMTP server), reinstalled when the file changes.
 EXAMPLE_STAMP := $(VENV)/.example-installed

@@ -208,6 +208,20 @@ class RedisStore:
             stored=stored,
         )
 
+    def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy``, or None where CONFIG is not allowed.
+
+        Managed Redis services often refuse CONFIG; not knowing is not an error.
+        """
+        try:
+            reply: dict[Any, Any] = self.client.config_get("maxmemory-policy")
+        except redis.RedisError:
+            return None
+        for name, value in reply.items():
+            if _text(name) == "maxmemory-policy":
+                return _text(value)
+        return None
+
     def forget(self, key: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.forget`."""
         try:

@@ -21,8 +21,18 @@ pytestmark = pytest.mark.integration
 T = 60
 
 
+@pytest.mark.scenario(
+    "pause beyond lease",
+    inject="SIGSTOP the owner past its lease, a duplicate takes over, SIGCONT",
+    expect="take-over with a higher fence; the stale owner's completion refused and reported",
+)
 def test_paused_owner_is_taken_over_and_its_late_completion_is_refused(
-    start_worker: Any, tasks: ModuleType, ledger: redis.Redis, uid: str, celery_env: dict[str, str]
+    start_worker: Any,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+    celery_env: dict[str, str],
+    fault_report: Any,
 ) -> None:
     w = start_worker(extra_env={"IDEM_TEST_LEASE": "2"})
     key = f"pause-{uid}"
@@ -51,10 +61,22 @@ def test_paused_owner_is_taken_over_and_its_late_completion_is_refused(
     record = store.read(storage_key("idem", "t.record", key))
     assert record is not None
     assert (record.state, record.fence, record.task_id) == ("C", entries[1]["fence"], newer.id)
+    # Two executions by design: the stale one had run its body before it was paused.
+    fault_report(deliveries=2, executions=2, completions=1, lost=0, duplicate_effects=1)
 
 
+@pytest.mark.scenario(
+    "store down before claim",
+    inject="stop the store's Redis, enqueue, restart it",
+    expect="fail closed: not run while down, runs once after",
+)
 def test_store_down_body_does_not_run_until_it_is_back_then_runs_once(
-    start_worker: Any, store_server: RedisServer, tasks: ModuleType, ledger: redis.Redis, uid: str
+    start_worker: Any,
+    store_server: RedisServer,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+    fault_report: Any,
 ) -> None:
     w = start_worker(extra_env={"IDEM_TEST_STORE": store_server.url(0)})
     tasks.record.apply_async((f"warm-{uid}",), queue=w.queue).get(timeout=T)
@@ -70,3 +92,4 @@ def test_store_down_body_does_not_run_until_it_is_back_then_runs_once(
     store_server.start()
     assert res.get(timeout=T)["name"] == uid
     assert ledger_count(ledger, uid) == 1
+    fault_report(deliveries=1, executions=1, completions=1, lost=0, duplicate_effects=0)
