@@ -15,6 +15,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 VENV_PY := $(BIN)/python
 STAMP := $(VENV)/.installed
+# The example's own requirements (an SMTP server), reinstalled when the file changes.
+EXAMPLE_STAMP := $(VENV)/.example-installed
 PYTEST_ARGS ?=
 
 # Only directories that exist (example_project may be added later).
@@ -57,8 +59,6 @@ test: lint typecheck $(EXAMPLE_STAMP)
 faults: $(STAMP)
 	IDEM_FAULTS_REPORT=docs/reliability.md $(VENV_PY) -m pytest tests/faults $(PYTEST_ARGS)
 
-# The example's own requirements (an SMTP server), reinstalled when the file changes.
-EXAMPLE_STAMP := $(VENV)/.example-installed
 $(EXAMPLE_STAMP): example_project/requirements.txt | $(STAMP)
 	$(BIN)/pip install -r example_project/requirements.txt
 	touch $@
