@@ -73,6 +73,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "idem_on_store_error": StoreErrorPolicy.RETRY,
         "idem_cache_errors": (),
         "idem_max_result_bytes": 1048576,
+        "idem_dedupe_on_publish": False,
     }
 )
 """Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs"."""
@@ -119,6 +120,8 @@ class IdemSettings:
         cache_errors: Exception classes whose failure is stored and re-raised to
             duplicates instead of letting the key be claimed again.
         max_result_bytes: Largest encoded result that is stored.
+        dedupe_on_publish: Look the key up before publishing (one round trip) and
+            return the original task's AsyncResult instead of sending a duplicate.
     """
 
     redis_url: str | None
@@ -129,6 +132,7 @@ class IdemSettings:
     on_store_error: StoreErrorPolicy
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
+    dedupe_on_publish: bool = False
 
     @property
     def renew_every(self) -> float:
@@ -292,6 +296,12 @@ def _check_cache_errors(value: object) -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def _check_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"a {type(value).__name__}, not a bool")
+    return value
+
+
 def _check_max_result_bytes(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"a {type(value).__name__}, not an int")
@@ -331,6 +341,7 @@ _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
             "tuple/list/set of them",
         ),
         "idem_max_result_bytes": (_check_max_result_bytes, "an int > 0 (not bool)"),
+        "idem_dedupe_on_publish": (_check_bool, "True or False"),
     }
 )
 

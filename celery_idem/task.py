@@ -191,11 +191,52 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
-        """Send the task; ``idempotency_key=...`` and ``idem_*=...`` travel as headers."""
+        """Send the task; ``idempotency_key=...`` and ``idem_*=...`` travel as headers.
+
+        With ``idem_dedupe_on_publish``, a key that is completed or in progress is not
+        sent again: the caller gets the AsyncResult of the task that holds it.
+        """
         self._idem_headers(options)
+        if self._idem_settings().dedupe_on_publish and not self.app.conf.task_always_eager:
+            existing = self._idem_published(args, kwargs, options)
+            if existing is not None:
+                return existing
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
+
+    def _idem_published(
+        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, options: Any
+    ) -> Any:
+        """One look-up before publishing: the AsyncResult of the run holding the key.
+
+        None means "publish": nothing holds the key, the arguments differ (the worker
+        reports the mismatch), the store is down (the worker-side claim still holds),
+        or the message is a re-send of our own (a retry or a deferral must go out).
+        """
+        headers = options.get("headers") or {}
+        if _RETRY_KEY in headers or _DEFERRALS in headers or options.get("retries"):
+            return None
+        if options.get("group_id") or options.get("chord"):
+            return None  # canvas members are keyed by their position, on the worker
+        spec = self._idem_spec()
+        resolved = spec.rule.resolve(args or (), kwargs or {}, headers.get(HEADER))
+        storage = storage_key(spec.settings.key_prefix, self.name, resolved.key)
+        fingerprint = "" if resolved.source is KeySource.ARGS else resolved.fingerprint
+        try:
+            found = spec.store.peek(storage, fingerprint=fingerprint)
+        except IdempotencyError as exc:
+            logger.warning(
+                "%s key=%r: could not look the key up before publishing, publishing: %s",
+                self.name, resolved.key, exc,
+            )  # fmt: skip
+            return None
+        if found is None or found.state is ClaimState.MISMATCH:
+            return None
+        logger.debug(
+            "%s key=%r: held by task %s, not published", self.name, resolved.key, found.task_id
+        )
+        return self.AsyncResult(found.task_id)
 
     def apply(self, args: Sequence[Any] | None = None, kwargs: Any = None, **options: Any) -> Any:
         """Run eagerly, under the same protocol; ``idempotency_key=...`` is honoured."""

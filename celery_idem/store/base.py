@@ -137,6 +137,15 @@ class Store(Protocol):
         """
         ...
 
+    def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
+        """What holds ``key``, for a publisher deciding whether to send; never writes.
+
+        None when nothing does (absent, released, or a lease that ran out); otherwise
+        ``COMPLETED``, ``IN_PROGRESS`` or ``MISMATCH`` with the owner's task id, and no
+        payload (a publisher only needs the task id to hand out its AsyncResult).
+        """
+        ...
+
     def read(self, key: str) -> StoredRecord | None:
         """The record as it stands, or None; never changes it."""
         ...

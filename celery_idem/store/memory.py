@@ -108,6 +108,22 @@ class MemoryStore:
             )
             return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=took_over)
 
+    def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
+        """See ``lua/peek.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._live(key, now)
+            if record is None or record.state == _FREE:
+                return None
+            fence, owner = record.fence, record.task_id
+            if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
+                return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
+            if record.stored is not None:
+                return ClaimOutcome(ClaimState.COMPLETED, fence, owner)
+            if record.deadline <= now:
+                return None
+            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, record.deadline - now)
+
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
         with self._lock:

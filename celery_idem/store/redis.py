@@ -30,7 +30,7 @@ from celery_idem.store.base import (
 
 __all__ = ["RedisStore", "redis_store_for_url"]
 
-_SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "read")
+_SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "peek", "read")
 _COMPLETED = {kind.value: kind for kind in RecordKind}
 _OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
     cls
@@ -100,6 +100,7 @@ class RedisStore:
         self._complete = client.register_script(_SOURCES["complete"])
         self._release = client.register_script(_SOURCES["release"])
         self._park = client.register_script(_SOURCES["park"])
+        self._peek = client.register_script(_SOURCES["peek"])
         self._read = client.register_script(_SOURCES["read"])
 
     @classmethod
@@ -187,6 +188,16 @@ class RedisStore:
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.park`."""
         return bool(self._call(self._park, key, [token, _ms(hold), _ms(2 * hold)]))
+
+    def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
+        """See :meth:`celery_idem.store.base.Store.peek`."""
+        reply = self._call(self._peek, key, [fingerprint])
+        code = int(reply[0])
+        if code == 0:
+            return None
+        state = {2: ClaimState.COMPLETED, 3: ClaimState.IN_PROGRESS, 4: ClaimState.MISMATCH}
+        left = int(reply[3]) / 1000.0 if code == 3 else 0.0
+        return ClaimOutcome(state[code], int(reply[1]), _text(reply[2]), left)
 
     def read(self, key: str) -> StoredRecord | None:
         """See :meth:`celery_idem.store.base.Store.read`."""

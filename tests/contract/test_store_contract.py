@@ -325,3 +325,32 @@ def test_a_stale_attempt_cannot_pass_for_the_one_that_completed(backend: Backend
     assert not backend.store.complete(
         k, token="t9", fence=out.fence, task_id="id-9", stored=RESULT, ttl=TTL
     )
+
+
+def test_peek_reports_what_holds_a_key_and_writes_nothing(backend: Backend) -> None:
+    k = backend.key("k")
+    assert backend.store.peek(k, fingerprint="fp") is None
+    first = claim(backend, "k", lease=10.0)
+    held = backend.store.peek(k, fingerprint="fp")
+    assert held is not None
+    assert (held.state, held.task_id, held.fence) == (ClaimState.IN_PROGRESS, "id-1", first.fence)
+    assert 0 < held.lease_left <= 10.0
+    other = backend.store.peek(k, fingerprint="other")
+    assert other is not None
+    assert other.state is ClaimState.MISMATCH
+    complete(backend, k, token="t1", stored=RESULT, ttl=TTL)
+    done = backend.store.peek(k, fingerprint="")
+    assert done is not None
+    assert (done.state, done.task_id, done.stored) == (ClaimState.COMPLETED, "id-1", None)
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.fence == first.fence  # peeking claimed nothing
+
+
+def test_peek_sees_nothing_after_a_release_or_a_lapsed_lease(backend: Backend) -> None:
+    claim(backend, "r")
+    backend.store.release(backend.key("r"), token="t1")
+    assert backend.store.peek(backend.key("r"), fingerprint="fp") is None
+    claim(backend, "l")
+    backend.advance(backend.key("l"), LEASE + 0.05)
+    assert backend.store.peek(backend.key("l"), fingerprint="fp") is None

@@ -73,6 +73,15 @@ def record(
     return {"name": name, "value": value, "key": self.idempotency_key}
 
 
+@app.task(base=IdempotentTask, bind=True, name="t.deduped", idem_dedupe_on_publish=True)
+def deduped(self: IdempotentTask, name: str, pause: float = 0.0) -> dict[str, Any]:
+    """Like ``record``, but duplicates are stopped at publish when the key is known."""
+    effect(name, task_id=self.request.id)
+    if pause:
+        time.sleep(pause)
+    return {"name": name, "task_id": self.request.id}
+
+
 @app.task(
     base=IdempotentTask, bind=True, name="t.send_email", idempotency_key="{user_id}:{template}"
 )
