@@ -173,3 +173,49 @@ def plain_collect(value: Any, name: str) -> Any:
     """A plain callback: records what it was called with."""
     effect(name, value=value)
     return value
+
+
+# -- store fault scenarios (tests/faults/test_store_faults.py); names prefixed t.sf_ ----
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.sf_wait_flag")
+def sf_wait_flag(
+    self: IdempotentTask, name: str, flag: str, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Runs until the test sets ``flag:<flag>`` in the ledger, then notes that it returned."""
+    effect(name, fence=self.idempotency_fence, task_id=self.request.id)
+    deadline = time.monotonic() + timeout
+    while not ledger().exists(f"flag:{flag}"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the test never set flag {flag!r}")
+        time.sleep(0.01)
+    effect(f"{name}:returned", task_id=self.request.id)
+    return {"name": name, "fence": self.idempotency_fence}
+
+
+class SfArmed:
+    """A value only pickle could keep; unpickling it anywhere writes ``unpickled:<name>``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (effect, (f"unpickled:{self.name}",))
+
+
+SF_HUGE_BYTES = 50 * 1024 * 1024
+
+
+@app.task(base=IdempotentTask, name="t.sf_hostile_result")
+def sf_hostile_result(name: str, kind: str) -> Any:
+    """Returns a result the store cannot keep: ``object``, ``set``, ``armed`` or ``huge``."""
+    effect(name, kind=kind)
+    if kind == "object":
+        return object()
+    if kind == "set":
+        return {1, 2, 3}
+    if kind == "armed":
+        return SfArmed(name)
+    if kind == "huge":
+        return "x" * SF_HUGE_BYTES
+    raise ValueError(f"unknown kind {kind!r}")

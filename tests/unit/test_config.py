@@ -78,6 +78,7 @@ def test_settings_table() -> None:
         "idem_on_store_error",
         "idem_cache_errors",
         "idem_max_result_bytes",
+        "idem_dedupe_on_publish",
     )
     assert set(DEFAULTS) == set(SETTINGS)
     expected_call = {
@@ -91,6 +92,13 @@ def test_settings_table() -> None:
     assert DEFAULTS["idem_on_in_progress"] == "retry"
     with pytest.raises(TypeError):
         DEFAULTS["idem_ttl"] = 1  # type: ignore[index]
+
+
+def test_dedupe_on_publish_is_an_off_by_default_bool_per_task() -> None:
+    assert resolve_settings({}).dedupe_on_publish is False
+    assert resolve_settings({}, {"idem_dedupe_on_publish": True}).dedupe_on_publish is True
+    with pytest.raises(IdempotencyConfigError, match="idem_dedupe_on_publish"):
+        resolve_settings({"idem_dedupe_on_publish": "yes"})
 
 
 def test_defaults() -> None:

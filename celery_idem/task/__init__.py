@@ -1,0 +1,18 @@
+"""IdempotentTask: the only code that knows Celery's task machinery.
+
+One execution goes: find the key (``keys``), ask the store in one round trip
+(``store.claim``), then run the body under a renewed lease and store its outcome (one
+more round trip), or replay the stored outcome, or wait, or refuse. Settings come
+from ``config`` (resolved once per task and process), Redis only from ``store``.
+
+``base`` holds the class (publishing, configuration, dispatch), ``execution`` the
+worker-side steps, ``context`` what both share, ``worker`` the start-up checks.
+"""
+
+from __future__ import annotations
+
+from celery_idem.task import worker as _worker  # noqa: F401 - connects worker_init
+from celery_idem.task.base import IdempotentTask
+from celery_idem.task.context import HEADER, invalidate_settings
+
+__all__ = ["HEADER", "IdempotentTask", "invalidate_settings"]

@@ -1,0 +1,57 @@
+"""Worker start: validate every idempotent task's settings, warn about evicting stores.
+
+Connected to Celery's ``worker_init`` when ``celery_idem.task`` is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_init
+
+from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.store import Store
+from celery_idem.task.base import IdempotentTask
+
+logger = logging.getLogger("celery_idem")
+
+
+def _validate_on_worker_start(sender: Any = None, **_: Any) -> None:
+    """Fail the worker at start, naming the setting, rather than at the first task.
+
+    Also warns when the store may evict records: an evicted record is a key that runs
+    again, and every celery-idem record has a TTL, so ``volatile-*`` policies pick them
+    first.
+    """
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    checked: set[int] = set()
+    for task in list(app.tasks.values()):
+        if not isinstance(task, IdempotentTask):
+            continue
+        try:
+            store = task._idem_spec().store
+        except IdempotencyConfigError as exc:
+            logger.critical("celery-idem: %s", exc)
+            raise SystemExit(f"celery-idem: task {task.name!r}: {exc}") from exc
+        if id(store) not in checked:
+            checked.add(id(store))
+            _warn_if_evicting(store)
+
+
+def _warn_if_evicting(store: Store) -> None:
+    policy_of = getattr(store, "eviction_policy", None)
+    policy = policy_of() if policy_of is not None else None
+    if policy is not None and policy != "noeviction":
+        logger.warning(
+            "celery-idem: the store at %s has maxmemory-policy %r: under memory pressure "
+            "Redis may evict idempotency records, and an evicted key runs again. Set "
+            "maxmemory-policy noeviction on the Redis that holds idem_redis_url.",
+            getattr(store, "url", "?"),
+            policy,
+        )
+
+
+worker_init.connect(_validate_on_worker_start, weak=False)
