@@ -125,6 +125,12 @@ class _Execution:
             except StoreUnavailable as exc:
                 self._idem_store_down(run, exc)
                 return None
+            except IdempotencyError as exc:  # refused for good (a damaged record)
+                raise IdempotencyError(
+                    f"task {self.name!r} could not claim key {run.key!r}: {exc}",
+                    key=run.key,
+                    task_name=self.name,
+                ) from exc
             if (
                 outcome.state is not ClaimState.IN_PROGRESS
                 or settings.on_in_progress is not InProgressPolicy.WAIT

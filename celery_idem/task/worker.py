@@ -1,6 +1,8 @@
 """Worker start: validate every idempotent task's settings, warn about evicting stores.
 
-Connected to Celery's ``worker_init`` when ``celery_idem.task`` is imported.
+Connected to Celery's ``celeryd_after_setup`` when ``celery_idem.task`` is imported:
+it comes after the worker set up its logging (so the lines reach ``--logfile``) and
+before the pool starts and the worker says "ready".
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import celeryd_after_setup
 
 from celery_idem.exceptions import IdempotencyConfigError
 from celery_idem.store import Store
@@ -17,14 +19,14 @@ from celery_idem.task.base import IdempotentTask
 logger = logging.getLogger("celery_idem")
 
 
-def _validate_on_worker_start(sender: Any = None, **_: Any) -> None:
+def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """Fail the worker at start, naming the setting, rather than at the first task.
 
     Also warns when the store may evict records: an evicted record is a key that runs
     again, and every celery-idem record has a TTL, so ``volatile-*`` policies pick them
     first.
     """
-    app = getattr(sender, "app", None)
+    app = getattr(instance, "app", None)
     if app is None:
         return
     checked: set[int] = set()
@@ -54,4 +56,4 @@ def _warn_if_evicting(store: Store) -> None:
         )
 
 
-worker_init.connect(_validate_on_worker_start, weak=False)
+celeryd_after_setup.connect(_validate_on_worker_start, weak=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -219,3 +220,88 @@ def sf_hostile_result(name: str, kind: str) -> Any:
     if kind == "huge":
         return "x" * SF_HUGE_BYTES
     raise ValueError(f"unknown kind {kind!r}")
+
+
+# -- worker fault scenarios (tests/faults/test_worker_faults.py); names prefixed t.wf_ --
+
+
+class WfWatched(IdempotentTask):
+    """Notes every delivery in ``ledger:<name>:delivered`` before the protocol runs.
+
+    One entry per message handed to a task body's process (first delivery, a broker
+    redelivery, a deferred duplicate coming back), with ``redelivered`` as the broker
+    flagged it, so a test counts deliveries without asking the library.
+    """
+
+    abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if not request.called_directly and args:
+            effect(
+                f"{args[0]}:delivered",
+                task_id=request.id,
+                redelivered=bool((request.delivery_info or {}).get("redelivered")),
+            )
+        return super().__call__(*args, **kwargs)
+
+
+@app.task(base=WfWatched, bind=True, name="t.wf_storm")
+def wf_storm(self: IdempotentTask, name: str, value: Any, pause: float = 0.0) -> dict[str, Any]:
+    """One effect per run in ``ledger:<name>`` (with its key), ``<name>:end`` once done."""
+    fields = {"key": self.idempotency_key, "fence": self.idempotency_fence}
+    effect(name, task_id=self.request.id, **fields)
+    if pause:
+        time.sleep(pause)
+    effect(f"{name}:end", **fields)
+    return {"value": value, **fields}
+
+
+@app.task(base=WfWatched, bind=True, name="t.wf_hold")
+def wf_hold(self: IdempotentTask, name: str, value: Any = None) -> dict[str, Any]:
+    """Claims, notes ``<name>:claimed``, holds while ``ledger:<name>:hold`` exists, then
+    writes its one effect in ``ledger:<name>``: a kill while holding is before the effect.
+    """
+    fields = {"fence": self.idempotency_fence, "task_id": self.request.id}
+    effect(f"{name}:claimed", t=time.time(), **fields)
+    deadline = time.monotonic() + 60.0
+    while ledger().exists(f"ledger:{name}:hold") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    effect(name, **fields)
+    return {"name": name, "value": value, "fence": self.idempotency_fence}
+
+
+class WfDieAfterComplete(WfWatched):
+    """SIGKILLs its own process once per name, right after a completed execution.
+
+    That is after ``IdempotentTask.__call__`` returned (the idempotency record is
+    completed) and before Celery's tracer stores the result in the backend and the
+    worker acks the message (``task_acks_late``); ``task_reject_on_worker_lost``
+    requeues it. (Later, from ``on_success``/``task_postrun``, is too late to get a
+    redelivery: Celery >= 5.6 sees SUCCESS in the backend and acks the lost message.)
+    """
+
+    abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        retval = super().__call__(*args, **kwargs)
+        if not self.request.called_directly and ledger().set(
+            f"ledger:{args[0]}:died", os.getpid(), nx=True
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return retval
+
+
+@app.task(base=WfDieAfterComplete, bind=True, name="t.wf_die_after_complete")
+def wf_die_after_complete(self: IdempotentTask, name: str) -> dict[str, Any]:
+    effect(name, fence=self.idempotency_fence, task_id=self.request.id)
+    return {"name": name, "fence": self.idempotency_fence}
+
+
+@app.task(base=WfWatched, bind=True, name="t.wf_long", idem_lease=1)
+def wf_long(self: IdempotentTask, name: str, seconds: float) -> dict[str, Any]:
+    """Runs ``seconds`` under a 1 s lease; only renewal keeps duplicates out."""
+    effect(name, fence=self.idempotency_fence, task_id=self.request.id)
+    time.sleep(seconds)
+    effect(f"{name}:end", fence=self.idempotency_fence)
+    return {"name": name, "fence": self.idempotency_fence}
