@@ -242,6 +242,7 @@ class WfWatched(IdempotentTask):
                 f"{args[0]}:delivered",
                 task_id=request.id,
                 redelivered=bool((request.delivery_info or {}).get("redelivered")),
+                t=time.time(),
             )
         return super().__call__(*args, **kwargs)
 
@@ -278,7 +279,7 @@ class WfDieAfterComplete(WfWatched):
     completed) and before Celery's tracer stores the result in the backend and the
     worker acks the message (``task_acks_late``); ``task_reject_on_worker_lost``
     requeues it. (Later, from ``on_success``/``task_postrun``, is too late to get a
-    redelivery: Celery >= 5.6 sees SUCCESS in the backend and acks the lost message.)
+    redelivery: Celery 5.7 sees SUCCESS in the backend and acks the lost message.)
     """
 
     abstract = True
@@ -303,5 +304,5 @@ def wf_long(self: IdempotentTask, name: str, seconds: float) -> dict[str, Any]:
     """Runs ``seconds`` under a 1 s lease; only renewal keeps duplicates out."""
     effect(name, fence=self.idempotency_fence, task_id=self.request.id)
     time.sleep(seconds)
-    effect(f"{name}:end", fence=self.idempotency_fence)
+    effect(f"{name}:end", fence=self.idempotency_fence, t=time.time())
     return {"name": name, "fence": self.idempotency_fence}
