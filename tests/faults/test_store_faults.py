@@ -244,7 +244,7 @@ def test_store_restart_without_persistence_reruns_the_key(
     uid: str,
     fault_report: Any,
 ) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
+    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
     key = f"restart-{uid}"
     first = tasks.record.apply_async((uid, 1), idempotency_key=key, queue=w.queue)
     assert first.get(timeout=T)["key"] == key
@@ -289,7 +289,7 @@ def test_script_flush_reloads_scripts_and_still_replays(
     uid: str,
     fault_report: Any,
 ) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
+    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
     client = store_server.client()
     results = []
 
@@ -545,7 +545,7 @@ def test_forged_pickle_record_is_refused_not_loaded(
     tmp_path: Path,
     fault_report: Any,
 ) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
+    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
     # The bomb is live: loading it here has both side effects.
     pickle.loads(_bomb(tasks, f"armed-{uid}", tmp_path / "armed"))[1].close()
     assert ledger_count(ledger, f"armed-{uid}") == 1
