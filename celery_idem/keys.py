@@ -200,6 +200,9 @@ class KeyRule:
     __slots__ = (
         "_bind",
         "_check_shadowing",
+        "_plain",
+        "_plain_defaults",
+        "_plain_set",
         "_rule",
         "_shadowable",
         "_template",
@@ -240,6 +243,14 @@ class KeyRule:
         )
         self._check_shadowing = bool(self._var_keyword and self._shadowable)
         names = [p.name for p in params.values() if p.kind is not p.VAR_KEYWORD]
+        # Most tasks take plain parameters: bind those without inspect (a fifth of the
+        # key's cost), and leave every unusual call to Signature.bind and its errors.
+        simple = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params.values())
+        self._plain: tuple[str, ...] | None = tuple(names) if simple else None
+        self._plain_set = frozenset(names)
+        self._plain_defaults = tuple(
+            (p.name, p.default) for p in params.values() if p.default is not p.empty
+        )
 
         self._template: str | None = None
         self._rule: Callable[..., Any] | None = None
@@ -316,6 +327,15 @@ class KeyRule:
         A ``TypeError`` from binding propagates as is, exactly as calling the
         function with those arguments would raise one.
         """
+        plain = self._plain
+        if plain is not None and len(args) <= len(plain):
+            arguments = dict(zip(plain, args, strict=False))  # len(args) <= len(plain)
+            if all(k in self._plain_set and k not in arguments for k in kwargs):
+                arguments.update(kwargs)
+                for name, default in self._plain_defaults:
+                    arguments.setdefault(name, default)
+                if len(arguments) == len(plain):
+                    return arguments
         bound = self._bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments  # A fresh dict of ours: no copy needed.

@@ -309,3 +309,27 @@ def test_memory_store_completed_record_expires_after_its_ttl_under_freezegun() -
         again = claim(store, key, "later")
         assert again.state is ClaimState.CLAIMED
         assert again.fence > owner.fence  # the record is gone; the fence still grew
+
+
+def test_short_tasks_do_not_wake_the_renewer_thread() -> None:
+    # Waking the thread on every add costs a GIL hand-off per task; a lease no shorter
+    # than those seen before must not wake it.
+    private = Renewer()
+    store = MemoryStore()
+    first = private.add(Lease(store, fresh_key(), "t0", 60.0, lambda _l: None))
+    wakes: list[int] = []
+    original_set = private._wake.set
+
+    def counting_set() -> None:
+        wakes.append(1)
+        original_set()
+
+    private._wake.set = counting_set  # type: ignore[method-assign]
+    for i in range(200):
+        lease = private.add(Lease(store, fresh_key(), f"t{i}", 60.0, lambda _l: None))
+        private.remove(lease)
+    private.remove(first)
+    assert wakes == []
+    shorter = private.add(Lease(store, fresh_key(), "short", 3.0, lambda _l: None))
+    assert wakes == [1]  # a shorter lease than any before wakes it, once
+    private.remove(shorter)
