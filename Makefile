@@ -73,3 +73,16 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# Benchmarks (docs/benchmarks.md, docs/benchmarks.png): the peers celery-once and
+# celery-singleton, matplotlib and pyinstrument, from benchmarks/requirements.txt,
+# reinstalled when that file changes. Benchmark-only: not project dependencies.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): benchmarks/requirements.txt | $(STAMP)
+	$(BIN)/pip install -r benchmarks/requirements.txt
+	touch $@
+
+.PHONY: bench
+bench: $(STAMP) $(BENCH_STAMP)
+	$(VENV_PY) -m benchmarks
