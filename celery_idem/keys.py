@@ -6,7 +6,9 @@ encoding of its arguments (``celery_idem.canonical``):
 * the key itself (:class:`KeyRule`): explicit from the call site, from the task's
   ``idempotency_key`` rule (template or callable), or derived from the arguments;
 * the validation of user-supplied keys (:func:`validate_key`) and the bounded,
-  task-scoped name under which a key is stored (:func:`storage_key`).
+  task-scoped name under which a key is stored (:func:`storage_key`): the prefix, a
+  short tag of the task name (so operators can find one task's records), and a hash of
+  task name and key.
 
 It is pure (standard library only, no Celery, no Redis) so it can be tested and
 reasoned about on its own, and it runs on every task execution, so all the work
@@ -17,6 +19,7 @@ checks) is done once, when a :class:`KeyRule` is built.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import inspect
 import string
@@ -33,10 +36,14 @@ from celery_idem.exceptions import (
 
 __all__ = [
     "MAX_KEY_LENGTH",
+    "TASK_TAG_LENGTH",
     "KeyRule",
     "KeySource",
     "ResolvedKey",
     "storage_key",
+    "storage_pattern",
+    "storage_task_tag",
+    "task_tag",
     "validate_key",
 ]
 
@@ -130,12 +137,34 @@ def validate_key(value: object, *, task_name: str, source: KeySource) -> str:
     return value
 
 
+TASK_TAG_LENGTH = 6
+"""Characters of the task tag in a storage key (36 bits of a hash of the task name)."""
+
+_DIGEST_LENGTH = 22
+_B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@functools.lru_cache(maxsize=4096)
+def task_tag(task_name: str) -> str:
+    """Return the short tag that names ``task_name`` inside its records' storage keys.
+
+    It lets an operator's tool find one task's records with ``SCAN MATCH`` and count
+    records by task without keeping the task name in every record. Two tasks may share
+    a tag (36 bits): that only merges them in listings, never their records, whose
+    digest hashes the full task name.
+    """
+    digest = hashlib.blake2b(task_name.encode("utf-8"), digest_size=6, person=b"idem-tag")
+    return b64(digest.digest())[:TASK_TAG_LENGTH]
+
+
 def storage_key(prefix: str, task_name: str, key: str) -> str:
     """Return the store's name for ``key`` of ``task_name``.
 
-    The key is hashed so the stored name is bounded (22 characters after the prefix)
-    whatever the key's length or characters, and the task name is hashed with it so
-    that two tasks using the same key never share a record.
+    The one place the layout of a storage key is defined (:func:`storage_pattern` and
+    :func:`storage_task_tag` read it back). The key is hashed so the stored name is
+    bounded (``6 + 1 + 22`` characters after the prefix) whatever the key's length or
+    characters, and the task name is hashed with it so that two tasks using the same
+    key never share a record.
 
     Args:
         prefix: Namespace of all records, e.g. ``"idem"``.
@@ -143,13 +172,40 @@ def storage_key(prefix: str, task_name: str, key: str) -> str:
         key: The logical key.
 
     Returns:
-        ``f"{prefix}:{digest}"`` where digest is the URL-safe base64 (no padding)
-        of ``blake2b(task_name + NUL + key, digest_size=16)``.
+        ``f"{prefix}:{tag}:{digest}"`` where tag is :func:`task_tag` and digest the
+        URL-safe base64 (no padding) of ``blake2b(task_name + NUL + key, digest_size=16)``.
     """
     h = hashlib.blake2b(task_name.encode("utf-8"), digest_size=16)
     h.update(b"\x00")
     h.update(key.encode("utf-8", "surrogatepass"))
-    return f"{prefix}:{b64(h.digest())}"
+    return f"{prefix}:{task_tag(task_name)}:{b64(h.digest())}"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def storage_pattern(prefix: str, task_name: str | None = None) -> str:
+    """A Redis ``SCAN MATCH`` pattern for the records under ``prefix``.
+
+    Only those of ``task_name`` when given (and of any task sharing its tag).
+    """
+    tag = task_tag(task_name) if task_name is not None else "?" * TASK_TAG_LENGTH
+    return f"{_glob_escape(prefix)}:{tag}:{'?' * _DIGEST_LENGTH}"
+
+
+def storage_task_tag(prefix: str, stored: str) -> str | None:
+    """The task tag of a storage key under ``prefix``, or None if it is not one."""
+    head = f"{prefix}:"
+    if (
+        not stored.startswith(head)
+        or len(stored) != len(head) + TASK_TAG_LENGTH + 1 + _DIGEST_LENGTH
+    ):
+        return None
+    tag, sep, digest = stored[len(head) :].partition(":")
+    if sep != ":" or len(tag) != TASK_TAG_LENGTH or not _B64_CHARS.issuperset(tag + digest):
+        return None
+    return tag
 
 
 # --------------------------------------------------------------------------- rules

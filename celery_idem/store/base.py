@@ -11,13 +11,17 @@ release, so downstream systems can refuse a stale writer with it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
     "ClaimOutcome",
     "ClaimState",
+    "ForgetResult",
     "RecordKind",
+    "RecordSummary",
+    "ServerFacts",
     "Store",
     "Stored",
     "StoredRecord",
@@ -89,6 +93,82 @@ class StoredRecord:
     lease_left: float | None
     ttl: float | None
     stored: Stored | None
+    parked: bool = False
+    """State ``P`` with no owner: held for a retry of ``task_id`` (see :meth:`Store.park`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSummary:
+    """A record without its payload, for listings (:meth:`Store.summarize`).
+
+    Attributes:
+        key: The storage key.
+        state: The state byte (``P``, ``F``, ``C``, ``E``, ``X``), or ``""`` when the key
+            holds something that is not a celery-idem record (another type, unreadable).
+        fence: The record's fence (0 when not a record).
+        task_id: The owner's, or the completing run's, task id.
+        parked: ``P`` held for a retry of ``task_id``, no attempt running.
+        lease_left: Seconds to the lease deadline for ``P`` (negative once it passed),
+            else None.
+        ttl: Seconds until the record expires, None when it never does.
+        payload_bytes: Size of the stored payload (0 unless completed).
+        codec: The payload's codec tag (see ``celery_idem.codec``).
+    """
+
+    key: str
+    state: str
+    fence: int
+    task_id: str
+    parked: bool
+    lease_left: float | None
+    ttl: float | None
+    payload_bytes: int
+    codec: str
+
+
+class ForgetResult(enum.Enum):
+    """What :meth:`Store.forget_if` did."""
+
+    ABSENT = 0
+    """There was no record: nothing deleted."""
+    DELETED = 1
+    """The record is gone."""
+    HELD = 2
+    """A live attempt (or a parked retry) holds the key and ``force`` was not given: kept."""
+    CHANGED = 3
+    """The record's fence is not the one expected any more (another attempt took it): kept."""
+    NOT_A_RECORD = 4
+    """The key holds something that is not a celery-idem record and ``force`` was not given."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFacts:
+    """What a store reports about its server, for ``celery idem doctor`` to judge.
+
+    Values are as the server gave them; the judging (versions, policies) is the
+    caller's. A value the server refused to tell is missing from ``info`` or ``None``
+    in ``config``.
+
+    Attributes:
+        kind: ``"redis"`` or ``"memory"`` (the in-process store: nothing else is set).
+        url: The store's URL without its password.
+        info: ``INFO`` fields (default sections), values as text.
+        info_error: Why ``INFO`` could not be read, if it could not.
+        config: ``CONFIG GET`` of ``maxmemory-policy``, ``appendonly``, ``appendfsync``
+            and ``save``; None where CONFIG is refused (managed services).
+        server_time: The server's clock (``TIME``), in seconds since the epoch.
+        local_time: This machine's clock half-way through that ``TIME`` round trip.
+        round_trip: Seconds the ``TIME`` round trip took.
+    """
+
+    kind: str
+    url: str
+    info: Mapping[str, str] = field(default_factory=dict)
+    info_error: str | None = None
+    config: Mapping[str, str | None] = field(default_factory=dict)
+    server_time: float | None = None
+    local_time: float | None = None
+    round_trip: float | None = None
 
 
 class Store(Protocol):
@@ -152,4 +232,42 @@ class Store(Protocol):
 
     def forget(self, key: str) -> bool:
         """Delete the record whatever its state (an operator's tool); True if it existed."""
+        ...
+
+    # -- operators' tools (``celery idem``): never on a task's path ----------------------
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """Delete the record unless a live attempt holds it, atomically.
+
+        Args:
+            key: The storage key.
+            fence: Delete only while the record still has this fence (what the operator
+                saw and confirmed); None does not compare.
+            force: Delete even while a live attempt or a parked retry holds the key, or
+                when the key is not a celery-idem record.
+        """
+        ...
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """One ``SCAN`` step over the keys matching the glob ``match``.
+
+        Start with cursor 0 and pass back the returned cursor until it is 0 again. As
+        with Redis, a key present for the whole iteration is returned at least once (a
+        key may come twice); a step may return fewer or more keys than ``count``.
+        """
+        ...
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """Each key's record without its payload (None when absent), in one round trip."""
+        ...
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """Bytes each key takes in the store (Redis: ``MEMORY USAGE``), None when unknown.
+
+        ``MemoryStore`` gives an estimate of what Redis would hold.
+        """
+        ...
+
+    def server_facts(self) -> ServerFacts:
+        """Facts about the server for ``doctor``: clock, ``INFO``, ``CONFIG``."""
         ...

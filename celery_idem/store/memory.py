@@ -11,14 +11,20 @@ Not for production: records live in the process, so two workers do not share the
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery_idem.store.base import (
     ClaimOutcome,
     ClaimState,
+    ForgetResult,
     RecordKind,
+    RecordSummary,
+    ServerFacts,
     Stored,
     StoredRecord,
 )
@@ -196,6 +202,7 @@ class MemoryStore:
                 lease_left=record.deadline - now if record.state == _IN_PROGRESS else None,
                 ttl=record.expires_at - now,
                 stored=record.stored,
+                parked=record.state == _IN_PROGRESS and record.owner == "",
             )
 
     def forget(self, key: str) -> bool:
@@ -203,10 +210,124 @@ class MemoryStore:
         with self._lock:
             return self._records.pop(key, None) is not None
 
+    # -- operators' tools ---------------------------------------------------------------
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """See ``lua/forget.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._live(key, now)
+            if record is None:
+                return ForgetResult.ABSENT
+            if fence is not None and record.fence != fence:
+                return ForgetResult.CHANGED
+            if record.state == _IN_PROGRESS and record.deadline > now and not force:
+                return ForgetResult.HELD
+            del self._records[key]
+            return ForgetResult.DELETED
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """SCAN's guarantee, in process: a key present throughout is returned.
+
+        Keys are visited in the order of a hash of their name and the cursor is the
+        next hash to visit, so records added or deleted meanwhile move no other key.
+        """
+        pattern = _glob_regex(match)
+        with self._lock:
+            now = time.time()
+            for key in [k for k, r in self._records.items() if r.expires_at <= now]:
+                del self._records[key]
+            ordered = sorted((_scan_hash(k), k) for k in self._records if pattern.fullmatch(k))
+        page = [(h, k) for h, k in ordered if h >= cursor]
+        if len(page) <= count:
+            return 0, [k for _, k in page]
+        last = page[count - 1][0]
+        keys = [k for h, k in page if h <= last]  # a hash is never split across steps
+        return last + 1, keys
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """See ``lua/summary.lua``."""
+        out: list[RecordSummary | None] = []
+        with self._lock:
+            now = time.time()
+            for key in keys:
+                record = self._live(key, now)
+                if record is None:
+                    out.append(None)
+                    continue
+                stored = record.stored
+                out.append(
+                    RecordSummary(
+                        key=key,
+                        state=record.state,
+                        fence=record.fence,
+                        task_id=record.task_id,
+                        parked=record.state == _IN_PROGRESS and record.owner == "",
+                        lease_left=record.deadline - now if record.state == _IN_PROGRESS else None,
+                        ttl=record.expires_at - now,
+                        payload_bytes=len(stored.payload) if stored else 0,
+                        codec=stored.codec if stored else "",
+                    )
+                )
+        return out
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """An estimate of what Redis would take: key, record fields and ~70 bytes overhead."""
+        out: list[int | None] = []
+        with self._lock:
+            now = time.time()
+            for key in keys:
+                record = self._live(key, now)
+                if record is None:
+                    out.append(None)
+                    continue
+                stored = record.stored
+                fields = len(record.fingerprint) + len(record.task_id) + 40
+                body = len(stored.payload) + len(stored.codec) if stored else 0
+                out.append(len(key.encode("utf-8", "surrogatepass")) + fields + body + 70)
+        return out
+
+    def server_facts(self) -> ServerFacts:
+        """Nothing to tell: the records live in this process."""
+        return ServerFacts(kind="memory", url="memory://")
+
     def clear(self) -> None:
         """Drop every record (between users' tests)."""
         with self._lock:
             self._records.clear()
+
+
+def _scan_hash(key: str) -> int:
+    """Where ``key`` comes in a scan: 1 to 2**32 (0 is the start and end cursor)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) + 1
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    r"""Redis' glob (``*``, ``?``, ``[...]``, ``[^...]``, ``\`` escapes) as a regex."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            out.append(("[^" if negate else "[") + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
 
 
 # Kinds a completed record may have, for readers that test ``state``.

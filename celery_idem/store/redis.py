@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -23,14 +25,20 @@ from celery_idem.exceptions import IdempotencyConfigError, IdempotencyError, Sto
 from celery_idem.store.base import (
     ClaimOutcome,
     ClaimState,
+    ForgetResult,
     RecordKind,
+    RecordSummary,
+    ServerFacts,
     Stored,
     StoredRecord,
 )
 
 __all__ = ["RedisStore", "redis_store_for_url"]
 
-_SCRIPT_NAMES = ("claim", "renew", "complete", "release", "park", "peek", "read")
+_SCRIPT_NAMES = (
+    "claim", "renew", "complete", "release", "park", "peek", "read", "summary", "forget",
+)  # fmt: skip
+_CONFIG_FACTS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
 _COMPLETED = {kind.value: kind for kind in RecordKind}
 _OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
     cls
@@ -102,6 +110,8 @@ class RedisStore:
         self._park = client.register_script(_SOURCES["park"])
         self._peek = client.register_script(_SOURCES["peek"])
         self._read = client.register_script(_SOURCES["read"])
+        self._summary = client.register_script(_SOURCES["summary"])
+        self._forget = client.register_script(_SOURCES["forget"])
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -217,6 +227,7 @@ class RedisStore:
             lease_left=(r["d"] - int(now)) / 1000.0 if state == "P" else None,
             ttl=int(pttl) / 1000.0 if int(pttl) >= 0 else None,
             stored=stored,
+            parked=state == "P" and r["o"] == b"",
         )
 
     def eviction_policy(self) -> str | None:
@@ -239,6 +250,120 @@ class RedisStore:
             return bool(self.client.delete(key))
         except redis.RedisError as exc:
             raise self._unavailable(key, exc) from exc
+
+    # -- operators' tools ---------------------------------------------------------------
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """See :meth:`celery_idem.store.base.Store.forget_if` and ``lua/forget.lua``."""
+        args = ["" if fence is None else fence, "1" if force else "0"]
+        reply = self._call(self._forget, key, args)
+        return ForgetResult(int(reply[0]))
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """See :meth:`celery_idem.store.base.Store.scan` (one ``SCAN``, never ``KEYS``)."""
+        try:
+            next_cursor, keys = self.client.scan(cursor=cursor, match=match, count=count)
+        except redis.RedisError as exc:
+            raise self._unavailable(match, exc) from exc
+        return int(next_cursor), [_text(k) for k in keys]
+
+    def _pipelined(self, keys: Sequence[str], add: Any) -> list[Any]:
+        """Run ``add(pipeline, key)`` for each key in one round trip; errors as values."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            add(pipe, key)
+        try:
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise self._unavailable(keys[0], exc) from exc
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, _OUTAGES):
+                raise self._unavailable(key, reply)
+        return replies
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """See :meth:`celery_idem.store.base.Store.summarize` and ``lua/summary.lua``."""
+        replies = self._pipelined(keys, lambda pipe, key: self._summary(keys=[key], client=pipe))
+        out: list[RecordSummary | None] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise IdempotencyError(
+                    f"the idempotency store at {self.url} refused to summarize {key!r}: "
+                    f"{type(reply).__name__}: {reply}",
+                    key=key,
+                )
+            now, pttl = int(reply[0]), int(reply[1])
+            if pttl == -2:
+                out.append(None)
+                continue
+            ttl = pttl / 1000.0 if pttl >= 0 else None
+            state = _text(reply[2])
+            if not state:
+                out.append(RecordSummary(key, "", 0, "", False, None, ttl, 0, ""))
+                continue
+            fence, deadline, parked = int(reply[3]), int(reply[4]), bool(int(reply[5]))
+            out.append(
+                RecordSummary(
+                    key=key,
+                    state=state,
+                    fence=fence,
+                    task_id=_text(reply[6]),
+                    parked=parked,
+                    lease_left=(deadline - now) / 1000.0 if state == "P" else None,
+                    ttl=ttl,
+                    payload_bytes=int(reply[8]),
+                    codec=_text(reply[7]),
+                )
+            )
+        return out
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """See :meth:`celery_idem.store.base.Store.memory_usage` (``SAMPLES 0``: exact)."""
+        replies = self._pipelined(
+            keys, lambda pipe, key: pipe.execute_command("MEMORY USAGE", key, "SAMPLES", 0)
+        )
+        return [int(r) if isinstance(r, int) else None for r in replies]
+
+    def server_facts(self) -> ServerFacts:
+        """See :meth:`celery_idem.store.base.Store.server_facts`."""
+        client = self.client
+        try:
+            before = time.time()
+            seconds, micros = client.time()
+            after = time.time()
+        except redis.RedisError as exc:
+            raise self._unavailable("TIME", exc) from exc
+        info: dict[str, str] = {}
+        info_error = None
+        try:
+            info = {str(k): _text(v) for k, v in client.info().items()}
+        except _OUTAGES as exc:
+            raise self._unavailable("INFO", exc) from exc
+        except redis.RedisError as exc:
+            info_error = f"{type(exc).__name__}: {exc}"
+        config: dict[str, str | None] = {}
+        for name in _CONFIG_FACTS:
+            try:
+                reply: dict[Any, Any] = client.config_get(name)
+            except _OUTAGES as exc:
+                raise self._unavailable("CONFIG", exc) from exc
+            except redis.RedisError:
+                config[name] = None
+                continue
+            values = {_text(k): _text(v) for k, v in reply.items()}
+            config[name] = values.get(name)
+        return ServerFacts(
+            kind="redis",
+            url=self.url,
+            info=info,
+            info_error=info_error,
+            config=config,
+            server_time=int(seconds) + int(micros) / 1e6,
+            local_time=(before + after) / 2,
+            round_trip=after - before,
+        )
 
 
 _stores: dict[tuple[int, str], RedisStore] = {}

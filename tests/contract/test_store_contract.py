@@ -16,6 +16,7 @@ import pytest
 from freezegun import freeze_time
 
 from celery_idem.store import ClaimState, MemoryStore, RecordKind, Store, Stored
+from celery_idem.store.base import ForgetResult
 from celery_idem.store.redis import RedisStore
 from tests.redis_server import wait_for
 
@@ -354,3 +355,206 @@ def test_peek_sees_nothing_after_a_release_or_a_lapsed_lease(backend: Backend) -
     claim(backend, "l")
     backend.advance(backend.key("l"), LEASE + 0.05)
     assert backend.store.peek(backend.key("l"), fingerprint="fp") is None
+
+
+# --------------------------------------------------------------------------- operators' tools
+
+
+def scan_all(backend: Backend, match: str, count: int) -> tuple[list[str], int]:
+    """Every key a full SCAN iteration returns (repeats kept), and how many steps it took."""
+    keys: list[str] = []
+    cursor, steps = 0, 0
+    while True:
+        cursor, page = backend.store.scan(match, cursor=cursor, count=count)
+        keys.extend(page)
+        steps += 1
+        assert steps < 1000, "the scan never came back to cursor 0"
+        if cursor == 0:
+            return keys, steps
+
+
+def test_scan_returns_every_matching_key_over_several_steps(backend: Backend) -> None:
+    names = [f"s{i}" for i in range(40)]
+    for name in names:
+        claim(backend, name)
+    backend.store.claim(  # same characters, another prefix: not matched
+        f"{backend.prefix}x:s1", token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL
+    )
+    keys, steps = scan_all(backend, f"{backend.prefix}:*", count=5)
+    assert set(keys) == {backend.key(n) for n in names}
+    assert steps > 1
+    backend.store.forget(f"{backend.prefix}x:s1")
+
+
+def test_scan_returns_keys_present_throughout_while_others_come_and_go(
+    backend: Backend,
+) -> None:
+    stay = [f"stay{i}" for i in range(30)]
+    go = [f"go{i}" for i in range(30)]
+    for name in stay + go:
+        claim(backend, name)
+    match = f"{backend.prefix}:*"
+    seen: set[str] = set()
+    cursor, step = 0, 0
+    while True:
+        cursor, page = backend.store.scan(match, cursor=cursor, count=5)
+        seen.update(page)
+        # Between steps, records are deleted and others written.
+        if step < len(go):
+            backend.store.forget(backend.key(go[step]))
+            claim(backend, f"new{step}")
+        step += 1
+        if cursor == 0:
+            break
+    assert {backend.key(n) for n in stay} <= seen
+
+
+def test_scan_glob_escapes_match_literally(backend: Backend) -> None:
+    plain, starred = f"{backend.prefix}:ab", f"{backend.prefix}:a*"
+    for key in (plain, starred):
+        backend.store.claim(key, token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL)
+    assert set(scan_all(backend, f"{backend.prefix}:a\\*", count=10)[0]) == {starred}
+    assert set(scan_all(backend, f"{backend.prefix}:a?", count=10)[0]) == {plain, starred}
+
+
+def test_summarize_reports_each_state_without_the_payload(backend: Backend) -> None:
+    running = claim(backend, "run", lease=10.0)
+    claim(backend, "park", token="tp", task_id="id-p", lease=10.0)
+    assert backend.store.park(backend.key("park"), token="tp", hold=20.0)
+    claim(backend, "free", token="tf")
+    assert backend.store.release(backend.key("free"), token="tf")
+    done = claim(backend, "done", token="td", task_id="id-d")
+    stored = Stored(RecordKind.RESULT, b"x" * 42, "j")
+    assert complete(backend, backend.key("done"), token="td", stored=stored, ttl=TTL)
+    keys = [backend.key(n) for n in ("run", "park", "free", "done", "absent")]
+    run, park, free, finished, absent = backend.store.summarize(keys)
+    assert absent is None
+    assert run is not None
+    assert (run.key, run.state, run.parked, run.task_id) == (keys[0], "P", False, "id-1")
+    assert run.fence == running.fence
+    assert run.lease_left is not None
+    assert 0 < run.lease_left <= 10.0
+    assert park is not None
+    assert (park.state, park.parked, park.task_id) == ("P", True, "id-p")
+    assert park.lease_left is not None
+    assert 10.0 < park.lease_left <= 20.0
+    assert free is not None
+    assert (free.state, free.lease_left, free.payload_bytes) == ("F", None, 0)
+    assert finished is not None
+    assert (finished.state, finished.task_id, finished.fence) == ("C", "id-d", done.fence)
+    assert (finished.payload_bytes, finished.codec, finished.lease_left) == (42, "j", None)
+    assert finished.ttl is not None
+    assert 0 < finished.ttl <= TTL
+    assert backend.store.summarize([]) == []
+
+
+def test_summarize_shows_a_lapsed_lease_as_a_negative_lease_left(backend: Backend) -> None:
+    claim(backend, "k")
+    backend.advance(backend.key("k"), LEASE + 0.05)
+    (summary,) = backend.store.summarize([backend.key("k")])
+    assert summary is not None
+    assert summary.state == "P"
+    assert summary.lease_left is not None
+    assert summary.lease_left < 0
+
+
+def test_read_tells_a_parked_record_from_a_running_one(backend: Backend) -> None:
+    claim(backend, "run", lease=10.0)
+    claim(backend, "park", token="tp", lease=10.0)
+    assert backend.store.park(backend.key("park"), token="tp", hold=10.0)
+    run, park = backend.store.read(backend.key("run")), backend.store.read(backend.key("park"))
+    assert run is not None
+    assert park is not None
+    assert (run.state, run.parked) == ("P", False)
+    assert (park.state, park.parked) == ("P", True)
+
+
+def test_forget_if_refuses_a_live_attempt_unless_forced(backend: Backend) -> None:
+    k = backend.key("k")
+    assert backend.store.forget_if(k) is ForgetResult.ABSENT
+    out = claim(backend, "k", lease=10.0)
+    assert backend.store.forget_if(k, fence=out.fence) is ForgetResult.HELD
+    assert backend.store.read(k) is not None
+    assert backend.store.forget_if(k, fence=out.fence, force=True) is ForgetResult.DELETED
+    assert backend.store.read(k) is None
+
+
+def test_forget_if_refuses_a_parked_retry_unless_forced(backend: Backend) -> None:
+    k = backend.key("k")
+    claim(backend, "k", lease=10.0)
+    assert backend.store.park(k, token="t1", hold=10.0)
+    assert backend.store.forget_if(k) is ForgetResult.HELD
+    assert backend.store.forget_if(k, force=True) is ForgetResult.DELETED
+
+
+def test_forget_if_deletes_a_lapsed_lease_a_free_or_a_completed_record(backend: Backend) -> None:
+    claim(backend, "lapsed")
+    backend.advance(backend.key("lapsed"), LEASE + 0.05)
+    claim(backend, "free")
+    backend.store.release(backend.key("free"), token="t1")
+    claim(backend, "done")
+    complete(backend, backend.key("done"), token="t1", stored=RESULT, ttl=TTL)
+    for name in ("lapsed", "free", "done"):
+        assert backend.store.forget_if(backend.key(name)) is ForgetResult.DELETED, name
+        assert backend.store.read(backend.key(name)) is None
+
+
+def test_forget_if_keeps_a_record_whose_fence_changed(backend: Backend) -> None:
+    k = backend.key("k")
+    first = claim(backend, "k")
+    backend.advance(k, LEASE + 0.05)
+    second = claim(backend, "k", token="t2", task_id="id-2")  # takes the lapsed lease over
+    assert second.fence > first.fence
+    assert backend.store.forget_if(k, fence=first.fence, force=True) is ForgetResult.CHANGED
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.task_id == "id-2"
+    complete(backend, k, token="t2", stored=RESULT, ttl=TTL)
+    assert backend.store.forget_if(k, fence=second.fence) is ForgetResult.DELETED
+
+
+def test_memory_usage_is_positive_for_records_and_none_when_absent(backend: Backend) -> None:
+    claim(backend, "small")
+    claim(backend, "big", token="tb")
+    big = Stored(RecordKind.RESULT, b"x" * 5000, "j")
+    complete(backend, backend.key("big"), token="tb", stored=big, ttl=TTL)
+    small, large, absent = backend.store.memory_usage(
+        [backend.key("small"), backend.key("big"), backend.key("absent")]
+    )
+    assert absent is None
+    assert small is not None
+    assert large is not None
+    assert 0 < small < 5000 < large
+
+
+def test_server_facts_describe_the_store(backend: Backend) -> None:
+    facts = backend.store.server_facts()
+    if isinstance(backend.store, MemoryStore):
+        assert (facts.kind, facts.server_time, dict(facts.info)) == ("memory", None, {})
+        return
+    assert facts.kind == "redis"
+    assert "password" not in facts.url
+    assert facts.info["redis_version"].split(".")[0].isdigit()
+    assert facts.info["role"] == "master"
+    assert set(facts.config) == {"maxmemory-policy", "appendonly", "appendfsync", "save"}
+    assert facts.server_time is not None
+    assert facts.local_time is not None
+    assert facts.round_trip is not None
+    assert abs(facts.server_time - facts.local_time) < 5  # same machine
+
+
+def test_redis_summarize_and_forget_if_on_a_key_that_is_not_a_record(
+    redis_url: str, key_prefix: str
+) -> None:
+    store = RedisStore.from_url(redis_url)
+    listed, garbage = f"{key_prefix}:list", f"{key_prefix}:garbage"
+    store.client.rpush(listed, "x")
+    store.client.set(garbage, "not a record")
+    summaries = store.summarize([listed, garbage])
+    assert [(s.state, s.fence) if s else None for s in summaries] == [("", 0), ("", 0)]
+    assert store.forget_if(listed) is ForgetResult.NOT_A_RECORD
+    assert store.forget_if(garbage) is ForgetResult.NOT_A_RECORD
+    assert store.client.exists(listed, garbage) == 2
+    assert store.forget_if(listed, force=True) is ForgetResult.DELETED
+    assert store.forget_if(garbage, force=True) is ForgetResult.DELETED
+    assert store.client.exists(listed, garbage) == 0

@@ -39,7 +39,7 @@ from tests.redis_server import RedisServer, wait_for
 pytestmark = pytest.mark.integration
 T = 60
 PREFIX = "idem"
-STORED_KEY = re.compile(rb"idem:[A-Za-z0-9_-]{22}")
+STORED_KEY = re.compile(rb"idem:[A-Za-z0-9_-]{6}:[A-Za-z0-9_-]{22}")
 
 
 def _store_env(server: RedisServer) -> dict[str, str]:
@@ -346,7 +346,7 @@ VALID_KEYS = {
     "hostile keys",
     inject="explicit keys: 10 MB, 1025 chars, empty, bytes; NUL, {}, {a}, emoji, RTL, "
     "1024 chars; the invalid ones also as a raw header from another producer",
-    expect="bounded Redis keys (idem: + 22); invalid ones refused at the call site, nothing "
+    expect="bounded Redis keys (idem:<6>:<22>); invalid ones refused at the call site, nothing "
     "sent (or refused by the worker, nothing run); valid ones run once and replay",
 )
 def test_hostile_keys(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import fnmatch
 import json
 import re
 import uuid
@@ -26,6 +27,9 @@ from celery_idem.keys import (
     KeySource,
     ResolvedKey,
     storage_key,
+    storage_pattern,
+    storage_task_tag,
+    task_tag,
     validate_key,
 )
 
@@ -604,11 +608,35 @@ def test_validate_key_returns_a_plain_str() -> None:
 @given(key=st.text(min_size=1, max_size=MAX_KEY_LENGTH), task=st.text(min_size=1, max_size=50))
 def test_storage_key_is_bounded_and_safe(key: str, task: str) -> None:
     stored = storage_key("idem", task, key)
-    assert re.fullmatch(r"idem:[A-Za-z0-9_-]{22}", stored)
+    assert re.fullmatch(r"idem:[A-Za-z0-9_-]{6}:[A-Za-z0-9_-]{22}", stored)
+    assert stored.split(":")[1] == task_tag(task)
+    assert storage_task_tag("idem", stored) == task_tag(task)
+    assert fnmatch.fnmatchcase(stored, storage_pattern("idem", task))
+    assert fnmatch.fnmatchcase(stored, storage_pattern("idem"))
 
 
 def test_storage_key_of_a_max_length_key_is_bounded() -> None:
-    assert len(storage_key("idem", TASK, "k" * MAX_KEY_LENGTH)) == len("idem:") + 22
+    assert len(storage_key("idem", TASK, "k" * MAX_KEY_LENGTH)) == len("idem:") + 6 + 1 + 22
+
+
+def test_storage_pattern_of_one_task_does_not_match_another_tasks_records() -> None:
+    other = storage_key("idem", "other.task", "k")
+    assert task_tag("other.task") != task_tag(TASK)
+    assert not fnmatch.fnmatchcase(other, storage_pattern("idem", TASK))
+
+
+def test_storage_pattern_escapes_glob_characters_of_the_prefix() -> None:
+    stored = storage_key("a*[b]?", TASK, "k")
+    pattern = storage_pattern("a*[b]?", TASK)
+    assert pattern.startswith("a\\*\\[b\\]\\?:")
+    assert storage_task_tag("a*[b]?", stored) == task_tag(TASK)
+    assert storage_task_tag("axbb", stored) is None
+
+
+def test_storage_task_tag_refuses_keys_of_another_layout() -> None:
+    assert storage_task_tag("idem", "idem:" + "A" * 22) is None  # no task tag
+    assert storage_task_tag("idem", "other:abcdef:" + "A" * 22) is None  # another prefix
+    assert storage_task_tag("idem", "idem:abc*ef:" + "A" * 22) is None  # not base64
 
 
 def test_storage_key_is_deterministic() -> None:

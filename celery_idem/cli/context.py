@@ -1,0 +1,226 @@
+"""Which app, task, settings and store a ``celery idem`` command works on.
+
+With ``--task NAME`` a command uses that task's settings (task options over the app's,
+as a worker would); without it, the app's (``resolve_settings(app.conf)``). Only the
+store talks to Redis; this module only builds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import click
+from kombu.utils.url import maybe_sanitize_url
+
+from celery_idem import codec
+from celery_idem.config import IdemSettings, resolve_settings
+from celery_idem.exceptions import IdempotencyError
+from celery_idem.keys import task_tag
+from celery_idem.store import Store, store_for_url
+from celery_idem.task import IdempotentTask
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_NOT_FOUND",
+    "EXIT_USAGE",
+    "CliError",
+    "NotFound",
+    "Target",
+    "app_of",
+    "json_option",
+    "resolve",
+    "store_errors",
+    "task_option",
+]
+
+EXIT_FAILURE = 1
+"""The command failed: store unreachable, refused, a doctor check failed, not confirmed."""
+EXIT_USAGE = 2
+"""Bad command line (click's own code)."""
+EXIT_NOT_FOUND = 3
+"""``inspect`` / ``forget``: there is no such record."""
+
+
+class CliError(click.ClickException):
+    """A failure, reported as ``Error: message`` on stderr; exit status 1."""
+
+    exit_code = EXIT_FAILURE
+
+
+class NotFound(CliError):
+    """There is no such record; exit status 3."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything a command needs to find and decode records.
+
+    Attributes:
+        app: The Celery app.
+        task_name: The ``--task`` given, if any.
+        settings: The task's settings, else the app's.
+        store: The store those settings name.
+        accept: Content types results may be decoded from (the app's
+            ``result_accept_content``, else ``accept_content``).
+        tasks_by_tag: Task tag -> the app's idempotent tasks with that tag whose records
+            live in this store under this prefix.
+        elsewhere: The app's idempotent tasks whose records live in another store or
+            under another prefix (a command without ``--task`` does not see them).
+    """
+
+    app: Any
+    task_name: str | None
+    settings: IdemSettings
+    store: Store
+    accept: frozenset[str]
+    tasks_by_tag: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    elsewhere: tuple[str, ...] = ()
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of the records."""
+        return self.settings.key_prefix
+
+    @property
+    def url(self) -> str:
+        """The store's URL, without a password."""
+        return str(maybe_sanitize_url(self.settings.redis_url or ""))
+
+    def task_label(self, tag: str | None) -> str:
+        """The task name(s) a record's tag stands for, or ``?TAG`` for an unknown one."""
+        if tag is None:
+            return "?"
+        names = self.tasks_by_tag.get(tag)
+        if not names:
+            return f"?{tag}"
+        return " | ".join(names)
+
+    def require_shared_store(self) -> None:
+        """Refuse ``memory://``: its records live inside each process, not here."""
+        if self.settings.redis_url and self.settings.redis_url.startswith("memory://"):
+            raise CliError(
+                f"idem_redis_url is {self.settings.redis_url!r}, the in-process store for "
+                "tests: its records live inside each worker process, so there is nothing "
+                "for this command to read. Point idem_redis_url at Redis."
+            )
+
+
+def app_of(ctx: click.Context) -> Any:
+    """The Celery app: Celery's ``-A APP`` (``ctx.obj.app``) or ``python -m celery_idem``'s."""
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.UsageError(
+            "no Celery app: run as `celery -A APP idem ...` or `python -m celery_idem -A APP ...`"
+        )
+    return app
+
+
+def _idempotent_tasks(app: Any) -> dict[str, Any]:
+    try:
+        app.loader.import_default_modules()  # the app's `imports`/`include`, autodiscovery
+    except Exception as exc:
+        raise CliError(
+            f"importing the task modules of app {app.main!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {
+        name: task for name, task in sorted(app.tasks.items()) if isinstance(task, IdempotentTask)
+    }
+
+
+def _where(settings: IdemSettings) -> tuple[str | None, str]:
+    return settings.redis_url, settings.key_prefix
+
+
+def resolve(app: Any, task_name: str | None) -> Target:
+    """Settings and store for ``task_name`` (or the app), and the app's task tags.
+
+    An unregistered ``task_name`` (a task of another service) is allowed: the app's
+    settings are used and a note says so on stderr.
+
+    Raises:
+        CliError: The task is registered but not idempotent, a setting is invalid, or
+            no store URL can be found.
+    """
+    tasks = _idempotent_tasks(app)
+    try:
+        if task_name is None:
+            settings = resolve_settings(app.conf)
+        elif task_name in tasks:
+            settings = tasks[task_name]._idem_settings()
+        elif task_name in app.tasks:
+            raise click.UsageError(
+                f"task {task_name!r} is not an IdempotentTask: it keeps no records "
+                f"(idempotent tasks of this app: {', '.join(tasks) or 'none'})"
+            )
+        else:
+            click.echo(
+                f"note: task {task_name!r} is not registered in app {app.main!r}; "
+                "using the app's settings",
+                err=True,
+            )
+            settings = resolve_settings(app.conf)
+        store = store_for_url(settings.redis_url, task_name=task_name)
+    except IdempotencyError as exc:
+        raise CliError(str(exc)) from exc
+    by_tag: dict[str, list[str]] = {}
+    elsewhere: list[str] = []
+    here = _where(settings)
+    if task_name is not None and task_name not in tasks:
+        by_tag.setdefault(task_tag(task_name), []).append(task_name)
+    for name, task in tasks.items():
+        try:
+            theirs = _where(task._idem_settings())
+        except IdempotencyError as exc:
+            click.echo(f"note: task {name!r} is skipped: {exc}", err=True)
+            continue
+        if theirs == here:
+            by_tag.setdefault(task_tag(name), []).append(name)
+        else:
+            elsewhere.append(name)
+    conf = app.conf
+    accept = codec.accepted_content_types(conf.result_accept_content or conf.accept_content)
+    return Target(
+        app=app,
+        task_name=task_name,
+        settings=settings,
+        store=store,
+        accept=accept,
+        tasks_by_tag={tag: tuple(names) for tag, names in by_tag.items()},
+        elsewhere=tuple(elsewhere),
+    )
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn a store's errors (unreachable, refused) into a clean exit 1."""
+    try:
+        yield
+    except IdempotencyError as exc:
+        raise CliError(str(exc)) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(fn: F) -> F:
+    """``--json``: machine-readable output on stdout."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print JSON for scripts instead of a table (errors still go to stderr).",
+    )(fn)
+
+
+def task_option(help_text: str) -> Callable[[F], F]:
+    """``--task NAME``."""
+
+    def decorate(fn: F) -> F:
+        return click.option("--task", "-t", "task_name", metavar="NAME", help=help_text)(fn)
+
+    return decorate

@@ -1,0 +1,283 @@
+"""``celery idem doctor``: is the store fit to keep celery-idem's guarantee?
+
+Each check ends ``ok``, ``warn`` or ``fail``, with a fix for anything but ``ok``:
+
+* **fail** - the guarantee does not hold in normal operation, or tasks will error:
+  the store is unreachable, ``memory://``, older than Redis 6.0, refuses the scripts,
+  evicts keys (a ``maxmemory-policy`` other than ``noeviction`` with ``maxmemory``
+  set), is a read-only replica, a Sentinel, or a Cluster node.
+* **warn** - it holds until a rare event, or cannot be verified: no AOF (a restart
+  loses records), an eviction policy not in force yet (``maxmemory`` 0), a clock
+  offset over a second (only the times shown by this tool are affected), settings
+  the server refused to tell (managed services often refuse ``CONFIG``).
+
+The command exits 1 when a check fails (with ``--strict``, also on a warning), else 0.
+:func:`judge` is pure: it turns :class:`~celery_idem.store.ServerFacts` into findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import click
+
+from celery_idem.cli import render
+from celery_idem.cli.context import EXIT_FAILURE, app_of, json_option, resolve, task_option
+from celery_idem.exceptions import IdempotencyError
+from celery_idem.store.base import ServerFacts
+
+__all__ = ["MIN_VERSION", "Finding", "doctor_command", "judge"]
+
+MIN_VERSION = (6, 0, 0)
+"""The scripts use ``SET ... KEEPTTL`` (Redis 6.0) and write after ``TIME`` (effects
+replication, the default since 5.0); nothing newer (no ``SET ... GET``, no functions)."""
+CLOCK_TOLERANCE = 1.0
+"""Seconds of offset between this machine and the server before a warning."""
+
+_CONFIG_TIP = "in redis.conf too, or CONFIG REWRITE, so a restart keeps it"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's outcome: ``status`` is ``ok``, ``warn`` or ``fail``."""
+
+    check: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in (text or "").split(".")[:3])
+    except ValueError:
+        return None
+
+
+def _version_finding(info: Mapping[str, str]) -> Finding:
+    text = info.get("redis_version")
+    version = _version(text)
+    need = ".".join(map(str, MIN_VERSION))
+    if not version:
+        detail = f"the server did not tell its version (INFO: {text!r})"
+        return Finding("version", "warn", detail, f"make sure it runs Redis {need} or later")
+    if version < MIN_VERSION:
+        detail = f"Redis {text}: the scripts need {need} or later (SET ... KEEPTTL)"
+        return Finding("version", "fail", detail, f"upgrade to Redis {need} or later")
+    return Finding("version", "ok", f"Redis {text} (the scripts need {need}+: SET ... KEEPTTL)")
+
+
+def _eviction_finding(facts: ServerFacts) -> Finding:
+    policy = facts.config.get("maxmemory-policy") or facts.info.get("maxmemory_policy")
+    fix = (
+        f"CONFIG SET maxmemory-policy noeviction ({_CONFIG_TIP}); give Redis memory for "
+        "idem_ttl x records per second x ~250 bytes"
+    )
+    if not policy:
+        detail = "maxmemory-policy is not readable (CONFIG and INFO refused)"
+        return Finding("eviction", "warn", detail, "check with your provider: noeviction")
+    if policy == "noeviction":
+        return Finding("eviction", "ok", "maxmemory-policy noeviction: records are never evicted")
+    maxmemory = facts.info.get("maxmemory")
+    if maxmemory == "0":
+        detail = (
+            f"maxmemory-policy is {policy}; nothing is evicted while maxmemory is 0 (no "
+            "limit), but once a limit is set, records would be evicted and their "
+            "duplicates run the body again"
+        )
+        return Finding("eviction", "warn", detail, fix)
+    detail = (
+        f"maxmemory-policy is {policy} (maxmemory {maxmemory or 'unknown'}): under memory "
+        "pressure Redis evicts records, and a duplicate of an evicted key runs the body again"
+    )
+    return Finding("eviction", "fail", detail, fix)
+
+
+def _persistence_finding(facts: ServerFacts) -> Finding:
+    aof_enabled = facts.info.get("aof_enabled", "")
+    aof = facts.config.get("appendonly") or {"1": "yes", "0": "no"}.get(aof_enabled)
+    fsync = facts.config.get("appendfsync")
+    save = facts.config.get("save")
+    fix = f"CONFIG SET appendonly yes ({_CONFIG_TIP}); appendfsync everysec or always"
+    if aof == "yes":
+        if fsync == "no":
+            detail = "AOF on with appendfsync no: a crash of the host can lose ~30 s of records"
+            return Finding("persistence", "warn", detail, fix)
+        detail = f"AOF on (appendfsync {fsync or 'unknown'}): records survive a restart"
+        return Finding("persistence", "ok", detail)
+    if aof is None:
+        detail = "appendonly is not readable (CONFIG and INFO refused)"
+        return Finding("persistence", "warn", detail, "check with your provider that AOF is on")
+    if save:
+        detail = (
+            f"RDB snapshots only (save {save!r}), no AOF: a restart loses the records written "
+            "since the last snapshot, and their duplicates run the body again"
+        )
+        return Finding("persistence", "warn", detail, fix)
+    detail = (
+        "no persistence (no AOF, no RDB snapshots): a restart loses every record, and the "
+        "duplicates of completed keys run the body again"
+    )
+    return Finding("persistence", "warn", detail, fix)
+
+
+def _topology_finding(info: Mapping[str, str]) -> Finding:
+    mode = info.get("redis_mode")
+    role = info.get("role")
+    if mode is None and role is None:
+        fix = "make sure idem_redis_url names a standalone primary"
+        return Finding("topology", "warn", "INFO refused: the topology is unknown", fix)
+    if mode == "sentinel":
+        detail = "idem_redis_url names a Sentinel, not a data node"
+        return Finding("topology", "fail", detail, "point idem_redis_url at the primary")
+    if mode == "cluster" or info.get("cluster_enabled") == "1":
+        detail = (
+            "Redis Cluster node: celery-idem's client talks to one node, so records hashed "
+            "to another node's slots fail with MOVED"
+        )
+        fix = "use a standalone primary (with replicas and Sentinel for failover)"
+        return Finding("topology", "fail", detail, fix)
+    if role not in (None, "master"):
+        detail = f"standalone, role {role}: a replica refuses writes, so every claim fails"
+        return Finding("topology", "fail", detail, "point idem_redis_url at the primary")
+    replicas = info.get("connected_slaves", "0")
+    detail = f"standalone, role {role or 'unknown'}, {replicas} replica(s)"
+    if replicas not in ("0", ""):
+        detail += (
+            " (replication is asynchronous: a failover can lose the last writes; "
+            "min-replicas-to-write narrows it)"
+        )
+    return Finding("topology", "ok", detail)
+
+
+def _clock_finding(facts: ServerFacts) -> Finding:
+    if facts.server_time is None or facts.local_time is None:
+        return Finding("clock", "warn", "the server's clock could not be read")
+    offset = facts.server_time - facts.local_time
+    error = (facts.round_trip or 0) / 2
+    side = "ahead of" if offset >= 0 else "behind"
+    detail = f"Redis is {abs(offset):.3f} s {side} this machine (+/- {error:.3f} s)"
+    if abs(offset) - error <= CLOCK_TOLERANCE:
+        return Finding("clock", "ok", detail + "; leases use the Redis clock only")
+    detail += (
+        ": leases use the Redis clock only, so workers are unaffected, but the claim times "
+        "this tool shows are off by as much against this machine's clock"
+    )
+    return Finding("clock", "warn", detail, "synchronise both clocks (NTP: chrony, timesyncd)")
+
+
+def judge(facts: ServerFacts, *, scripts_error: str | None) -> list[Finding]:
+    """Findings for a reachable store's facts (``scripts_error``: the probe's failure)."""
+    if facts.kind == "memory":
+        detail = (
+            "idem_redis_url is memory://: records live inside each process, so workers do "
+            "not share them and nothing is deduplicated across processes"
+        )
+        fix = "set idem_redis_url to a Redis URL (memory:// is for tests)"
+        return [Finding("store", "fail", detail, fix)]
+    round_trip = render.duration(facts.round_trip)
+    findings = [Finding("reachable", "ok", f"{facts.url} answered TIME in {round_trip}")]
+    findings.append(_version_finding(facts.info))
+    if scripts_error is None:
+        findings.append(Finding("scripts", "ok", "the Lua scripts load and run (EVALSHA)"))
+    else:
+        detail = f"running a script failed: {scripts_error}"
+        fix = "allow EVAL, EVALSHA and SCRIPT for this user (ACL +@scripting)"
+        findings.append(Finding("scripts", "fail", detail, fix))
+    if facts.info_error:
+        detail = f"INFO refused: {facts.info_error}"
+        fix = "allow INFO for this user, or check these settings by hand"
+        findings.append(Finding("info", "warn", detail, fix))
+    findings.append(_eviction_finding(facts))
+    findings.append(_persistence_finding(facts))
+    findings.append(_topology_finding(facts.info))
+    findings.append(_clock_finding(facts))
+    return findings
+
+
+_MARK = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+
+
+def report(findings: list[Finding]) -> str:
+    """The findings as aligned lines, each fix under its finding."""
+    width = max(len(f.check) for f in findings)
+    lines = []
+    for f in findings:
+        lines.append(f"{_MARK[f.status]:<4}  {f.check:<{width}}  {f.detail}")
+        if f.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {f.fix}")
+    return "\n".join(lines)
+
+
+@click.command(
+    "doctor", short_help="Check the store: version, eviction, persistence, topology, clock."
+)
+@task_option("Check the store of this task (its settings may name another Redis).")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on failures.")
+@json_option
+@click.pass_context
+def doctor_command(
+    ctx: click.Context, *, task_name: str | None, strict: bool, as_json: bool
+) -> None:
+    """Check that the store can keep celery-idem's guarantee; each finding with a fix.
+
+    \b
+    Checks, in order:
+      reachable    the server answers (TIME), with the round trip
+      version      Redis 6.0 or later (the scripts use SET ... KEEPTTL)
+      scripts      the Lua scripts load and run (a read-only EVALSHA)
+      eviction     maxmemory-policy noeviction: an evicted record lets a
+                   duplicate run the body again
+      persistence  AOF on: without it a restart loses the records
+      topology     standalone primary (from INFO: redis_mode, role, replicas);
+                   a replica, a Sentinel or a Cluster node fails
+      clock        offset of the Redis clock from this machine's (TIME)
+
+    \b
+    FAIL: the guarantee does not hold in normal operation, or tasks will error.
+    WARN: it holds until a rare event (a restart), or could not be verified.
+    Exits 1 when a check fails (with --strict, also when one warns), else 0.
+
+    --json prints an object: store, prefix, ok, failures, warnings, findings (each:
+    check, status ok/warn/fail, detail, fix).
+    """  # noqa: D301 - \b is click's no-rewrap marker
+    target = resolve(app_of(ctx), task_name)
+    try:
+        facts = target.store.server_facts()
+    except IdempotencyError as exc:
+        fix = (
+            "check idem_redis_url (host, port, db, password, rediss:// for TLS) and that "
+            "Redis runs and accepts connections from this machine"
+        )
+        findings = [Finding("reachable", "fail", str(exc), fix)]
+    else:
+        scripts_error = None
+        if facts.kind != "memory":
+            try:
+                target.store.read(f"{target.prefix}:doctor-probe")
+            except IdempotencyError as exc:
+                scripts_error = str(exc)
+        findings = judge(facts, scripts_error=scripts_error)
+    failures = sum(f.status == "fail" for f in findings)
+    warnings = sum(f.status == "warn" for f in findings)
+    failed = failures > 0 or (strict and warnings > 0)
+    if as_json:
+        click.echo(
+            render.to_json(
+                {
+                    "store": target.url,
+                    "prefix": target.prefix,
+                    "ok": not failed,
+                    "failures": failures,
+                    "warnings": warnings,
+                    "findings": [asdict(f) for f in findings],
+                }
+            )
+        )
+    else:
+        click.echo(f"celery-idem doctor: {target.url or '(no URL)'}, prefix {target.prefix!r}")
+        click.echo(report(findings))
+        click.echo(f"{failures} failure(s), {warnings} warning(s).")
+    if failed:
+        ctx.exit(EXIT_FAILURE)

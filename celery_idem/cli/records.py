@@ -1,0 +1,327 @@
+"""``celery idem inspect``, ``forget`` and ``list``: one record, or a store's records.
+
+``inspect KEY --task NAME`` reads one record (one round trip); ``forget`` deletes one
+with a compare-and-delete script (it is refused while a live attempt holds the key, and
+when the record changed after it was shown); ``list`` walks the store with ``SCAN``
+(``MATCH`` on the prefix, and on the task's tag with ``--task``), reading each page of
+keys in one pipelined round trip; it never uses ``KEYS``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from celery_idem.cli import render, views
+from celery_idem.cli.context import (
+    CliError,
+    NotFound,
+    Target,
+    app_of,
+    json_option,
+    resolve,
+    store_errors,
+    task_option,
+)
+from celery_idem.exceptions import InvalidIdempotencyKey
+from celery_idem.keys import KeySource, storage_key, storage_pattern, storage_task_tag, validate_key
+from celery_idem.store.base import ForgetResult, StoredRecord
+
+__all__ = ["forget_command", "inspect_command", "list_command"]
+
+_PREVIEW = 200
+
+_KEY_HELP = (
+    "The task whose record KEY is (its settings pick the store and prefix). Required "
+    "unless --storage-key."
+)
+_STORAGE_KEY_HELP = (
+    "KEY is a record's Redis key as `list` and `stats` print it (PREFIX:TAG:HASH), "
+    "not an idempotency key; --task is then optional."
+)
+
+
+def _locate(
+    ctx: click.Context, key: str, task_name: str | None, is_storage_key: bool
+) -> tuple[Target, str, str | None, str]:
+    """The target, storage key, logical key (None if unknown) and task label."""
+    if not is_storage_key and task_name is None:
+        raise click.UsageError(
+            "--task NAME is required with an idempotency key (the record's name hashes "
+            "the task name with the key); or pass a storage key with --storage-key"
+        )
+    target = resolve(app_of(ctx), task_name)
+    target.require_shared_store()
+    if is_storage_key:
+        label = task_name or target.task_label(storage_task_tag(target.prefix, key))
+        return target, key, None, label
+    assert task_name is not None
+    try:
+        key = validate_key(key, task_name=task_name, source=KeySource.CALL)
+    except InvalidIdempotencyKey as exc:
+        raise click.UsageError(str(exc)) from exc
+    return target, storage_key(target.prefix, task_name, key), key, task_name
+
+
+def _read(target: Target, stored: str) -> StoredRecord | None:
+    with store_errors():
+        try:
+            return target.store.read(stored)
+        except (ValueError, IndexError) as exc:
+            raise CliError(f"{stored!r} does not hold a celery-idem record ({exc})") from exc
+
+
+def _absent(stored: str, key: str | None, label: str, as_json: bool) -> NotFound:
+    what = f"key {key!r} of task {label!r}" if key is not None else f"storage key {stored!r}"
+    if as_json:
+        click.echo(
+            render.to_json({"storage_key": stored, "key": key, "task": label, "state": "absent"})
+        )
+    return NotFound(f"no record for {what} ({stored}): never claimed, expired, or forgotten")
+
+
+def _view(
+    target: Target, record: StoredRecord, *, stored: str, key: str | None, label: str, limit: int
+) -> dict[str, Any]:
+    return views.record_view(
+        record,
+        storage_key=stored,
+        task=label,
+        key=key,
+        store_url=target.url,
+        accept=target.accept,
+        preview_limit=limit,
+        now=time.time(),
+    )
+
+
+@click.command("inspect", short_help="Show one record: state, owner, fence, lease, expiry, result.")
+@click.argument("key")
+@task_option(_KEY_HELP)
+@click.option("--storage-key", "is_storage_key", is_flag=True, help=_STORAGE_KEY_HELP)
+@click.option("--full", is_flag=True, help=f"Show the whole result (default: {_PREVIEW} chars).")
+@json_option
+@click.pass_context
+def inspect_command(
+    ctx: click.Context,
+    *,
+    key: str,
+    task_name: str | None,
+    is_storage_key: bool,
+    full: bool,
+    as_json: bool,
+) -> None:
+    """Show one record: state, owner, fence, lease, expiry and result.
+
+    KEY is the effective idempotency key of --task NAME (what the body sees as
+    self.idempotency_key; a group member's is KEY#<position>.<fingerprint>).
+
+    \b
+    Shows: the state (in_progress: running / parked / lease_expired; completed:
+    result / error / no_result; free), the owner task id, the fence, when the claim
+    was taken (the fence is the server's clock in ms at the claim), the lease left,
+    when the record expires, and a preview of the result. A record does not keep its
+    completion time, so "stored at" cannot be shown: "expires in" counts down from
+    the completion (idem_ttl).
+
+    The preview is decoded only with the content types the app accepts
+    (result_accept_content, else accept_content): a pickled result is never
+    unpickled unless the app accepts pickle. Exit status 3 when there is no record.
+
+    --json prints an object: task, key, storage_key, store, state, substate,
+    task_id, fence, fingerprint, claimed_at (ISO 8601, UTC), claimed_ago, lease_left
+    and expires_in (seconds, or null), result (null, or kind, content_type, bytes,
+    and decoded + preview, or note, error or reason); {"state": "absent", ...} with
+    exit status 3 when there is no record.
+    """  # noqa: D301 - \b is click's no-rewrap marker
+    target, stored, key_or_none, label = _locate(ctx, key, task_name, is_storage_key)
+    record = _read(target, stored)
+    if record is None:
+        raise _absent(stored, key_or_none, label, as_json)
+    limit = 0 if full else _PREVIEW
+    view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=limit)
+    click.echo(render.to_json(view) if as_json else render.fields(views.record_pairs(view)))
+
+
+@click.command("forget", short_help="Delete one record (asks first; refuses one in progress).")
+@click.argument("key")
+@task_option(_KEY_HELP)
+@click.option("--storage-key", "is_storage_key", is_flag=True, help=_STORAGE_KEY_HELP)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete the record even while an attempt holds it (in progress with a live lease, "
+    "or parked for a retry): a duplicate may then run the body concurrently.",
+)
+@json_option
+@click.pass_context
+def forget_command(
+    ctx: click.Context,
+    *,
+    key: str,
+    task_name: str | None,
+    is_storage_key: bool,
+    yes: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Delete one record, so the next call of KEY runs the body again.
+
+    For an operator unsticking a key: a completed record whose result must not be
+    replayed any more, or a failed run's record. Shows the record and asks for
+    confirmation (--yes skips it; answering no exits 1 and deletes nothing).
+
+    A record in progress (a live lease, or parked for a retry) is refused unless
+    --force: deleting it lets a duplicate run while the first attempt still runs.
+    The delete is atomic and only removes the record that was shown: if another
+    attempt claimed the key in the meantime, nothing is deleted (exit 1). Exit status
+    3 when there is no record.
+
+    --json prints {"forgotten": true, "record": <as inspect --json>}; the record and
+    the question then go to stderr.
+    """
+    target, stored, key_or_none, label = _locate(ctx, key, task_name, is_storage_key)
+    record = _read(target, stored)
+    if record is None:
+        raise _absent(stored, key_or_none, label, as_json)
+    view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=_PREVIEW)
+    held = record.state == "P" and (record.lease_left or 0) > 0
+    if held and not force:
+        raise CliError(
+            f"the record of {stored} is {views.state_text(view['state'], view['substate'])} "
+            f"(task id {record.task_id}, {render.duration(record.lease_left)} left): deleting "
+            "it would let a duplicate run the body while this attempt still runs; wait for "
+            "it, or pass --force"
+        )
+    if not yes:
+        click.echo(render.fields(views.record_pairs(view)), err=as_json)
+        if held:
+            click.echo("warning: an attempt still holds this key (--force)", err=True)
+        if not click.confirm("Forget this record?", default=False, err=True):
+            raise CliError("not confirmed: nothing deleted")
+    with store_errors():
+        outcome = target.store.forget_if(stored, fence=record.fence, force=force)
+    if outcome is ForgetResult.ABSENT:
+        raise NotFound(f"{stored} expired or was deleted meanwhile")
+    if outcome is ForgetResult.CHANGED:
+        raise CliError(
+            f"{stored} changed after it was shown (another attempt claimed the key): nothing "
+            "deleted; inspect it again"
+        )
+    if outcome is ForgetResult.HELD:
+        raise CliError(
+            f"{stored} is held by a live attempt now (claimed or renewed meanwhile): nothing "
+            "deleted (use --force)"
+        )
+    if outcome is not ForgetResult.DELETED:  # NOT_A_RECORD: read() decoded it, so rare
+        raise CliError(f"{stored} does not hold a celery-idem record: nothing deleted")
+    if as_json:
+        click.echo(render.to_json({"forgotten": True, "record": view}))
+    else:
+        click.echo(f"Forgotten: {stored} ({label}).")
+
+
+def _wanted(view: dict[str, Any], state: str | None) -> bool:
+    return state is None or view["state"] == state
+
+
+@click.command("list", short_help="List records with SCAN, by task and state.")
+@task_option("Only this task's records (SCAN MATCH on its tag), with its settings.")
+@click.option(
+    "--state",
+    type=click.Choice(views.STATE_CHOICES),
+    help="Only records in this state (in_progress includes parked and lease_expired).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Stop after this many records (0: no limit).",
+)
+@click.option(
+    "--scan-count",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="COUNT hint of each SCAN step (keys looked at per round trip).",
+)
+@json_option
+@click.pass_context
+def list_command(
+    ctx: click.Context,
+    *,
+    task_name: str | None,
+    state: str | None,
+    limit: int,
+    scan_count: int,
+    as_json: bool,
+) -> None:
+    """List records: storage key, task, state, owner, claim time, lease, expiry.
+
+    Walks the store with SCAN (never KEYS), MATCH on the key prefix, or on the task's
+    tag with --task, so it is safe on a busy production Redis. The idempotency key
+    itself cannot be read back from Redis (the record's name is a hash of it): use the
+    storage key with `inspect --storage-key` or `forget --storage-key`.
+
+    Records are shown oldest claim first among those found; with --limit, the walk
+    stops once that many matched, so they are not the oldest of the whole store. A
+    record that expires during the walk is skipped; one written during it may or may
+    not be seen (SCAN's guarantee).
+    """
+    target = resolve(app_of(ctx), task_name)
+    target.require_shared_store()
+    pattern = storage_pattern(target.prefix, task_name)
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    cursor, calls, truncated = 0, 0, False
+    with store_errors():
+        while True:
+            cursor, keys = target.store.scan(pattern, cursor=cursor, count=scan_count)
+            calls += 1
+            keys = [k for k in keys if k not in seen]
+            seen.update(keys)
+            for summary in target.store.summarize(keys):
+                if summary is None:
+                    continue  # expired since SCAN saw it
+                label = task_name or target.task_label(storage_task_tag(target.prefix, summary.key))
+                view = views.summary_view(summary, label)
+                if _wanted(view, state):
+                    found.append(view)
+            if limit and len(found) >= limit:
+                truncated = len(found) > limit or cursor != 0
+                found = found[:limit]
+                break
+            if cursor == 0:
+                break
+    found.sort(key=lambda v: v["fence"] or 0)
+    if as_json:
+        click.echo(
+            render.to_json(
+                {
+                    "store": target.url,
+                    "prefix": target.prefix,
+                    "task": task_name,
+                    "state": state,
+                    "records": found,
+                    "truncated": truncated,
+                    "scan_calls": calls,
+                }
+            )
+        )
+        return
+    if found:
+        click.echo(render.table(views.SUMMARY_HEADERS, views.summary_rows(found)))
+    more = f"; stopped at --limit {limit}, more may match" if truncated else ""
+    click.echo(
+        f"{len(found)} record(s) in {target.url} under {pattern!r} ({calls} SCAN step(s)){more}."
+    )
+    if target.elsewhere and task_name is None:
+        click.echo(
+            f"note: tasks {', '.join(target.elsewhere)} keep their records in another store "
+            "or under another prefix: use --task",
+            err=True,
+        )

@@ -1,0 +1,216 @@
+"""What ``celery idem`` shows of a record, as plain data (for ``--json``) and as rows.
+
+Pure: no I/O. Decoding a result preview uses only the content types given, so a
+pickled payload is never unpickled unless the app accepts pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery_idem import codec
+from celery_idem.cli import render
+from celery_idem.store.base import RecordKind, RecordSummary, Stored, StoredRecord
+
+__all__ = [
+    "STATE_CHOICES",
+    "SUMMARY_HEADERS",
+    "record_pairs",
+    "record_view",
+    "state_of",
+    "state_text",
+    "summary_rows",
+    "summary_view",
+]
+
+STATE_CHOICES = ("in_progress", "completed", "free")
+"""What ``--state`` filters on."""
+
+_COMPLETED = {"C": "result", "E": "error", "X": "no_result"}
+_CODEC_NAMES = {"j": "json", "p": "pickle", "m": "msgpack", "y": "yaml"}
+SUMMARY_HEADERS = (
+    "STORAGE KEY",
+    "TASK",
+    "STATE",
+    "TASK ID",
+    "CLAIMED AT",
+    "LEASE LEFT",
+    "EXPIRES IN",
+    "RESULT",
+)
+
+
+def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str, str | None]:
+    """A record's state and sub-state for people and scripts.
+
+    ``in_progress``: ``running`` (a live lease), ``parked`` (held for a retry of the
+    same task id) or ``lease_expired`` (its worker is gone: the next claim takes over);
+    ``completed``: ``result``, ``error`` (a cached failure) or ``no_result`` (ran, but
+    its result could not be kept); ``free`` (released after a failure, keeps its fence);
+    ``not_a_record`` (something else lives under the key).
+    """
+    if state == "P":
+        if parked:
+            return "in_progress", "parked"
+        if lease_left is not None and lease_left <= 0:
+            return "in_progress", "lease_expired"
+        return "in_progress", "running"
+    if state == "F":
+        return "free", None
+    if state in _COMPLETED:
+        return "completed", _COMPLETED[state]
+    return "not_a_record", None
+
+
+def state_text(state: str, sub: str | None) -> str:
+    """``completed (result)``, ``free``."""
+    return f"{state} ({sub})" if sub else state
+
+
+def _codec_name(tag: str) -> str:
+    return _CODEC_NAMES.get(tag) or tag.partition(";")[0]
+
+
+def summary_view(summary: RecordSummary, task: str) -> dict[str, Any]:
+    """One listed record as JSON-ready data."""
+    state, sub = state_of(summary.state, parked=summary.parked, lease_left=summary.lease_left)
+    claimed = render.claimed_at(summary.fence)
+    return {
+        "storage_key": summary.key,
+        "task": task,
+        "state": state,
+        "substate": sub,
+        "task_id": summary.task_id or None,
+        "fence": summary.fence or None,
+        "claimed_at": render.timestamp(claimed) if claimed is not None else None,
+        "lease_left": summary.lease_left,
+        "expires_in": summary.ttl,
+        "result_bytes": summary.payload_bytes if state == "completed" else None,
+        "codec": _codec_name(summary.codec) if summary.codec else None,
+    }
+
+
+def summary_row(view: dict[str, Any]) -> list[str]:
+    """A :func:`summary_view` as a table row under :data:`SUMMARY_HEADERS`."""
+    result = "-"
+    if view["result_bytes"] is not None:
+        result = f"{render.size(view['result_bytes'])} {view['codec'] or ''}".rstrip()
+    return [
+        view["storage_key"],
+        view["task"],
+        state_text(view["state"], view["substate"]),
+        view["task_id"] or "-",
+        view["claimed_at"] or "-",
+        render.duration(view["lease_left"]),
+        render.duration(view["expires_in"]) if view["expires_in"] is not None else "never",
+        result,
+    ]
+
+
+def result_view(stored: Stored, accept: frozenset[str], *, limit: int) -> dict[str, Any]:
+    """What a completed record holds, decoded only with the ``accept`` content types."""
+    content_type = codec._untag(stored.codec)[0]  # the codec tag's content type
+    out: dict[str, Any] = {
+        "kind": _COMPLETED[stored.kind.value],
+        "content_type": content_type,
+        "bytes": len(stored.payload),
+    }
+    if stored.kind is RecordKind.ERROR:
+        out["error"] = codec.decode_error(stored, ())[1]
+    elif stored.kind is RecordKind.NO_RESULT:
+        out["reason"] = codec.no_result_reason(stored)
+    else:
+        try:
+            value = codec.decode_result(stored, accept)
+        except codec.DECODE_ERRORS as exc:
+            out["decoded"] = False
+            out["preview"] = None
+            out["note"] = (
+                f"not decoded: {exc} (the app decodes results of the content types in "
+                f"result_accept_content, else accept_content: {', '.join(sorted(accept))})"
+            )
+        else:
+            out["decoded"] = True
+            out["preview"] = render.shorten(repr(value), limit)
+    return out
+
+
+def record_view(
+    record: StoredRecord,
+    *,
+    storage_key: str,
+    task: str,
+    key: str | None,
+    store_url: str,
+    accept: frozenset[str],
+    preview_limit: int,
+    now: float,
+) -> dict[str, Any]:
+    """A record as ``inspect`` shows it, JSON-ready (``now``: this machine's clock)."""
+    state, sub = state_of(record.state, parked=record.parked, lease_left=record.lease_left)
+    claimed = render.claimed_at(record.fence)
+    return {
+        "task": task,
+        "key": key,
+        "storage_key": storage_key,
+        "store": store_url,
+        "state": state,
+        "substate": sub,
+        "task_id": record.task_id or None,
+        "fence": record.fence,
+        "fingerprint": record.fingerprint or None,
+        "claimed_at": render.timestamp(claimed) if claimed is not None else None,
+        "claimed_ago": now - claimed if claimed is not None else None,
+        "lease_left": record.lease_left,
+        "expires_in": record.ttl,
+        "result": (
+            result_view(record.stored, accept, limit=preview_limit)
+            if record.stored is not None
+            else None
+        ),
+    }
+
+
+def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
+    """The lines of ``inspect``'s table for a :func:`record_view`."""
+    claimed = view["claimed_at"] or "unknown (the fence is not a time)"
+    if view["claimed_ago"] is not None:
+        claimed += f" ({render.duration(view['claimed_ago'])} ago)"
+    pairs = [
+        ("task", view["task"]),
+        ("key", view["key"] if view["key"] is not None else "(not known: given a storage key)"),
+        ("storage key", view["storage_key"]),
+        ("store", view["store"]),
+        ("state", state_text(view["state"], view["substate"])),
+        ("task id", view["task_id"] or "-"),
+        ("fence", str(view["fence"])),
+        ("fingerprint", view["fingerprint"] or "- (not checked: the key derives from the args)"),
+        ("claimed at", claimed),
+    ]
+    if view["state"] == "in_progress":
+        label = "hold left" if view["substate"] == "parked" else "lease left"
+        pairs.append((label, render.duration(view["lease_left"])))
+    if view["state"] == "completed":
+        pairs.append(
+            ("stored at", "not recorded (a record keeps no completion time; see claimed at)")
+        )
+    expires = view["expires_in"]
+    pairs.append(("expires in", render.duration(expires) if expires is not None else "never"))
+    result = view["result"]
+    if result is not None:
+        pairs.append(("result", _result_line(result)))
+        for label in ("preview", "note", "error", "reason"):
+            if result.get(label) is not None:
+                pairs.append((label, str(result[label])))
+    return pairs
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    what = {"result": "a result", "error": "a cached error", "no_result": "no result kept"}
+    return f"{what[result['kind']]}, {result['content_type']}, {render.size(result['bytes'])}"
+
+
+def summary_rows(views: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Table rows for listed records."""
+    return [summary_row(v) for v in views]
