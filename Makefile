@@ -5,6 +5,7 @@
 #   make typecheck mypy (strict; config and files in pyproject.toml)
 #   make faults    only tests/faults
 #   make demo      run example_project.demo
+#   make docs      build the documentation site into build/site (mkdocs --strict)
 #   make clean     remove caches/build artefacts (keeps .venv; `make distclean` drops it)
 #
 # The suite starts its own throwaway redis-server; set REDIS_URL to use an
@@ -20,10 +21,10 @@ EXAMPLE_STAMP := $(VENV)/.example-installed
 PYTEST_ARGS ?=
 
 # Only directories that exist (example_project may be added later).
-LINT_DIRS := $(wildcard celery_idem tests example_project)
+LINT_DIRS := $(wildcard celery_idem tests example_project benchmarks docs/examples docs/hooks)
 
 .DEFAULT_GOAL := test
-.PHONY: all $(VENV) venv install lint format typecheck test demo faults clean distclean
+.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults clean distclean
 
 all: test
 
@@ -86,3 +87,24 @@ $(BENCH_STAMP): benchmarks/requirements.txt | $(STAMP)
 .PHONY: bench
 bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV_PY) -m benchmarks
+
+# The documentation site (mkdocs.yml, docs/): built with warnings as errors into
+# build/site. Its requirements (docs/requirements.txt, pinned) go into the same venv,
+# reinstalled when that file changes: mkdocstrings reads the package's docstrings and
+# the CLI page documents its click commands.
+DOCS_STAMP := $(VENV)/.docs-installed
+DOCS_DIR := build/site
+
+$(DOCS_STAMP): docs/requirements.txt | $(STAMP)
+	$(BIN)/pip install -r docs/requirements.txt
+	touch $@
+
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, not a build warning.
+# The greps: the protocol page's two diagrams reached the HTML as mermaid blocks (which
+# the theme renders in the browser), not as plain code.
+docs: $(STAMP) $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_DIR)
+	@for diagram in sequenceDiagram stateDiagram-v2; do \
+	  grep -q "<pre class=\"mermaid\"><code>$$diagram" $(DOCS_DIR)/protocol/index.html \
+	    || { echo "docs: the $$diagram of docs/protocol.md is not a mermaid block in the site" >&2; exit 1; }; \
+	done
