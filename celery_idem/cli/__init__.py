@@ -7,8 +7,8 @@ adds every click command of that group to ``celery``), and also runnable as
 ``inspect KEY --task NAME``
     One record: state, owner task id, fence, claim time (the fence is the server's
     clock in ms at the claim), lease left, expiry, and a result preview decoded only
-    with the app's accepted content types. A record keeps no completion time, so
-    "stored at" is not shown. ``--storage-key`` takes a Redis key as ``list`` prints it.
+    with the app's accepted content types; "stored at" is the expiry minus the task's
+    ``idem_ttl``. ``--storage-key`` takes a Redis key as ``list`` prints it.
 ``forget KEY --task NAME [--yes] [--force]``
     Deletes one record after confirmation; refused while an attempt holds the key
     unless ``--force``; atomic, and only deletes the record that was shown.

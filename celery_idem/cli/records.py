@@ -94,6 +94,7 @@ def _view(
         accept=target.accept,
         preview_limit=limit,
         now=time.time(),
+        ttl=target.settings.ttl,
     )
 
 
@@ -122,19 +123,18 @@ def inspect_command(
     Shows: the state (in_progress: running / parked / lease_expired; completed:
     result / error / no_result; free), the owner task id, the fence, when the claim
     was taken (the fence is the server's clock in ms at the claim), the lease left,
-    when the record expires, and a preview of the result. A record does not keep its
-    completion time, so "stored at" cannot be shown: "expires in" counts down from
-    the completion (idem_ttl).
+    when the result was stored (its expiry minus the task's idem_ttl), when the record
+    expires, and a preview of the result.
 
     The preview is decoded only with the content types the app accepts
     (result_accept_content, else accept_content): a pickled result is never
     unpickled unless the app accepts pickle. Exit status 3 when there is no record.
 
     --json prints an object: task, key, storage_key, store, state, substate,
-    task_id, fence, fingerprint, claimed_at (ISO 8601, UTC), claimed_ago, lease_left
-    and expires_in (seconds, or null), result (null, or kind, content_type, bytes,
-    and decoded + preview, or note, error or reason); {"state": "absent", ...} with
-    exit status 3 when there is no record.
+    task_id, fence, fingerprint, claimed_at and stored_at (ISO 8601, UTC, or null),
+    claimed_ago, lease_left and expires_in (seconds, or null), result (null, or kind,
+    content_type, bytes, and decoded + preview, or note, error or reason);
+    {"state": "absent", ...} with exit status 3 when there is no record.
     """  # noqa: D301 - \b is click's no-rewrap marker
     target, stored, key_or_none, label = _locate(ctx, key, task_name, is_storage_key)
     record = _read(target, stored)

@@ -146,8 +146,14 @@ def record_view(
     accept: frozenset[str],
     preview_limit: int,
     now: float,
+    ttl: float | None = None,
 ) -> dict[str, Any]:
-    """A record as ``inspect`` shows it, JSON-ready (``now``: this machine's clock)."""
+    """A record as ``inspect`` shows it, JSON-ready (``now``: this machine's clock).
+
+    A completed record keeps no completion time, but it expires ``idem_ttl`` after
+    it: with the task's ``ttl`` the completion is ``now + expires_in - ttl`` (off only
+    if the run was given another ``idem_ttl`` per call, or the setting changed).
+    """
     state, sub = state_of(record.state, parked=record.parked, lease_left=record.lease_left)
     claimed = render.claimed_at(record.fence)
     return {
@@ -164,6 +170,11 @@ def record_view(
         "claimed_ago": now - claimed if claimed is not None else None,
         "lease_left": record.lease_left,
         "expires_in": record.ttl,
+        "stored_at": (
+            render.timestamp(now + record.ttl - ttl)
+            if ttl is not None and record.ttl is not None and record.stored is not None
+            else None
+        ),
         "result": (
             result_view(record.stored, accept, limit=preview_limit)
             if record.stored is not None
@@ -192,8 +203,12 @@ def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
         label = "hold left" if view["substate"] == "parked" else "lease left"
         pairs.append((label, render.duration(view["lease_left"])))
     if view["state"] == "completed":
+        stored_at = view.get("stored_at")
         pairs.append(
-            ("stored at", "not recorded (a record keeps no completion time; see claimed at)")
+            (
+                "stored at",
+                f"{stored_at} (expiry minus idem_ttl)" if stored_at else "unknown (no idem_ttl)",
+            )
         )
     expires = view["expires_in"]
     pairs.append(("expires in", render.duration(expires) if expires is not None else "never"))
