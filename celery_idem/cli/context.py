@@ -217,6 +217,21 @@ def json_option(fn: F) -> F:
     )(fn)
 
 
+def scan_count_option(default: int) -> Callable[[F], F]:
+    """``--scan-count N``: the COUNT hint of each SCAN step."""
+
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--scan-count",
+            type=click.IntRange(min=1),
+            default=default,
+            show_default=True,
+            help="COUNT hint of each SCAN step (keys looked at per round trip).",
+        )(fn)
+
+    return decorate
+
+
 def task_option(help_text: str) -> Callable[[F], F]:
     """``--task NAME``."""
 

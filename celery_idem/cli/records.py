@@ -22,6 +22,7 @@ from celery_idem.cli.context import (
     app_of,
     json_option,
     resolve,
+    scan_count_option,
     store_errors,
     task_option,
 )
@@ -242,13 +243,7 @@ def _wanted(view: dict[str, Any], state: str | None) -> bool:
     show_default=True,
     help="Stop after this many records (0: no limit).",
 )
-@click.option(
-    "--scan-count",
-    type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-    help="COUNT hint of each SCAN step (keys looked at per round trip).",
-)
+@scan_count_option(500)
 @json_option
 @click.pass_context
 def list_command(

@@ -14,7 +14,14 @@ from typing import Any
 import click
 
 from celery_idem.cli import render, views
-from celery_idem.cli.context import app_of, json_option, resolve, store_errors, task_option
+from celery_idem.cli.context import (
+    app_of,
+    json_option,
+    resolve,
+    scan_count_option,
+    store_errors,
+    task_option,
+)
 from celery_idem.keys import storage_pattern, storage_task_tag
 
 __all__ = ["stats_command"]
@@ -68,13 +75,7 @@ def _oldest_text(oldest: dict[str, Any]) -> str:
     show_default=True,
     help="How many records to measure with MEMORY USAGE (0: do not measure).",
 )
-@click.option(
-    "--scan-count",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="COUNT hint of each SCAN step (keys looked at per round trip).",
-)
+@scan_count_option(1000)
 @json_option
 @click.pass_context
 def stats_command(
