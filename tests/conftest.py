@@ -99,7 +99,7 @@ def key_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     If the test used the suite Redis (``redis_url``/``redis_client``, directly or
     through another fixture), keys starting with the prefix are deleted
     afterwards (SCAN + DEL) from every non-empty db of that server. Never
-    FLUSHALL/FLUSHDB.
+    a flush of any kind.
     """
     prefix = "t-" + uuid.uuid4().hex[:10]
     yield prefix

@@ -25,7 +25,7 @@ from celery_idem.config import (
 )
 from celery_idem.exceptions import IdempotencyConfigError
 
-REDIS = "redis://localhost:6379/0"
+REDIS = "redis://cache.internal:6379/0"
 
 
 class PaymentDeclined(Exception):
@@ -206,7 +206,7 @@ def test_redis_url_fallback_django_spelling() -> None:
     assert s.redis_url == REDIS
 
 
-@pytest.mark.parametrize("bad", ["amqp://localhost", "localhost:6379", "", 6379, b"redis://h"])
+@pytest.mark.parametrize("bad", ["amqp://localhost", "cache.internal:6379", "", 6379, b"redis://h"])
 def test_explicit_bad_redis_url(bad: object) -> None:
     err = config_error({"idem_redis_url": bad})
     assert "idem_redis_url" in str(err)
