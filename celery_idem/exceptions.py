@@ -14,7 +14,6 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyMismatch",
     "InvalidIdempotencyKey",
-    "LeaseLost",
     "ResultNotStored",
     "StoreUnavailable",
     "UnencodableArgument",
@@ -70,7 +69,3 @@ class ResultNotStored(IdempotencyError):
 
     The body is not run again, because its side effect already happened.
     """
-
-
-class LeaseLost(IdempotencyError):
-    """A run learned that another run took its key over (its lease ran out)."""
