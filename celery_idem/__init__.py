@@ -6,12 +6,14 @@ The public API is what ``__all__`` names; everything else may change.
 from __future__ import annotations
 
 from celery_idem.config import IdemSettings, InProgressPolicy, StoreErrorPolicy
+from celery_idem.endpoint import Endpoint, Topology
 from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyConfigError,
     IdempotencyError,
     IdempotencyKeyMismatch,
     InvalidIdempotencyKey,
+    ReplicasNotReached,
     ResultNotStored,
     StoreUnavailable,
     UnencodableArgument,
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DuplicateInProgress",
+    "Endpoint",
     "IdemSettings",
     "IdempotencyConfigError",
     "IdempotencyError",
@@ -29,9 +32,11 @@ __all__ = [
     "IdempotentTask",
     "InProgressPolicy",
     "InvalidIdempotencyKey",
+    "ReplicasNotReached",
     "ResultNotStored",
     "StoreErrorPolicy",
     "StoreUnavailable",
+    "Topology",
     "UnencodableArgument",
     "__version__",
 ]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, parse_sentinels
 from celery_idem.exceptions import IdempotencyConfigError
 
 __all__ = [
@@ -66,6 +67,13 @@ class StoreErrorPolicy(str, enum.Enum):
 DEFAULTS: Mapping[str, object] = MappingProxyType(
     {
         "idem_redis_url": None,
+        "idem_redis_sentinels": None,
+        "idem_redis_sentinel_master": None,
+        "idem_redis_cluster": False,
+        "idem_redis_client": None,
+        "idem_redis_options": None,
+        "idem_min_replicas": 0,
+        "idem_min_replicas_timeout": 1.0,
         "idem_ttl": 86400,
         "idem_lease": 60,
         "idem_key_prefix": "idem",
@@ -76,7 +84,8 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "idem_dedupe_on_publish": False,
     }
 )
-"""Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs"."""
+"""Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs";
+the other ``None`` defaults mean "not used"."""
 
 SETTINGS: tuple[str, ...] = tuple(DEFAULTS)
 """Every setting name, in documentation order. The names are a public contract."""
@@ -107,10 +116,18 @@ class IdemSettings:
     constructor itself does not.
 
     Attributes:
-        redis_url: Where records live (``redis://``, ``rediss://``, ``unix://`` or
-            ``memory://``). ``None`` when no Redis was configured or found; the store
-            factory raises at first use, so importing and configuring never fail
-            just because Redis is absent.
+        redis_url: Where records live (``redis://``, ``rediss://``, ``unix://``,
+            ``sentinel://``, ``redis+cluster://`` or ``memory://``). ``None`` when no
+            Redis was configured or found; the store factory raises at first use, so
+            importing and configuring never fail just because Redis is absent.
+        redis_sentinels: Sentinel addresses, when not written in the URL.
+        redis_sentinel_master: The Sentinel service name, when not in the URL.
+        redis_cluster: Treat ``redis_url`` as a Redis Cluster startup node.
+        redis_client: A factory returning a redis-py client, for anything else.
+        redis_options: Keyword arguments for redis-py's client (TLS files, ...).
+        min_replicas: Replicas a claim and a completion must reach (``WAIT``).
+        min_replicas_timeout: Seconds ``WAIT`` may block.
+        endpoint: All of the above combined and checked (see ``endpoint.py``).
         ttl: Seconds a completed result is kept and replayed.
         lease: Seconds a claim survives without renewal; after that another run may
             take the key over.
@@ -133,6 +150,14 @@ class IdemSettings:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     dedupe_on_publish: bool = False
+    redis_sentinels: tuple[tuple[str, int], ...] | None = None
+    redis_sentinel_master: str | None = None
+    redis_cluster: bool = False
+    redis_client: Callable[[], Any] | None = None
+    redis_options: Mapping[str, Any] | None = None
+    min_replicas: int = 0
+    min_replicas_timeout: float = 1.0
+    endpoint: Endpoint | None = None
 
     @property
     def renew_every(self) -> float:
@@ -159,8 +184,18 @@ class _Invalid(Exception):
         self.why = why
 
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
-_URL_SCHEMES = _REDIS_SCHEMES | {"memory"}
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel"})
+_URL_SCHEMES = _REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
+_STORE_SETTINGS = (
+    "idem_redis_url",
+    "idem_redis_sentinels",
+    "idem_redis_sentinel_master",
+    "idem_redis_cluster",
+    "idem_redis_client",
+    "idem_redis_options",
+    "idem_min_replicas",
+    "idem_min_replicas_timeout",
+)
 _MAX_PREFIX_LEN = 64
 _MAX_REPR = 80
 
@@ -302,6 +337,40 @@ def _check_bool(value: object) -> bool:
     return value
 
 
+def _check_sentinels(value: object) -> tuple[tuple[str, int], ...]:
+    try:
+        return parse_sentinels(value)
+    except EndpointError as exc:
+        raise _Invalid(exc.why) from None
+
+
+def _check_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("not a non-empty str")
+    return value
+
+
+def _check_client_factory(value: object) -> Callable[[], Any]:
+    factory = _import_dotted(value) if isinstance(value, str) else value
+    if not callable(factory):
+        raise _Invalid(f"{_short_repr(value)} is not callable")
+    return factory
+
+
+def _check_options(value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _Invalid(f"a {type(value).__name__}, not a dict with str keys")
+    return MappingProxyType(dict(value))
+
+
+def _check_min_replicas(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"a {type(value).__name__}, not an int")
+    if value < 0:
+        raise _Invalid("negative")
+    return value
+
+
 def _check_max_result_bytes(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"a {type(value).__name__}, not an int")
@@ -314,7 +383,27 @@ _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
     {
         "idem_redis_url": (
             _check_redis_url,
-            "a str URL with scheme redis://, rediss://, unix:// or memory://",
+            "a str URL with scheme redis://, rediss://, unix://, sentinel://, "
+            "redis+cluster://, rediss+cluster:// or memory://",
+        ),
+        "idem_redis_sentinels": (
+            _check_sentinels,
+            "Sentinel addresses: 'h1:26379;h2:26379' or a list of 'host:port' / (host, port)",
+        ),
+        "idem_redis_sentinel_master": (_check_name, "the Sentinel service name, a str"),
+        "idem_redis_cluster": (_check_bool, "True or False"),
+        "idem_redis_client": (
+            _check_client_factory,
+            "a callable returning a redis-py client, or its dotted name 'package.module.make'",
+        ),
+        "idem_redis_options": (
+            _check_options,
+            "a dict of redis-py client keyword arguments (e.g. ssl_ca_certs, socket_timeout)",
+        ),
+        "idem_min_replicas": (_check_min_replicas, "an int >= 0 (not bool)"),
+        "idem_min_replicas_timeout": (
+            lambda v: _seconds(v, minimum=0.0, inclusive=False),
+            "seconds as an int or float > 0 (not bool)",
         ),
         "idem_ttl": (_check_ttl, "seconds as an int or float > 0 (not bool)"),
         "idem_lease": (
@@ -451,26 +540,61 @@ def _task_where(task_name: str | None) -> str:
     return f"task option of {task_name!r}" if task_name else "task option"
 
 
-def _redis_fallback(app_conf: Mapping[str, Any]) -> str | None:
+def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """Reuse Celery's result backend, else its broker, when either is a Redis URL.
 
     Celery's ``app.conf`` exposes ``result_backend`` and ``broker_url`` as properties
     that also honour the ``CELERY_RESULT_BACKEND`` / ``CELERY_BROKER_URL`` environment
     variables; reading the attribute first finds the same server Celery connects to.
     A plain dict has no such attribute and is read by key (either spelling).
+
+    Returns:
+        The URL, and the Sentinel service name from that side's transport options
+        (``master_name``: where Celery keeps it for a ``sentinel://`` URL).
     """
-    for attr, django_key in (
-        ("result_backend", "CELERY_RESULT_BACKEND"),
-        ("broker_url", "CELERY_BROKER_URL"),
-    ):
+    for attr, options in (("result_backend", "result_backend"), ("broker_url", "broker")):
         url = getattr(app_conf, attr, None)
         if url is None:
             url = app_conf.get(attr)
             if url is None:
-                url = app_conf.get(django_key)
+                url = app_conf.get(f"CELERY_{attr.upper()}")
         if isinstance(url, str) and _url_scheme(url) in _REDIS_SCHEMES:
-            return url
-    return None
+            name = f"{options}_transport_options"
+            transport = app_conf.get(name) or app_conf.get(f"CELERY_{name.upper()}") or {}
+            master = transport.get("master_name") if isinstance(transport, Mapping) else None
+            return url, master if isinstance(master, str) else None
+    return None, None
+
+
+def _endpoint(
+    values: Mapping[str, Any], app_conf: Mapping[str, Any], task_name: str | None
+) -> tuple[str | None, Endpoint | None]:
+    """Combine the store settings; an error names the setting at fault.
+
+    Returns:
+        The URL in force (``idem_redis_url`` or the Celery URL it falls back to, unless
+        ``idem_redis_sentinels`` or ``idem_redis_client`` replace it) and the endpoint.
+    """
+    url, master_name = values["redis_url"], None
+    if url is None and values["redis_sentinels"] is None and values["redis_client"] is None:
+        url, master_name = _redis_fallback(app_conf)
+    try:
+        endpoint = build_endpoint(
+            url=url,
+            sentinels=values["redis_sentinels"],
+            sentinel_master=values["redis_sentinel_master"],
+            cluster=values["redis_cluster"],
+            factory=values["redis_client"],
+            options=values["redis_options"],
+            min_replicas=values["min_replicas"],
+            replicas_timeout=values["min_replicas_timeout"],
+            celery_master_name=master_name,
+        )
+    except EndpointError as exc:
+        raise IdempotencyConfigError(
+            f"{exc.setting} is invalid: {exc.why}.", None, task_name
+        ) from None
+    return url, endpoint
 
 
 # --------------------------------------------------------------------------- resolution
@@ -534,10 +658,9 @@ def resolve_settings(
             raw = app_conf.get(key)
         if raw is not None:
             values[_FIELDS[name]] = _validate(name, key, raw, _APP, task_name)
-        elif name == "idem_redis_url":
-            values[_FIELDS[name]] = _redis_fallback(app_conf)
         else:
-            values[_FIELDS[name]] = _DEFAULT_VALUES[name]
+            values[_FIELDS[name]] = _DEFAULT_VALUES.get(name)
+    values["redis_url"], values["endpoint"] = _endpoint(values, app_conf, task_name)
     settings = IdemSettings(**values)
     if call_options:
         return with_call_overrides(settings, call_options, task_name=task_name)

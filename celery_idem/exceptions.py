@@ -14,6 +14,7 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyMismatch",
     "InvalidIdempotencyKey",
+    "ReplicasNotReached",
     "ResultNotStored",
     "StoreUnavailable",
     "UnencodableArgument",
@@ -62,6 +63,14 @@ class DuplicateInProgress(IdempotencyError):
 
 class StoreUnavailable(IdempotencyError):
     """The idempotency store could not be reached."""
+
+
+class ReplicasNotReached(StoreUnavailable):
+    """``idem_min_replicas`` replicas did not confirm a claim or a completion in time.
+
+    The primary has the write but a failover could lose it, so it does not count: a
+    claim is released and its body not run; a completion is retried and reported.
+    """
 
 
 class ResultNotStored(IdempotencyError):

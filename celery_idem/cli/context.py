@@ -19,7 +19,7 @@ from celery_idem import codec
 from celery_idem.config import IdemSettings, resolve_settings
 from celery_idem.exceptions import IdempotencyError
 from celery_idem.keys import task_tag
-from celery_idem.store import Store, store_for_url
+from celery_idem.store import Store, store_for
 from celery_idem.task import IdempotentTask
 
 __all__ = [
@@ -133,7 +133,8 @@ def _idempotent_tasks(app: Any) -> dict[str, Any]:
 
 
 def _where(settings: IdemSettings) -> tuple[str | None, str]:
-    return settings.redis_url, settings.key_prefix
+    endpoint = settings.endpoint
+    return (endpoint.cache_key if endpoint else None), settings.key_prefix
 
 
 def resolve(app: Any, task_name: str | None) -> Target:
@@ -164,7 +165,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
                 err=True,
             )
             settings = resolve_settings(app.conf)
-        store = store_for_url(settings.redis_url, task_name=task_name)
+        store = store_for(settings.endpoint, task_name=task_name)
     except IdempotencyError as exc:
         raise CliError(str(exc)) from exc
     by_tag: dict[str, list[str]] = {}

@@ -151,6 +151,9 @@ class ServerFacts:
 
     Attributes:
         kind: ``"redis"`` or ``"memory"`` (the in-process store: nothing else is set).
+        topology: ``"standalone"``, ``"sentinel"`` or ``"cluster"``: how the store's
+            client reaches Redis (the facts are of the primary it talks to, on Cluster
+            of one primary).
         url: The store's URL without its password.
         info: ``INFO`` fields (default sections), values as text.
         info_error: Why ``INFO`` could not be read, if it could not.
@@ -163,6 +166,7 @@ class ServerFacts:
 
     kind: str
     url: str
+    topology: str = "standalone"
     info: Mapping[str, str] = field(default_factory=dict)
     info_error: str | None = None
     config: Mapping[str, str | None] = field(default_factory=dict)

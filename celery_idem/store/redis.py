@@ -5,55 +5,36 @@ comment at its top), run with EVALSHA through redis-py's ``Script`` objects, whi
 reload a script transparently after ``NOSCRIPT`` (a restart, a failover, ``SCRIPT
 FLUSH``). This module turns the scripts' replies into typed outcomes and every
 redis-py error into :class:`~celery_idem.exceptions.StoreUnavailable`, chained.
+
+Every script reads and writes exactly one key, so on Redis Cluster each runs on the
+node owning that key's slot and never meets CROSSSLOT; redis-py's cluster client
+follows MOVED/ASK. With ``idem_min_replicas`` a claim or a completion is pipelined
+with ``WAIT`` on the same connection: still one round trip (see :meth:`_durable`).
+The operators' tools (SCAN, summaries, INFO) live in ``redis_admin.py``.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from collections.abc import Sequence
+import contextlib
 from importlib import resources
 from typing import Any
 
 import redis
-from kombu.utils.url import maybe_sanitize_url
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
+from redis.cluster import RedisCluster
 
-from celery_idem.exceptions import IdempotencyConfigError, IdempotencyError, StoreUnavailable
-from celery_idem.store.base import (
-    ClaimOutcome,
-    ClaimState,
-    ForgetResult,
-    RecordKind,
-    RecordSummary,
-    ServerFacts,
-    Stored,
-    StoredRecord,
-)
+from celery_idem.endpoint import sanitize_url
+from celery_idem.exceptions import IdempotencyError, ReplicasNotReached
+from celery_idem.store.base import ClaimOutcome, ClaimState, RecordKind, Stored, StoredRecord
+from celery_idem.store.redis_admin import OUTAGES as _OUTAGES
+from celery_idem.store.redis_admin import RedisAdmin
+from celery_idem.store.redis_admin import text as _text
 
-__all__ = ["RedisStore", "redis_store_for_url"]
+__all__ = ["RedisStore"]
 
 _SCRIPT_NAMES = (
     "claim", "renew", "complete", "release", "park", "peek", "read", "summary", "forget",
 )  # fmt: skip
-_CONFIG_FACTS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
 _COMPLETED = {kind.value: kind for kind in RecordKind}
-_OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
-    cls
-    for name in (
-        "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
-        "TimeoutError",
-        "ReadOnlyError",  # a demoted primary during a failover
-        "OutOfMemoryError",  # maxmemory reached under noeviction
-        "MasterDownError",
-        "TryAgainError",
-        "ClusterDownError",
-    )
-    if isinstance(cls := getattr(redis.exceptions, name, None), type)
-)
-"""redis-py errors that a moment later may be gone: an outage, under idem_on_store_error."""
 
 
 def _load_sources() -> dict[str, str]:
@@ -88,21 +69,31 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-class RedisStore:
-    """A :class:`~celery_idem.store.base.Store` on one Redis server (or proxy).
+class RedisStore(RedisAdmin):
+    """A :class:`~celery_idem.store.base.Store` on Redis: one server, Sentinel or Cluster.
 
     Args:
-        client: A redis-py client that returns bytes (``decode_responses=False``).
-        url: The URL the client was made from, for error messages only.
+        client: A redis-py client that returns bytes (``decode_responses=False``):
+            ``redis.Redis`` (standalone, or a Sentinel ``master_for`` client) or
+            ``redis.cluster.RedisCluster``.
+        url: Where the client points, for error messages only (a password is masked).
+        min_replicas: Replicas a claim and a completion must reach before they count.
+        replicas_timeout: Seconds ``WAIT`` may block for them.
     """
 
-    def __init__(self, client: redis.Redis, *, url: str = "") -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        *,
+        url: str = "",
+        min_replicas: int = 0,
+        replicas_timeout: float = 1.0,
+    ) -> None:
         self.client = client
-        self.url = maybe_sanitize_url(url) if url else "Redis"  # never log a password
+        self.url = sanitize_url(url) if url else "Redis"  # never log a password
+        self.cluster = isinstance(client, RedisCluster)
+        self.min_replicas = min_replicas
+        self._wait_ms = _ms(replicas_timeout)
         self._claim = client.register_script(_SOURCES["claim"])
         self._renew = client.register_script(_SOURCES["renew"])
         self._complete = client.register_script(_SOURCES["complete"])
@@ -114,61 +105,108 @@ class RedisStore:
         self._forget = client.register_script(_SOURCES["forget"])
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
-        """Build a store for ``url`` with timeouts fit for a task's hot path.
+    def from_url(cls, url: str, *, min_replicas: int = 0) -> RedisStore:
+        """A new store for any ``idem_redis_url`` form (not cached, unlike the tasks' own).
 
-        redis-py's default retries back off for seconds; a worker would rather fail
-        fast and let the ``idem_on_store_error`` policy decide. One quick retry still
-        hides a pooled connection that went stale across a Redis restart.
+        Raises:
+            IdempotencyConfigError: The URL is malformed or names no Redis.
         """
-        try:
-            client = redis.Redis.from_url(
-                url,
-                socket_timeout=5.0,
-                socket_connect_timeout=2.0,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            )
-        except ValueError as exc:
-            raise IdempotencyConfigError(
-                f"idem_redis_url {maybe_sanitize_url(url)!r} is not a Redis URL celery-idem "
-                f"can use: {exc}"
-            ) from exc
-        return cls(client, url=url)
+        from celery_idem.config import resolve_settings  # noqa: PLC0415 - config is pure
+        from celery_idem.store.connect import client_for  # noqa: PLC0415 - imports this module
 
-    def _unavailable(self, key: str, exc: redis.RedisError) -> StoreUnavailable:
-        return StoreUnavailable(
-            f"the idempotency store at {self.url} failed on record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
-            f"idem_redis_url is right.",
+        conf = {"idem_redis_url": url, "idem_min_replicas": min_replicas}
+        endpoint = resolve_settings(conf).endpoint
+        assert endpoint is not None
+        return cls(
+            client_for(endpoint),
+            url=endpoint.display,
+            min_replicas=endpoint.min_replicas,
+            replicas_timeout=endpoint.replicas_timeout,
+        )
+
+    def _error(self, key: str, exc: redis.RedisError) -> IdempotencyError:
+        """An outage becomes StoreUnavailable; any other refusal a permanent error."""
+        if isinstance(exc, _OUTAGES) or not isinstance(exc, redis.ResponseError):
+            return self._unavailable(key, exc)
+        # Not an outage: retrying would fail the same way (a key of another type
+        # under our prefix, a damaged record, a script error).
+        return IdempotencyError(
+            f"the idempotency store at {self.url} refused record {key!r}: "
+            f"{type(exc).__name__}: {exc}. Is another application writing under "
+            f"idem_key_prefix?",
             key=key,
         )
 
     def _call(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=[key], args=args)
-        except _OUTAGES as exc:
-            raise self._unavailable(key, exc) from exc
-        except redis.ResponseError as exc:
-            # Not an outage: retrying would fail the same way (a key of another type
-            # under our prefix, a damaged record, a script error).
-            raise IdempotencyError(
-                f"the idempotency store at {self.url} refused record {key!r}: "
-                f"{type(exc).__name__}: {exc}. Is another application writing under "
-                f"idem_key_prefix?",
-                key=key,
-            ) from exc
         except redis.RedisError as exc:
-            raise self._unavailable(key, exc) from exc
+            raise self._error(key, exc) from exc
+
+    def _durable(self, script: Any, key: str, args: list[Any]) -> tuple[Any, int]:
+        """Run ``script`` and ``WAIT min_replicas`` in one pipeline: one round trip.
+
+        ``WAIT`` cannot run inside a script, and counts only the writes of its own
+        connection, so both go down the same connection: the pipeline of the
+        (Sentinel-found) primary, or of the Cluster node owning ``key``. After a
+        NOSCRIPT (a failover, a restart) the script is loaded and the pair sent again;
+        after MOVED/ASK the Cluster's slot map is refreshed and the pair sent again.
+
+        Returns:
+            The script's reply and how many replicas acknowledged it.
+        """
+        for attempt in range(3):
+            conn: Any = self.client
+            if self.cluster:
+                cluster: Any = self.client
+                conn = cluster.get_redis_connection(cluster.get_node_from_key(key))
+            pipe = conn.pipeline(transaction=False)
+            pipe.evalsha(script.sha, 1, key, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+            try:
+                reply, acked = pipe.execute(raise_on_error=False)
+                if isinstance(reply, redis.exceptions.NoScriptError) and attempt < 2:
+                    script.sha = conn.script_load(script.script)
+                    continue
+                moved = (redis.exceptions.MovedError, redis.exceptions.AskError)
+                if self.cluster and isinstance(reply, moved) and attempt < 2:
+                    cluster.nodes_manager.initialize()
+                    continue
+                for value in (reply, acked):
+                    if isinstance(value, redis.RedisError):
+                        raise value
+            except redis.RedisError as exc:
+                raise self._error(key, exc) from exc
+            return reply, int(acked)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _not_durable(self, key: str, what: str, acked: int) -> ReplicasNotReached:
+        return ReplicasNotReached(
+            f"the idempotency store at {self.url} wrote the {what} of record {key!r} but "
+            f"only {acked} of idem_min_replicas={self.min_replicas} replica(s) confirmed it "
+            f"within {self._wait_ms} ms (WAIT), so a failover could lose it. Check the "
+            f"replicas' health and lag, or lower idem_min_replicas / raise "
+            f"idem_min_replicas_timeout.",
+            key=key,
+        )
 
     def claim(
         self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim`."""
-        reply = self._call(
-            self._claim, key, [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease)]
-        )
+        args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease)]
+        if self.min_replicas:
+            reply, acked = self._durable(self._claim, key, args)
+        else:
+            reply, acked = self._call(self._claim, key, args), 0
         code, fence = int(reply[0]), int(reply[1])
         if code == 1:
+            if acked < self.min_replicas:
+                # Not durable, so not a claim: free the key for the retry (best effort;
+                # the lease would free it anyway) and do not run the body.
+                with contextlib.suppress(IdempotencyError):
+                    self._call(self._release, key, [token])
+                raise self._not_durable(key, "claim", acked)
             return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=bool(reply[2]))
         owner = _text(reply[2])
         if code == 2:
@@ -189,7 +227,14 @@ class RedisStore:
     ) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
         args = [token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id]
-        return bool(self._call(self._complete, key, args))
+        if not self.min_replicas:
+            return bool(self._call(self._complete, key, args))
+        reply, acked = self._durable(self._complete, key, args)
+        if reply and acked < self.min_replicas:
+            # Stored on the primary; a retry finds it there (complete.lua answers 1 to
+            # the same attempt) and waits for the replicas again.
+            raise self._not_durable(key, "result", acked)
+        return bool(reply)
 
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""
@@ -229,157 +274,3 @@ class RedisStore:
             stored=stored,
             parked=state == "P" and r["o"] == b"",
         )
-
-    def eviction_policy(self) -> str | None:
-        """The server's ``maxmemory-policy``, or None where CONFIG is not allowed.
-
-        Managed Redis services often refuse CONFIG; not knowing is not an error.
-        """
-        try:
-            reply: dict[Any, Any] = self.client.config_get("maxmemory-policy")
-        except redis.RedisError:
-            return None
-        for name, value in reply.items():
-            if _text(name) == "maxmemory-policy":
-                return _text(value)
-        return None
-
-    def forget(self, key: str) -> bool:
-        """See :meth:`celery_idem.store.base.Store.forget`."""
-        try:
-            return bool(self.client.delete(key))
-        except redis.RedisError as exc:
-            raise self._unavailable(key, exc) from exc
-
-    # -- operators' tools ---------------------------------------------------------------
-
-    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
-        """See :meth:`celery_idem.store.base.Store.forget_if` and ``lua/forget.lua``."""
-        args = ["" if fence is None else fence, "1" if force else "0"]
-        reply = self._call(self._forget, key, args)
-        return ForgetResult(int(reply[0]))
-
-    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
-        """See :meth:`celery_idem.store.base.Store.scan` (one ``SCAN``, never ``KEYS``)."""
-        try:
-            next_cursor, keys = self.client.scan(cursor=cursor, match=match, count=count)
-        except redis.RedisError as exc:
-            raise self._unavailable(match, exc) from exc
-        return int(next_cursor), [_text(k) for k in keys]
-
-    def _pipelined(self, keys: Sequence[str], add: Any) -> list[Any]:
-        """Run ``add(pipeline, key)`` for each key in one round trip; errors as values."""
-        if not keys:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            add(pipe, key)
-        try:
-            replies: list[Any] = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            raise self._unavailable(keys[0], exc) from exc
-        for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, _OUTAGES):
-                raise self._unavailable(key, reply)
-        return replies
-
-    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
-        """See :meth:`celery_idem.store.base.Store.summarize` and ``lua/summary.lua``."""
-        replies = self._pipelined(keys, lambda pipe, key: self._summary(keys=[key], client=pipe))
-        out: list[RecordSummary | None] = []
-        for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, Exception):
-                raise IdempotencyError(
-                    f"the idempotency store at {self.url} refused to summarize {key!r}: "
-                    f"{type(reply).__name__}: {reply}",
-                    key=key,
-                )
-            now, pttl = int(reply[0]), int(reply[1])
-            if pttl == -2:
-                out.append(None)
-                continue
-            ttl = pttl / 1000.0 if pttl >= 0 else None
-            state = _text(reply[2])
-            if not state:
-                out.append(RecordSummary(key, "", 0, "", False, None, ttl, 0, ""))
-                continue
-            fence, deadline, parked = int(reply[3]), int(reply[4]), bool(int(reply[5]))
-            out.append(
-                RecordSummary(
-                    key=key,
-                    state=state,
-                    fence=fence,
-                    task_id=_text(reply[6]),
-                    parked=parked,
-                    lease_left=(deadline - now) / 1000.0 if state == "P" else None,
-                    ttl=ttl,
-                    payload_bytes=int(reply[8]),
-                    codec=_text(reply[7]),
-                )
-            )
-        return out
-
-    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
-        """See :meth:`celery_idem.store.base.Store.memory_usage` (``SAMPLES 0``: exact)."""
-        replies = self._pipelined(
-            keys, lambda pipe, key: pipe.execute_command("MEMORY USAGE", key, "SAMPLES", 0)
-        )
-        return [int(r) if isinstance(r, int) else None for r in replies]
-
-    def server_facts(self) -> ServerFacts:
-        """See :meth:`celery_idem.store.base.Store.server_facts`."""
-        client = self.client
-        try:
-            before = time.time()
-            seconds, micros = client.time()
-            after = time.time()
-        except redis.RedisError as exc:
-            raise self._unavailable("TIME", exc) from exc
-        info: dict[str, str] = {}
-        info_error = None
-        try:
-            info = {str(k): _text(v) for k, v in client.info().items()}
-        except _OUTAGES as exc:
-            raise self._unavailable("INFO", exc) from exc
-        except redis.RedisError as exc:
-            info_error = f"{type(exc).__name__}: {exc}"
-        config: dict[str, str | None] = {}
-        for name in _CONFIG_FACTS:
-            try:
-                reply: dict[Any, Any] = client.config_get(name)
-            except _OUTAGES as exc:
-                raise self._unavailable("CONFIG", exc) from exc
-            except redis.RedisError:
-                config[name] = None
-                continue
-            values = {_text(k): _text(v) for k, v in reply.items()}
-            config[name] = values.get(name)
-        return ServerFacts(
-            kind="redis",
-            url=self.url,
-            info=info,
-            info_error=info_error,
-            config=config,
-            server_time=int(seconds) + int(micros) / 1e6,
-            local_time=(before + after) / 2,
-            round_trip=after - before,
-        )
-
-
-_stores: dict[tuple[int, str], RedisStore] = {}
-_stores_lock = threading.Lock()
-
-
-def redis_store_for_url(url: str) -> RedisStore:
-    """The process's store for ``url``: one client (and pool) per process and URL.
-
-    Keyed by pid, so a prefork child never shares a socket with its parent.
-    """
-    key = (os.getpid(), url)
-    store = _stores.get(key)
-    if store is None:
-        with _stores_lock:
-            store = _stores.get(key)
-            if store is None:
-                store = _stores[key] = RedisStore.from_url(url)
-    return store

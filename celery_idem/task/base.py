@@ -30,7 +30,7 @@ from celery_idem.exceptions import (
     ResultNotStored,
 )
 from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
-from celery_idem.store import ClaimState, store_for_url
+from celery_idem.store import ClaimState, store_for
 from celery_idem.task import context
 from celery_idem.task.context import (
     _DEFERRALS,
@@ -224,7 +224,7 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
             max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
             rule=KeyRule(self.name, self.run, type(self)._idem_key_rule),
-            store=store_for_url(settings.redis_url, task_name=self.name),
+            store=store_for(settings.endpoint, task_name=self.name),
             serializer=conf.result_serializer,
             accept=codec.accepted_content_types(accept),
             pid=os.getpid(),

@@ -27,6 +27,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    ReplicasNotReached,
     ResultNotStored,
     StoreUnavailable,
 )
@@ -157,6 +158,10 @@ class _Execution:
         signals.store_error.send(
             sender=self, key=run.key, task_id=run.task_id, exc=exc, stage="claim", policy=policy
         )
+        if policy is StoreErrorPolicy.RUN and isinstance(cause, ReplicasNotReached):
+            # The store is up and the user asked for durable claims: running
+            # unprotected would throw away exactly what idem_min_replicas buys.
+            policy = StoreErrorPolicy.RETRY
         if policy is StoreErrorPolicy.RUN:
             self._idem_log(
                 logging.WARNING,

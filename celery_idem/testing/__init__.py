@@ -20,6 +20,13 @@ from celery_idem.task import invalidate_settings
 __all__ = ["MemoryStore", "use_memory_store"]
 
 _names = itertools.count(1)
+_STORE_SETTINGS = (
+    "idem_redis_url",
+    "idem_redis_sentinels",
+    "idem_redis_sentinel_master",
+    "idem_redis_cluster",
+    "idem_redis_client",
+)
 
 
 @contextmanager
@@ -33,8 +40,11 @@ def use_memory_store(app: Any) -> Iterator[MemoryStore]:
         The store, so a test can read records (``store.read(...)``) or ``clear()`` it.
     """
     url = f"memory://celery-idem-test-{next(_names)}"
-    had = "idem_redis_url" in app.conf
-    previous = app.conf.get("idem_redis_url")
+    # The other store settings would contradict the memory URL (Sentinels, Cluster,
+    # a client factory): unset them for the duration too.
+    saved = {name: (name in app.conf, app.conf.get(name)) for name in _STORE_SETTINGS}
+    for name in _STORE_SETTINGS:
+        app.conf[name] = None
     app.conf.idem_redis_url = url
     invalidate_settings()
     store = store_for_url(url)
@@ -44,8 +54,9 @@ def use_memory_store(app: Any) -> Iterator[MemoryStore]:
     finally:
         store.clear()
         drop_memory_store(url)
-        if had:
-            app.conf.idem_redis_url = previous
-        else:
-            app.conf.pop("idem_redis_url", None)
+        for name, (had, previous) in saved.items():
+            if had:
+                app.conf[name] = previous
+            else:
+                app.conf.pop(name, None)
         invalidate_settings()

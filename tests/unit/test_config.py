@@ -71,6 +71,13 @@ def config_error(
 def test_settings_table() -> None:
     assert SETTINGS == (
         "idem_redis_url",
+        "idem_redis_sentinels",
+        "idem_redis_sentinel_master",
+        "idem_redis_cluster",
+        "idem_redis_client",
+        "idem_redis_options",
+        "idem_min_replicas",
+        "idem_min_replicas_timeout",
         "idem_ttl",
         "idem_lease",
         "idem_key_prefix",

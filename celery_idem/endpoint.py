@@ -1,0 +1,333 @@
+"""Endpoint: where the records live, parsed from the settings, before any I/O.
+
+This module owns the store's address forms (``redis://``, ``rediss://``, ``unix://``,
+``sentinel://``, ``redis+cluster://``, ``memory://``) and how the store settings
+combine (``idem_redis_sentinels``, ``idem_redis_cluster``, ``idem_redis_client``, ...).
+It turns them into one frozen :class:`Endpoint`, so a contradiction is refused at
+start-up with the setting's name, and ``store/connect.py`` only builds what is
+described here.
+
+Pure: imports neither celery nor redis (the URL grammar is checked here; redis-py
+parses the rest when the client is built).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+__all__ = ["Endpoint", "EndpointError", "Topology", "parse_sentinels", "sanitize_url"]
+
+DEFAULT_SENTINEL_PORT = 26379
+_CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
+
+
+class Topology(str, enum.Enum):
+    """How the records are spread over Redis servers."""
+
+    STANDALONE = "standalone"
+    """One server (or a proxy): ``redis://``, ``rediss://``, ``unix://``."""
+    SENTINEL = "sentinel"
+    """A primary found through Sentinel, followed across failovers."""
+    CLUSTER = "cluster"
+    """Redis Cluster: each record lives on the node owning its key's slot."""
+    CUSTOM = "custom"
+    """A client built by the user's ``idem_redis_client`` factory."""
+    MEMORY = "memory"
+    """The in-process store for users' tests (``memory://NAME``)."""
+
+
+class EndpointError(ValueError):
+    """A store setting is malformed or contradicts another; names the setting."""
+
+    def __init__(self, setting: str, why: str) -> None:
+        super().__init__(f"{setting}: {why}")
+        self.setting = setting
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One store address, complete enough to build its client.
+
+    Attributes:
+        topology: Which kind of deployment.
+        url: The redis-py URL (``redis``/``rediss``/``unix`` scheme) for standalone and
+            cluster (the cluster's first startup node), ``memory://NAME``, else None.
+        sentinels: ``(host, port)`` of each Sentinel (Sentinel only).
+        service_name: The monitored primary's name (Sentinel only).
+        db: The database number on the Sentinel-managed primary.
+        username: Username for the Sentinel-managed primary, from the URL.
+        password: Password for the Sentinel-managed primary, from the URL.
+        options: ``idem_redis_options``: keyword arguments for redis-py's client
+            (TLS files, timeouts, ...), sorted, as pairs so the endpoint is hashable.
+        factory: ``idem_redis_client``: a callable returning a redis-py client.
+        min_replicas: ``WAIT`` for this many replicas after a claim and a completion.
+        replicas_timeout: Seconds ``WAIT`` may block before the write counts as not
+            durable.
+    """
+
+    topology: Topology
+    url: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+    factory: Callable[[], Any] | None = None
+    min_replicas: int = 0
+    replicas_timeout: float = 1.0
+
+    @property
+    def display(self) -> str:
+        """The address for messages and logs, never with a password."""
+        if self.topology is Topology.SENTINEL:
+            hosts = ";".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"sentinel://{hosts}/{self.service_name}/{self.db}"
+        if self.topology is Topology.CUSTOM:
+            factory = self.factory
+            name = getattr(factory, "__qualname__", repr(factory))
+            return f"idem_redis_client {getattr(factory, '__module__', '?')}.{name}"
+        text = sanitize_url(self.url or "")
+        return f"cluster {text}" if self.topology is Topology.CLUSTER else text
+
+    @property
+    def cache_key(self) -> str:
+        """A text identity: two endpoints with the same key share one client per process."""
+        return repr(self)
+
+    def option_dict(self) -> dict[str, Any]:
+        """``idem_redis_options`` as keyword arguments (a fresh dict each call)."""
+        return dict(self.options)
+
+
+def sanitize_url(url: str) -> str:
+    """``url`` with any password replaced by ``**``, so it can be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:**@{host}").geturl()
+
+
+def _host_port(text: str, setting: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = text.strip(), str(DEFAULT_SENTINEL_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EndpointError(setting, f"{text!r} is not 'host:port'")
+    return host, int(port)
+
+
+def parse_sentinels(
+    value: object, setting: str = "idem_redis_sentinels"
+) -> tuple[tuple[str, int], ...]:
+    """Sentinel addresses from ``"h1:26379;h2:26379"``, or a list of ``"h:p"`` / ``(h, p)``."""
+    entries: list[object]
+    if isinstance(value, str):
+        entries = [part for part in value.replace(",", ";").split(";") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        entries = list(value)
+    else:
+        raise EndpointError(setting, f"a {type(value).__name__}, not a list of 'host:port'")
+    out: list[tuple[str, int]] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            out.append(_host_port(entry, setting))
+        elif (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], int)
+            and not isinstance(entry[1], bool)
+        ):
+            out.append((entry[0], entry[1]))
+        else:
+            raise EndpointError(setting, f"entry {entry!r} is not 'host:port' or (host, port)")
+    if not out:
+        raise EndpointError(setting, "no Sentinel address given")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _SentinelUrl:
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def _parse_sentinel_url(url: str, setting: str) -> _SentinelUrl:
+    """``sentinel://[user:pw@]h1:p1;h2:p2/SERVICE/DB``, or Celery's form.
+
+    Celery's Redis backend spells it ``sentinel://h1:p1/0;sentinel://h2:p2/0`` with the
+    service name in ``master_name`` of its transport options; both are accepted, so a
+    Celery ``result_backend`` can be reused as it is.
+    """
+    segments = [seg for seg in url.split(";") if seg.strip()]
+    hosts: list[tuple[str, int]] = []
+    path, username, password = "", None, None
+    for segment in segments:
+        rest = segment.strip()
+        if "://" in rest:
+            scheme, _, rest = rest.partition("://")
+            if scheme.lower() != "sentinel":
+                raise EndpointError(
+                    setting, f"segment {sanitize_url(segment)!r} is not sentinel://"
+                )
+        netloc, slash, tail = rest.partition("/")
+        netloc = netloc.partition("?")[0]
+        if slash:
+            path = tail.partition("?")[0]
+        creds, at, hostport = netloc.rpartition("@")
+        if at:
+            user, _, secret = creds.partition(":")
+            username, password = unquote(user) or None, unquote(secret) or None
+        hosts.append(_host_port(hostport, setting))
+    parts = [part for part in path.split("/") if part]
+    service, db = "", "0"
+    if len(parts) == 1:
+        service, db = ("", parts[0]) if parts[0].isdigit() else (parts[0], "0")
+    elif len(parts) == 2:
+        service, db = parts
+    elif parts:
+        raise EndpointError(setting, f"path {path!r} is not /SERVICE/DB")
+    if not db.isdigit():
+        raise EndpointError(setting, f"database {db!r} is not a number")
+    if not hosts:
+        raise EndpointError(setting, "no Sentinel address given")
+    return _SentinelUrl(tuple(hosts), unquote(service), int(db), username, password)
+
+
+def _normalize_tls_query(url: str) -> str:
+    """Accept Celery's ``ssl_cert_reqs=CERT_REQUIRED`` where redis-py wants ``required``."""
+    parts = urlsplit(url)
+    if "ssl_cert_reqs=" not in parts.query:
+        return url
+    pairs = []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "ssl_cert_reqs":
+            value = _CERT_REQS.get(unquote(value).lower(), value)
+        pairs.append(f"{name}={quote(value, safe='/:')}" if value else pair)
+    return parts._replace(query="&".join(pairs)).geturl()
+
+
+def build_endpoint(
+    *,
+    url: str | None,
+    sentinels: object = None,
+    sentinel_master: str | None = None,
+    cluster: bool = False,
+    factory: Callable[[], Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    min_replicas: int = 0,
+    replicas_timeout: float = 1.0,
+    celery_master_name: str | None = None,
+) -> Endpoint | None:
+    """Combine the store settings into one endpoint, refusing contradictions.
+
+    Args:
+        url: ``idem_redis_url`` (already scheme-checked), or the Celery URL it falls
+            back to; None when neither exists.
+        sentinels: ``idem_redis_sentinels``.
+        sentinel_master: ``idem_redis_sentinel_master``.
+        cluster: ``idem_redis_cluster``.
+        factory: ``idem_redis_client``, already imported.
+        options: ``idem_redis_options``.
+        min_replicas: ``idem_min_replicas``.
+        replicas_timeout: ``idem_min_replicas_timeout``.
+        celery_master_name: ``master_name`` from Celery's transport options, used for
+            a ``sentinel://`` URL that names no service.
+
+    Returns:
+        The endpoint, or None when no store is configured at all (the store factory
+        explains that at first use).
+
+    Raises:
+        EndpointError: Naming the setting at fault.
+    """
+    opts = tuple(sorted((options or {}).items()))
+    common: dict[str, Any] = {
+        "options": opts,
+        "min_replicas": min_replicas,
+        "replicas_timeout": replicas_timeout,
+    }
+    scheme = url.partition("://")[0].lower() if url else ""
+    if factory is not None:
+        if sentinels is not None or cluster:
+            raise EndpointError(
+                "idem_redis_client",
+                "the factory builds the whole client: drop idem_redis_sentinels and "
+                "idem_redis_cluster (configure them inside the factory)",
+            )
+        return Endpoint(Topology.CUSTOM, factory=factory, **common)
+    if sentinels is not None:
+        if url and scheme != "sentinel":
+            raise EndpointError(
+                "idem_redis_sentinels",
+                f"set together with idem_redis_url {sanitize_url(url)!r}: give the "
+                "Sentinels in one of them only",
+            )
+        hosts = parse_sentinels(sentinels)
+        parsed = _parse_sentinel_url(url, "idem_redis_url") if url else None
+        if parsed is not None and set(parsed.sentinels) != set(hosts):
+            raise EndpointError("idem_redis_sentinels", "names other Sentinels than idem_redis_url")
+        service = sentinel_master or (parsed.service_name if parsed else "")
+        return _sentinel(hosts, service, parsed, celery_master_name, common)
+    if url is None:
+        return None
+    if scheme == "memory":
+        return Endpoint(Topology.MEMORY, url=url)
+    if scheme == "sentinel":
+        if cluster:
+            raise EndpointError("idem_redis_cluster", "True with a sentinel:// URL")
+        parsed = _parse_sentinel_url(url, "idem_redis_url")
+        service = sentinel_master or parsed.service_name
+        return _sentinel(parsed.sentinels, service, parsed, celery_master_name, common)
+    if sentinel_master is not None:
+        raise EndpointError(
+            "idem_redis_sentinel_master",
+            "set without Sentinels: give idem_redis_sentinels or a sentinel:// idem_redis_url",
+        )
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return Endpoint(
+            Topology.CLUSTER, url=_normalize_tls_query(scheme[:-8] + url[len(scheme) :]), **common
+        )
+    if cluster:
+        if scheme == "unix":
+            raise EndpointError("idem_redis_cluster", "True with a unix:// URL (Cluster is TCP)")
+        return Endpoint(Topology.CLUSTER, url=_normalize_tls_query(url), **common)
+    return Endpoint(Topology.STANDALONE, url=_normalize_tls_query(url), **common)
+
+
+def _sentinel(
+    hosts: tuple[tuple[str, int], ...],
+    service: str,
+    parsed: _SentinelUrl | None,
+    celery_master_name: str | None,
+    common: dict[str, Any],
+) -> Endpoint:
+    service = service or celery_master_name or ""
+    if not service:
+        raise EndpointError(
+            "idem_redis_sentinel_master",
+            "no Sentinel service name: write it in the URL (sentinel://h1:26379;h2:26379/"
+            "mymaster/0) or set idem_redis_sentinel_master = 'mymaster'",
+        )
+    return Endpoint(
+        Topology.SENTINEL,
+        sentinels=hosts,
+        service_name=service,
+        db=parsed.db if parsed else 0,
+        username=parsed.username if parsed else None,
+        password=parsed.password if parsed else None,
+        **common,
+    )

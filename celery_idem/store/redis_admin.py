@@ -1,0 +1,253 @@
+"""RedisAdmin: the operators' side of :class:`~celery_idem.store.redis.RedisStore`.
+
+This module owns what ``celery idem`` needs beyond the task's hot path (SCAN,
+per-record summaries and memory, INFO/CONFIG facts for ``doctor``) and which redis-py
+errors count as an outage. On Redis Cluster a SCAN visits each primary in turn (the
+cursor carries which one), summaries go key by key (each to its own node), and the
+server facts come from one primary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from celery_idem.exceptions import IdempotencyError, StoreUnavailable
+from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts
+
+__all__ = ["OUTAGES", "RedisAdmin", "text"]
+
+OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
+    cls
+    for name in (
+        "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
+        "TimeoutError",
+        "ReadOnlyError",  # a demoted primary during a failover
+        "OutOfMemoryError",  # maxmemory reached under noeviction
+        "MasterDownError",
+        "TryAgainError",
+        "ClusterDownError",
+    )
+    if isinstance(cls := getattr(redis.exceptions, name, None), type)
+)
+"""redis-py errors that a moment later may be gone: an outage, under idem_on_store_error."""
+
+_CONFIG_FACTS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
+
+
+def text(value: Any) -> str:
+    """A reply as text (replies are bytes: the clients do not decode)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisAdmin:
+    """Operator tools shared by every topology; mixed into ``RedisStore``."""
+
+    client: Any
+    url: str
+    cluster: bool
+    _summary: Any
+    _forget: Any
+
+    def _call(self, script: Any, key: str, args: list[Any]) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def topology(self) -> str:
+        """``cluster``, ``sentinel`` or ``standalone``: what the client talks to."""
+        if self.cluster:
+            return "cluster"
+        pool = getattr(self.client, "connection_pool", None)
+        if type(pool).__name__ == "SentinelConnectionPool":
+            return "sentinel"
+        return "standalone"
+
+    def _server(self) -> Any:
+        """A client for one data node: the primary, or on Cluster one primary."""
+        if self.cluster:
+            return self.client.get_redis_connection(self.client.get_default_node())
+        return self.client
+
+    def _primaries(self) -> list[Any]:
+        """The Cluster's primaries in a stable order (by ``host:port``)."""
+        return sorted(self.client.get_primaries(), key=lambda node: node.name)
+
+    def _unavailable(self, key: str, exc: redis.RedisError) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the idempotency store at {self.url} failed on record {key!r}: "
+            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
+            f"idem_redis_url is right.",
+            key=key,
+        )
+
+    def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy``, or None where CONFIG is not allowed.
+
+        Managed Redis services often refuse CONFIG; not knowing is not an error.
+        """
+        try:
+            reply: dict[Any, Any] = self._server().config_get("maxmemory-policy")
+        except redis.RedisError:
+            return None
+        for name, value in reply.items():
+            if text(name) == "maxmemory-policy":
+                return text(value)
+        return None
+
+    def forget(self, key: str) -> bool:
+        """See :meth:`celery_idem.store.base.Store.forget`."""
+        try:
+            return bool(self.client.delete(key))
+        except redis.RedisError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    # -- operators' tools ---------------------------------------------------------------
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """See :meth:`celery_idem.store.base.Store.forget_if` and ``lua/forget.lua``."""
+        args = ["" if fence is None else fence, "1" if force else "0"]
+        reply = self._call(self._forget, key, args)
+        return ForgetResult(int(reply[0]))
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """See :meth:`celery_idem.store.base.Store.scan` (one ``SCAN``, never ``KEYS``).
+
+        On Cluster the cursor is ``node_cursor * primaries + node_index``: each call
+        scans one primary, and a node's cursor 0 moves on to the next primary.
+        """
+        server, nodes, index = self.client, 1, 0
+        if self.cluster:
+            primaries = self._primaries()
+            nodes = len(primaries)
+            cursor, index = divmod(cursor, nodes)
+            server = self.client.get_redis_connection(primaries[index])
+        try:
+            next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
+        except redis.RedisError as exc:
+            raise self._unavailable(match, exc) from exc
+        next_cursor = int(next_cursor)
+        if nodes > 1:
+            if next_cursor:
+                next_cursor = next_cursor * nodes + index
+            elif index + 1 < nodes:
+                next_cursor = index + 1
+        return next_cursor, [text(k) for k in keys]
+
+    def _pipelined(self, keys: Sequence[str], add: Any) -> list[Any]:
+        """Run ``add(pipeline, key)`` for each key in one round trip; errors as values.
+
+        On Cluster, redis-py's cluster pipeline sends one batch per node.
+        """
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            add(pipe, key)
+        try:
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise self._unavailable(keys[0], exc) from exc
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, OUTAGES):
+                raise self._unavailable(key, reply)
+        return replies
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """See :meth:`celery_idem.store.base.Store.summarize` and ``lua/summary.lua``."""
+        replies: list[Any]
+        if self.cluster:
+            # One script call per key, each on its node (NOSCRIPT reloads there).
+            replies = []
+            for key in keys:
+                try:
+                    replies.append(self._call(self._summary, key, []))
+                except StoreUnavailable:
+                    raise
+                except IdempotencyError as exc:
+                    replies.append(exc)
+        else:
+            replies = self._pipelined(
+                keys, lambda pipe, key: self._summary(keys=[key], client=pipe)
+            )
+        out: list[RecordSummary | None] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise IdempotencyError(
+                    f"the idempotency store at {self.url} refused to summarize {key!r}: "
+                    f"{type(reply).__name__}: {reply}",
+                    key=key,
+                )
+            now, pttl = int(reply[0]), int(reply[1])
+            if pttl == -2:
+                out.append(None)
+                continue
+            ttl = pttl / 1000.0 if pttl >= 0 else None
+            state = text(reply[2])
+            if not state:
+                out.append(RecordSummary(key, "", 0, "", False, None, ttl, 0, ""))
+                continue
+            fence, deadline, parked = int(reply[3]), int(reply[4]), bool(int(reply[5]))
+            out.append(
+                RecordSummary(
+                    key=key,
+                    state=state,
+                    fence=fence,
+                    task_id=text(reply[6]),
+                    parked=parked,
+                    lease_left=(deadline - now) / 1000.0 if state == "P" else None,
+                    ttl=ttl,
+                    payload_bytes=int(reply[8]),
+                    codec=text(reply[7]),
+                )
+            )
+        return out
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """See :meth:`celery_idem.store.base.Store.memory_usage` (``SAMPLES 0``: exact)."""
+        replies = self._pipelined(
+            keys, lambda pipe, key: pipe.execute_command("MEMORY USAGE", key, "SAMPLES", 0)
+        )
+        return [int(r) if isinstance(r, int) else None for r in replies]
+
+    def server_facts(self) -> ServerFacts:
+        """See :meth:`celery_idem.store.base.Store.server_facts`."""
+        client = self._server()
+        try:
+            before = time.time()
+            seconds, micros = client.time()
+            after = time.time()
+        except redis.RedisError as exc:
+            raise self._unavailable("TIME", exc) from exc
+        info: dict[str, str] = {}
+        info_error = None
+        try:
+            info = {str(k): text(v) for k, v in client.info().items()}
+        except OUTAGES as exc:
+            raise self._unavailable("INFO", exc) from exc
+        except redis.RedisError as exc:
+            info_error = f"{type(exc).__name__}: {exc}"
+        config: dict[str, str | None] = {}
+        for name in _CONFIG_FACTS:
+            try:
+                reply: dict[Any, Any] = client.config_get(name)
+            except OUTAGES as exc:
+                raise self._unavailable("CONFIG", exc) from exc
+            except redis.RedisError:
+                config[name] = None
+                continue
+            values = {text(k): text(v) for k, v in reply.items()}
+            config[name] = values.get(name)
+        return ServerFacts(
+            kind="redis",
+            topology=self.topology,
+            url=self.url,
+            info=info,
+            info_error=info_error,
+            config=config,
+            server_time=int(seconds) + int(micros) / 1e6,
+            local_time=(before + after) / 2,
+            round_trip=after - before,
+        )
