@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from tests.redis_server import RedisServer
 else:
     RedisServer = _helper.RedisServer
+from tests.topologies import RedisCluster, SentinelDeployment  # noqa: E402 - after the helper is loaded
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 AMQP_PROBE_TIMEOUT = 0.5
@@ -176,6 +177,38 @@ def store_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------- topologies
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private 3-master Redis Cluster for the session (keys isolated by prefix)."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_store_url(redis_cluster: RedisCluster) -> str:
+    """``redis+cluster://`` URL of the session's cluster (its first node as the seed)."""
+    return "redis+cluster://" + redis_cluster.url().partition("://")[2]
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelDeployment]:
+    """A private Sentinel deployment for the session: 1 master, 1 replica, 3 sentinels.
+
+    Shared, so never failed over: a failover test starts its own deployment.
+    """
+    with SentinelDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="session")
+def sentinel_store_url(redis_sentinel: SentinelDeployment) -> str:
+    """``sentinel://h1:p1;h2:p2;h3:p3/mymaster/0`` of the session's deployment."""
+    return redis_sentinel.sentinel_url(db=0)
 
 
 # --------------------------------------------------------------------------- rabbitmq

@@ -5,7 +5,8 @@ Each check ends ``ok``, ``warn`` or ``fail``, with a fix for anything but ``ok``
 * **fail** - the guarantee does not hold in normal operation, or tasks will error:
   the store is unreachable, ``memory://``, older than Redis 6.0, refuses the scripts,
   evicts keys (a ``maxmemory-policy`` other than ``noeviction`` with ``maxmemory``
-  set), is a read-only replica, a Sentinel, or a Cluster node.
+  set), is a read-only replica, or is a Sentinel or Cluster node reached through a
+  plain ``redis://`` URL (use ``sentinel://`` or ``redis+cluster://``).
 * **warn** - it holds until a rare event, or cannot be verified: no AOF (a restart
   loses records), an eviction policy not in force yet (``maxmemory`` 0), a clock
   offset over a second (only the times shown by this tool are affected), settings
@@ -122,33 +123,43 @@ def _persistence_finding(facts: ServerFacts) -> Finding:
     return Finding("persistence", "warn", detail, fix)
 
 
-def _topology_finding(info: Mapping[str, str]) -> Finding:
+def _topology_finding(facts: ServerFacts) -> Finding:
+    info = facts.info
     mode = info.get("redis_mode")
     role = info.get("role")
     if mode is None and role is None:
-        fix = "make sure idem_redis_url names a standalone primary"
+        fix = "make sure idem_redis_url names a primary (or sentinel:// / redis+cluster://)"
         return Finding("topology", "warn", "INFO refused: the topology is unknown", fix)
     if mode == "sentinel":
-        detail = "idem_redis_url names a Sentinel, not a data node"
-        return Finding("topology", "fail", detail, "point idem_redis_url at the primary")
+        detail = "idem_redis_url names a Sentinel as if it were a data node"
+        fix = "write it as sentinel://host:26379;host2:26379/SERVICE/0"
+        return Finding("topology", "fail", detail, fix)
+    replicas = info.get("connected_slaves", "0")
+    if facts.topology == "cluster":
+        detail = f"Redis Cluster (this primary has {replicas} replica(s)); records spread by slot"
+        return Finding("topology", "ok", detail + _replication_note(replicas))
     if mode == "cluster" or info.get("cluster_enabled") == "1":
         detail = (
-            "Redis Cluster node: celery-idem's client talks to one node, so records hashed "
-            "to another node's slots fail with MOVED"
+            "Redis Cluster node reached as a standalone server: records hashed to other "
+            "nodes' slots fail with MOVED"
         )
-        fix = "use a standalone primary (with replicas and Sentinel for failover)"
+        fix = "set idem_redis_cluster = True, or write the URL as redis+cluster://"
         return Finding("topology", "fail", detail, fix)
     if role not in (None, "master"):
         detail = f"standalone, role {role}: a replica refuses writes, so every claim fails"
         return Finding("topology", "fail", detail, "point idem_redis_url at the primary")
-    replicas = info.get("connected_slaves", "0")
-    detail = f"standalone, role {role or 'unknown'}, {replicas} replica(s)"
-    if replicas not in ("0", ""):
-        detail += (
-            " (replication is asynchronous: a failover can lose the last writes; "
-            "min-replicas-to-write narrows it)"
-        )
-    return Finding("topology", "ok", detail)
+    kind = "Sentinel-managed primary" if facts.topology == "sentinel" else "standalone"
+    detail = f"{kind}, role {role or 'unknown'}, {replicas} replica(s)"
+    return Finding("topology", "ok", detail + _replication_note(replicas))
+
+
+def _replication_note(replicas: str) -> str:
+    if replicas in ("0", ""):
+        return ""
+    return (
+        " (replication is asynchronous: a failover can lose the last writes; "
+        "idem_min_replicas makes claims and results wait for replicas)"
+    )
 
 
 def _clock_finding(facts: ServerFacts) -> Finding:
@@ -191,7 +202,7 @@ def judge(facts: ServerFacts, *, scripts_error: str | None) -> list[Finding]:
         findings.append(Finding("info", "warn", detail, fix))
     findings.append(_eviction_finding(facts))
     findings.append(_persistence_finding(facts))
-    findings.append(_topology_finding(facts.info))
+    findings.append(_topology_finding(facts))
     findings.append(_clock_finding(facts))
     return findings
 
@@ -230,8 +241,9 @@ def doctor_command(
       eviction     maxmemory-policy noeviction: an evicted record lets a
                    duplicate run the body again
       persistence  AOF on: without it a restart loses the records
-      topology     standalone primary (from INFO: redis_mode, role, replicas);
-                   a replica, a Sentinel or a Cluster node fails
+      topology     a primary: standalone, Sentinel-managed or Cluster (from
+                   INFO: redis_mode, role, replicas); a replica, or a Sentinel
+                   or Cluster node behind a plain redis:// URL, fails
       clock        offset of the Redis clock from this machine's (TIME)
 
     \b

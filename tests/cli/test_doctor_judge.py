@@ -61,11 +61,23 @@ def test_a_server_older_than_6_0_fails_the_version_check() -> None:
     assert by_check(facts({"redis_version": "6.0.0"}))["version"][0] == "ok"
 
 
-def test_cluster_and_sentinel_fail_the_topology_check() -> None:
+def test_cluster_and_sentinel_nodes_behind_a_plain_url_fail_the_topology_check() -> None:
     status, text = by_check(facts({"redis_mode": "cluster", "cluster_enabled": "1"}))["topology"]
-    assert (status, "MOVED" in text) == ("fail", True)
+    assert (status, "MOVED" in text, "redis+cluster://" in text) == ("fail", True, True)
     status, text = by_check(facts({"redis_mode": "sentinel"}))["topology"]
-    assert (status, "Sentinel" in text) == ("fail", True)
+    assert (status, "sentinel://" in text) == ("fail", True)
+
+
+def test_cluster_and_sentinel_reached_as_such_pass_the_topology_check() -> None:
+    cluster_info = {"redis_mode": "cluster", "cluster_enabled": "1"}
+    status, text = by_check(facts(cluster_info, topology="cluster"))["topology"]
+    assert (status, "Redis Cluster" in text) == ("ok", True)
+    status, text = by_check(facts({"connected_slaves": "1"}, topology="sentinel"))["topology"]
+    assert (status, "Sentinel-managed primary" in text, "idem_min_replicas" in text) == (
+        "ok",
+        True,
+        True,
+    )
 
 
 def test_a_primary_with_replicas_passes_and_mentions_asynchronous_replication() -> None:

@@ -1,8 +1,11 @@
 """One suite, every store: the in-memory store must behave exactly like Redis.
 
-Each test runs twice, against ``MemoryStore`` (time moved with freezegun) and against
-``RedisStore`` on the suite's own redis-server (time passes for real; every wait is a
-condition with a deadline).
+Each test runs against ``MemoryStore`` (time moved with freezegun) and against
+``RedisStore`` on every topology the suite starts itself (time passes for real; every
+wait is a condition with a deadline): the suite's redis-server, a 3-master Redis
+Cluster (marker ``cluster``), and a Sentinel deployment (marker ``sentinel``), the
+latter also with ``idem_min_replicas=1`` so every claim and completion goes through
+the ``WAIT`` pipeline.
 """
 
 from __future__ import annotations
@@ -36,7 +39,30 @@ class Backend:
         return f"{self.prefix}:{name}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+REDIS_TOPOLOGIES = [
+    "redis",
+    pytest.param("cluster", marks=pytest.mark.cluster),
+    pytest.param("sentinel", marks=pytest.mark.sentinel),
+    pytest.param("sentinel-wait", marks=pytest.mark.sentinel),
+]
+
+
+@pytest.fixture(params=REDIS_TOPOLOGIES)
+def redis_store(request: pytest.FixtureRequest) -> RedisStore:
+    """A RedisStore on one of the suite's own deployments (keys isolated by prefix)."""
+    return store_on(request, request.param)
+
+
+def store_on(request: pytest.FixtureRequest, topology: str) -> RedisStore:
+    if topology == "redis":
+        return RedisStore.from_url(request.getfixturevalue("redis_url"))
+    if topology == "cluster":
+        return RedisStore.from_url(request.getfixturevalue("cluster_store_url"))
+    url = request.getfixturevalue("sentinel_store_url")
+    return RedisStore.from_url(url, min_replicas=1 if topology == "sentinel-wait" else 0)
+
+
+@pytest.fixture(params=["memory", *REDIS_TOPOLOGIES])
 def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend]:
     if request.param == "memory":
         with freeze_time("2026-01-01 00:00:00") as frozen:
@@ -46,8 +72,7 @@ def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend
 
             yield Backend(MemoryStore(), key_prefix, tick)
         return
-    url = request.getfixturevalue("redis_url")
-    store = RedisStore.from_url(url)
+    store = store_on(request, request.param)
 
     def wait(_key: str, seconds: float) -> None:
         # The server's clock decides leases: wait until it has moved on, not a guess.
@@ -264,11 +289,11 @@ def test_cached_error_and_no_result_kinds_round_trip(backend: Backend) -> None:
 
 
 def test_many_threads_claiming_one_key_on_redis_only_one_wins(
-    redis_url: str, key_prefix: str
+    redis_store: RedisStore, key_prefix: str
 ) -> None:
     # Redis only: freezegun's frozen clock is process-wide, so the memory store's race
     # is covered by its lock rather than by threads here.
-    store = RedisStore.from_url(redis_url)
+    store = redis_store
     key = f"{key_prefix}:race"
     results: list[ClaimState] = []
     lock = threading.Lock()
@@ -544,9 +569,9 @@ def test_server_facts_describe_the_store(backend: Backend) -> None:
 
 
 def test_redis_summarize_and_forget_if_on_a_key_that_is_not_a_record(
-    redis_url: str, key_prefix: str
+    redis_store: RedisStore, key_prefix: str
 ) -> None:
-    store = RedisStore.from_url(redis_url)
+    store = redis_store
     listed, garbage = f"{key_prefix}:list", f"{key_prefix}:garbage"
     store.client.rpush(listed, "x")
     store.client.set(garbage, "not a record")

@@ -19,11 +19,19 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures re-exported fo
     celery_env,
     ledger,
     start_worker,
-    store_client,
     tasks,
     uid,
     worker,
 )
+
+
+@pytest.fixture(scope="session")
+def store_topology() -> str:
+    """The fault scenarios restart and block the store's own server: standalone only.
+
+    (Failover on Sentinel has its own tests in ``tests/topologies``.)
+    """
+    return "standalone"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,6 +4,11 @@
 process group, on its own queue, against the suite's redis-server (broker, result
 backend, store and effect ledger in separate databases). The test process builds the
 same app from the same environment to send tasks and read results.
+
+Every test here runs once per store topology (``store_topology``): the suite's
+redis-server, a Redis Cluster (marker ``cluster``) and a Sentinel deployment (marker
+``sentinel``, with ``idem_min_replicas=1``). Only the idempotency store moves; broker,
+backend and ledger stay on the suite's redis-server.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
+from celery_idem.task import invalidate_settings
 from tests.redis_server import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,13 +122,35 @@ class Worker:
             self.proc.wait(timeout=10)
 
 
+STORE_TOPOLOGIES = [
+    "standalone",
+    pytest.param("cluster", marks=pytest.mark.cluster),
+    pytest.param("sentinel", marks=pytest.mark.sentinel),
+]
+
+
+@pytest.fixture(scope="session", params=STORE_TOPOLOGIES)
+def store_topology(request: pytest.FixtureRequest) -> str:
+    """Where the idempotency store lives for this run of the integration tests."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def celery_env(redis_url: str) -> dict[str, str]:
+def celery_env(
+    redis_url: str, store_topology: str, request: pytest.FixtureRequest
+) -> dict[str, str]:
     """Environment shared by the test process's app and every worker."""
+    store = with_db(redis_url, STORE_DB)
+    if store_topology == "cluster":
+        store = request.getfixturevalue("cluster_store_url")
+    elif store_topology == "sentinel":
+        # With idem_min_replicas=1: every claim and completion WAITs for the replica.
+        store = request.getfixturevalue("sentinel_store_url")
     env = {
+        "IDEM_TEST_MIN_REPLICAS": "1" if store_topology == "sentinel" else "0",
         "IDEM_TEST_BROKER": with_db(redis_url, BROKER_DB),
         "IDEM_TEST_BACKEND": with_db(redis_url, BACKEND_DB),
-        "IDEM_TEST_STORE": with_db(redis_url, STORE_DB),
+        "IDEM_TEST_STORE": store,
         "IDEM_TEST_LEDGER": with_db(redis_url, LEDGER_DB),
     }
     os.environ.update(env)
@@ -131,8 +159,15 @@ def celery_env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tasks(celery_env: dict[str, str]) -> ModuleType:
-    """``tests.integration.tasks``, imported after the environment is set."""
-    return importlib.import_module("tests.integration.tasks")
+    """``tests.integration.tasks``, imported after the environment is set.
+
+    Imported once; on each topology its app is pointed at that topology's store.
+    """
+    module = importlib.import_module("tests.integration.tasks")
+    module.app.conf.idem_redis_url = celery_env["IDEM_TEST_STORE"]
+    module.app.conf.idem_min_replicas = int(celery_env["IDEM_TEST_MIN_REPLICAS"])
+    invalidate_settings()
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -161,13 +196,6 @@ def start_worker(celery_env: dict[str, str], tasks: ModuleType) -> Iterator[Any]
 @pytest.fixture
 def ledger(celery_env: dict[str, str]) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(celery_env["IDEM_TEST_LEDGER"])
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def store_client(celery_env: dict[str, str]) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(celery_env["IDEM_TEST_STORE"])
     yield client
     client.close()
 

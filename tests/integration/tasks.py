@@ -29,6 +29,7 @@ app = Celery("idemtest", broker=BROKER, backend=BACKEND)
 app.conf.update(
     idem_redis_url=STORE,
     idem_lease=float(os.environ.get("IDEM_TEST_LEASE", "60")),
+    idem_min_replicas=int(os.environ.get("IDEM_TEST_MIN_REPLICAS", "0")),
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,

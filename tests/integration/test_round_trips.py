@@ -22,6 +22,13 @@ pytestmark = pytest.mark.integration
 T = 30
 
 
+@pytest.fixture(autouse=True)
+def _once(store_topology: str) -> None:
+    """These tests bring their own private store server: one run is enough."""
+    if store_topology != "standalone":
+        pytest.skip("counted on a private standalone server, in the standalone run")
+
+
 class Monitor:
     """The commands that reach the server over the network (the test sends only markers)."""
 
