@@ -1,0 +1,120 @@
+"""Redis Cluster specifics: records spread over every slot owner, resharding, WAIT per node.
+
+The contract suite and the worker tests already run on the session's 3-master cluster;
+these cover what only a cluster has: a record's slot moving to another node while the
+store's client still has the old slot map (MOVED), and ``idem_min_replicas`` on a
+cluster with and without replicas.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from celery_idem import ReplicasNotReached
+from celery_idem.store import ClaimState, RecordKind, Stored
+from celery_idem.store.redis import RedisStore
+from tests.topologies import RedisCluster
+
+pytestmark = pytest.mark.cluster
+
+RESULT = Stored(RecordKind.RESULT, b'"ok"', "j")
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[RedisCluster]:
+    """3 masters with one replica each: WAIT has someone to wait for."""
+    with RedisCluster(replicas_per_master=1) as cluster:
+        yield cluster
+
+
+def cluster_url(cluster: RedisCluster) -> str:
+    return "redis+cluster://" + cluster.url().partition("://")[2]
+
+
+def run_once(store: RedisStore, key: str) -> None:
+    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    assert first.state is ClaimState.CLAIMED
+    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT,
+                          ttl=60)  # fmt: skip
+    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
+
+
+def test_records_spread_over_every_master(
+    cluster_store_url: str, redis_cluster: RedisCluster
+) -> None:
+    store = RedisStore.from_url(cluster_store_url)
+    prefix = f"idem:spread-{uuid.uuid4().hex[:6]}"
+    keys = [f"{prefix}:{i}" for i in range(30)]
+    for key in keys:
+        run_once(store, key)
+    owners = {redis_cluster.node_for_key(key).port for key in keys}
+    assert owners == {node.port for node in redis_cluster.masters}
+    for key in keys:  # each record is on the node owning its slot
+        assert redis_cluster.node_for_key(key).client().exists(key) == 1
+
+
+def migrate_slot_of(cluster: RedisCluster, key: str) -> None:
+    """Move ``key``'s slot, with the key, to another master (what a reshard does)."""
+    source = cluster.node_for_key(key)
+    target = next(node for node in cluster.masters if node.port != source.port)
+    src, dst = source.client(), target.client()
+    slot = int(src.execute_command("CLUSTER", "KEYSLOT", key))
+    src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
+    for node in cluster.masters:
+        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    assert dst.exists(key) == 1
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1])
+def test_a_record_whose_slot_moved_is_followed_through_moved(
+    replicated_cluster: RedisCluster, min_replicas: int
+) -> None:
+    store = RedisStore.from_url(cluster_url(replicated_cluster), min_replicas=min_replicas)
+    key = f"idem:moved-{uuid.uuid4().hex[:8]}"
+    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    assert first.state is ClaimState.CLAIMED  # the client's slot map now points at the source
+    migrate_slot_of(replicated_cluster, key)
+    # The completion goes to the old owner first, gets MOVED, and lands on the new one.
+    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT,
+                          ttl=60)  # fmt: skip
+    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
+
+
+def test_min_replicas_waits_on_the_node_owning_the_key(replicated_cluster: RedisCluster) -> None:
+    store = RedisStore.from_url(cluster_url(replicated_cluster), min_replicas=1)
+    for i in range(6):
+        run_once(store, f"idem:wait-{uuid.uuid4().hex[:8]}-{i}")
+
+
+def test_min_replicas_on_a_cluster_without_replicas_refuses_every_claim(
+    cluster_store_url: str, redis_cluster: RedisCluster
+) -> None:
+    store = RedisStore.from_url(cluster_store_url, min_replicas=1)
+    store._wait_ms = 100
+    key = f"idem:lonely-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ReplicasNotReached, match="0 of idem_min_replicas=1"):
+        store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    record = store.read(key)  # released: nothing holds the key
+    assert record is not None
+    assert record.state == "F"
+
+
+def test_a_script_flushed_on_one_node_is_reloaded_there(
+    cluster_store_url: str, redis_cluster: RedisCluster
+) -> None:
+    store = RedisStore.from_url(cluster_store_url)
+    key = f"idem:noscript-{uuid.uuid4().hex[:8]}"
+    run_once(store, f"{key}-warm")
+    node = redis_cluster.node_for_key(key)
+    node.client().script_flush()
+    assert node.client().script_exists(store._claim.sha) == [False]
+    run_once(store, key)  # NOSCRIPT on that node, answered by loading it there
+    assert node.client().script_exists(store._claim.sha) == [True]
