@@ -16,18 +16,36 @@ only the overridden names and returns the cached object untouched when there are
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import difflib
 import enum
-import importlib
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
-from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, parse_sentinels
+from celery_idem.checks import (
+    MAX_PREFIX_LEN,
+    REDIS_SCHEMES,
+    Invalid,
+    check_bool,
+    check_cache_errors,
+    check_client_factory,
+    check_key_prefix,
+    check_lease,
+    check_max_result_bytes,
+    check_min_replicas,
+    check_name,
+    check_options,
+    check_redis_url,
+    check_sentinels,
+    check_ttl,
+    policy_parser,
+    seconds,
+    short_repr,
+    url_scheme,
+)
+from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint
 from celery_idem.exceptions import IdempotencyConfigError
 
 __all__ = [
@@ -172,265 +190,58 @@ class IdemSettings:
 # --------------------------------------------------------------------------- validation
 
 
-class _Invalid(Exception):
-    """Raised by a validator; the caller turns it into IdempotencyConfigError.
-
-    Keeping validators ignorant of names and origins lets one table describe each
-    setting and one function format every message the same way.
-    """
-
-    def __init__(self, why: str = "") -> None:
-        super().__init__(why)
-        self.why = why
-
-
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel"})
-_URL_SCHEMES = _REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
-_STORE_SETTINGS = (
-    "idem_redis_url",
-    "idem_redis_sentinels",
-    "idem_redis_sentinel_master",
-    "idem_redis_cluster",
-    "idem_redis_client",
-    "idem_redis_options",
-    "idem_min_replicas",
-    "idem_min_replicas_timeout",
-)
-_MAX_PREFIX_LEN = 64
-_MAX_REPR = 80
-
-
-def _short_repr(value: object) -> str:
-    """Return ``repr(value)`` cut to a length that keeps one error message readable."""
-    text = repr(value)
-    if len(text) > _MAX_REPR:
-        return text[: _MAX_REPR - 3] + "..."
-    return text
-
-
-def _url_scheme(value: str) -> str:
-    """Return the lower-cased scheme of a URL, or ``""`` when it has none."""
-    scheme, sep, _ = value.partition("://")
-    return scheme.lower() if sep else ""
-
-
-def _check_redis_url(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid("not a str")
-    if _url_scheme(value) not in _URL_SCHEMES:
-        raise _Invalid("unsupported scheme")
-    return value
-
-
-def _seconds(value: object, *, minimum: float, inclusive: bool) -> float:
-    """Validate a duration in seconds; ``bool`` is refused though it is an ``int``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Invalid(f"a {type(value).__name__}, not a number")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise _Invalid("too large") from None
-    if not math.isfinite(seconds):
-        raise _Invalid("not finite")
-    if seconds < minimum or (not inclusive and seconds == minimum):
-        raise _Invalid("out of range")
-    return seconds
-
-
-def _check_ttl(value: object) -> float:
-    return _seconds(value, minimum=0.0, inclusive=False)
-
-
-def _check_lease(value: object) -> float:
-    return _seconds(value, minimum=1.0, inclusive=True)
-
-
-def _check_key_prefix(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"a {type(value).__name__}, not a str")
-    if not value:
-        raise _Invalid("empty")
-    if len(value) > _MAX_PREFIX_LEN:
-        raise _Invalid(f"{len(value)} characters")
-    if "{" in value or "}" in value:
-        raise _Invalid("contains a brace")
-    if any(ch.isspace() for ch in value):
-        raise _Invalid("contains whitespace")
-    return value
-
-
-_E = TypeVar("_E", bound=enum.Enum)
-
-
-def _policy_parser(members: type[_E]) -> Callable[[object], _E]:
-    """Build a parser accepting a member or its value in any letter case."""
-    by_value: dict[str, _E] = {str(m.value): m for m in members}
-
-    def parse(value: object) -> _E:
-        if isinstance(value, members):
-            return value
-        if isinstance(value, str):
-            member = by_value.get(value.lower())
-            if member is not None:
-                return member
-        raise _Invalid()
-
-    return parse
-
-
-def _import_dotted(name: str) -> object:
-    """Import ``package.module.ClassName`` (nested attributes allowed).
-
-    A name without a dot is looked up in :mod:`builtins`, so ``"ValueError"`` works.
-    The longest importable module prefix wins, which also finds nested classes.
-    """
-    parts = name.split(".")
-    if any(not part for part in parts):
-        raise _Invalid(f"entry {name!r} is not a dotted name")
-    if len(parts) == 1:
-        if not hasattr(builtins, name):
-            raise _Invalid(f"entry {name!r} is not a builtin; use 'package.module.{name}'")
-        return getattr(builtins, name)
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: object = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            missing = exc.name or ""
-            if module_name == missing or module_name.startswith(missing + "."):
-                continue  # this prefix is not a module; try a shorter one
-            raise _Invalid(f"entry {name!r}: importing {module_name!r} failed: {exc}") from None
-        except Exception as exc:
-            raise _Invalid(
-                f"entry {name!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-            ) from None
-        for attr in parts[split:]:
-            try:
-                obj = getattr(obj, attr)
-            except AttributeError:
-                raise _Invalid(f"entry {name!r}: {attr!r} not found in {module_name!r}") from None
-        return obj
-    raise _Invalid(f"entry {name!r}: no module {parts[0]!r} can be imported")
-
-
-def _check_cache_errors(value: object) -> tuple[type[BaseException], ...]:
-    entries: tuple[object, ...]
-    if isinstance(value, (tuple, list, set, frozenset)):
-        entries = tuple(value)
-    elif isinstance(value, (str, type)):
-        entries = (value,)
-    else:
-        raise _Invalid(f"a {type(value).__name__}")
-    classes: list[type[BaseException]] = []
-    for entry in entries:
-        resolved = _import_dotted(entry) if isinstance(entry, str) else entry
-        if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
-            raise _Invalid(f"entry {_short_repr(entry)} is not an exception class")
-        if resolved not in classes:
-            classes.append(resolved)
-    return tuple(classes)
-
-
-def _check_bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"a {type(value).__name__}, not a bool")
-    return value
-
-
-def _check_sentinels(value: object) -> tuple[tuple[str, int], ...]:
-    try:
-        return parse_sentinels(value)
-    except EndpointError as exc:
-        raise _Invalid(exc.why) from None
-
-
-def _check_name(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid("not a non-empty str")
-    return value
-
-
-def _check_client_factory(value: object) -> Callable[[], Any]:
-    factory = _import_dotted(value) if isinstance(value, str) else value
-    if not callable(factory):
-        raise _Invalid(f"{_short_repr(value)} is not callable")
-    return factory
-
-
-def _check_options(value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise _Invalid(f"a {type(value).__name__}, not a dict with str keys")
-    return MappingProxyType(dict(value))
-
-
-def _check_min_replicas(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"a {type(value).__name__}, not an int")
-    if value < 0:
-        raise _Invalid("negative")
-    return value
-
-
-def _check_max_result_bytes(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"a {type(value).__name__}, not an int")
-    if value <= 0:
-        raise _Invalid("out of range")
-    return value
-
-
 _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
     {
         "idem_redis_url": (
-            _check_redis_url,
+            check_redis_url,
             "a str URL with scheme redis://, rediss://, unix://, sentinel://, "
             "redis+cluster://, rediss+cluster:// or memory://",
         ),
         "idem_redis_sentinels": (
-            _check_sentinels,
+            check_sentinels,
             "Sentinel addresses: 'h1:26379;h2:26379' or a list of 'host:port' / (host, port)",
         ),
-        "idem_redis_sentinel_master": (_check_name, "the Sentinel service name, a str"),
-        "idem_redis_cluster": (_check_bool, "True or False"),
+        "idem_redis_sentinel_master": (check_name, "the Sentinel service name, a str"),
+        "idem_redis_cluster": (check_bool, "True or False"),
         "idem_redis_client": (
-            _check_client_factory,
+            check_client_factory,
             "a callable returning a redis-py client, or its dotted name 'package.module.make'",
         ),
         "idem_redis_options": (
-            _check_options,
+            check_options,
             "a dict of redis-py client keyword arguments (e.g. ssl_ca_certs, socket_timeout)",
         ),
-        "idem_min_replicas": (_check_min_replicas, "an int >= 0 (not bool)"),
+        "idem_min_replicas": (check_min_replicas, "an int >= 0 (not bool)"),
         "idem_min_replicas_timeout": (
-            lambda v: _seconds(v, minimum=0.0, inclusive=False),
+            lambda v: seconds(v, minimum=0.0, inclusive=False),
             "seconds as an int or float > 0 (not bool)",
         ),
-        "idem_ttl": (_check_ttl, "seconds as an int or float > 0 (not bool)"),
+        "idem_ttl": (check_ttl, "seconds as an int or float > 0 (not bool)"),
         "idem_lease": (
-            _check_lease,
+            check_lease,
             "seconds as an int or float >= 1 (not bool); a shorter lease cannot be "
             "renewed reliably",
         ),
         "idem_key_prefix": (
-            _check_key_prefix,
-            f"a non-empty str of at most {_MAX_PREFIX_LEN} characters without whitespace "
+            check_key_prefix,
+            f"a non-empty str of at most {MAX_PREFIX_LEN} characters without whitespace "
             "or '{' '}' (braces would change Redis Cluster hash slots)",
         ),
         "idem_on_in_progress": (
-            _policy_parser(InProgressPolicy),
+            policy_parser(InProgressPolicy),
             "one of 'retry', 'wait', 'raise' (any case) or an InProgressPolicy member",
         ),
         "idem_on_store_error": (
-            _policy_parser(StoreErrorPolicy),
+            policy_parser(StoreErrorPolicy),
             "one of 'retry', 'run', 'raise' (any case) or a StoreErrorPolicy member",
         ),
         "idem_cache_errors": (
-            _check_cache_errors,
+            check_cache_errors,
             "an exception class or dotted name 'package.module.ClassName', or a "
             "tuple/list/set of them",
         ),
-        "idem_max_result_bytes": (_check_max_result_bytes, "an int > 0 (not bool)"),
-        "idem_dedupe_on_publish": (_check_bool, "True or False"),
+        "idem_max_result_bytes": (check_max_result_bytes, "an int > 0 (not bool)"),
+        "idem_dedupe_on_publish": (check_bool, "True or False"),
     }
 )
 
@@ -457,11 +268,11 @@ def _validate(name: str, key: str, value: object, where: str, task_name: str | N
     check, expected = _RULES[name]
     try:
         return check(value)
-    except _Invalid as exc:
+    except Invalid as exc:
         label = name if key == name else f"{name} (set as {key})"
         why = f" ({exc.why})" if exc.why else ""
         raise IdempotencyConfigError(
-            f"{label} from {where} is invalid: {_short_repr(value)}{why}; expected {expected}.",
+            f"{label} from {where} is invalid: {short_repr(value)}{why}; expected {expected}.",
             None,
             task_name,
         ) from None
@@ -497,7 +308,7 @@ def _unknown_name(
         else f"valid names: {', '.join(candidates)}."
     )
     return IdempotencyConfigError(
-        f"{key} from {where} is not a celery-idem setting (value {_short_repr(value)}); {hint}",
+        f"{key} from {where} is not a celery-idem setting (value {short_repr(value)}); {hint}",
         None,
         task_name,
     )
@@ -558,7 +369,7 @@ def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, str | None
             url = app_conf.get(attr)
             if url is None:
                 url = app_conf.get(f"CELERY_{attr.upper()}")
-        if isinstance(url, str) and _url_scheme(url) in _REDIS_SCHEMES:
+        if isinstance(url, str) and url_scheme(url) in REDIS_SCHEMES:
             name = f"{options}_transport_options"
             transport = app_conf.get(name) or app_conf.get(f"CELERY_{name.upper()}") or {}
             master = transport.get("master_name") if isinstance(transport, Mapping) else None
@@ -699,7 +510,7 @@ def with_call_overrides(
                 if key in _FIELDS:
                     raise IdempotencyConfigError(
                         f"{key} cannot be set per call; set it on the task or the app "
-                        f"(call option value {_short_repr(raw)}; per-call settings: "
+                        f"(call option value {short_repr(raw)}; per-call settings: "
                         f"{', '.join(_CALL_ORDERED)}).",
                         None,
                         task_name,
