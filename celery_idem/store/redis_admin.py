@@ -97,6 +97,19 @@ class RedisAdmin:
                 return text(value)
         return None
 
+    def replica_count(self) -> int | None:
+        """Replicas connected to the primary (on Cluster: to one primary), or None.
+
+        For the worker's start-up check against ``idem_min_replicas``; not knowing
+        (INFO refused, the store down) is not an error there.
+        """
+        try:
+            info: dict[str, Any] = self._server().info("replication")
+        except redis.RedisError:
+            return None
+        count = info.get("connected_slaves")
+        return int(count) if count is not None else None
+
     def forget(self, key: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.forget`."""
         try:

@@ -1,4 +1,4 @@
-"""Worker start: validate every idempotent task's settings, warn about evicting stores.
+"""Worker start: validate every task's settings, warn about evicting or under-replicated stores.
 
 Connected to Celery's ``celeryd_after_setup`` when ``celery_idem.task`` is imported:
 it comes after the worker set up its logging (so the lines reach ``--logfile``) and
@@ -41,6 +41,7 @@ def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any
         if id(store) not in checked:
             checked.add(id(store))
             _warn_if_evicting(store)
+            _warn_if_replicas_short(store)
 
 
 def _warn_if_evicting(store: Store) -> None:
@@ -53,6 +54,23 @@ def _warn_if_evicting(store: Store) -> None:
             "maxmemory-policy noeviction on the Redis that holds idem_redis_url.",
             getattr(store, "url", "?"),
             policy,
+        )
+
+
+def _warn_if_replicas_short(store: Store) -> None:
+    wanted = getattr(store, "min_replicas", 0)
+    count_of = getattr(store, "replica_count", None)
+    if not wanted or count_of is None:
+        return
+    count = count_of()
+    if count is not None and count < wanted:
+        logger.warning(
+            "celery-idem: idem_min_replicas=%d but the primary of the store at %s has %d "
+            "replica(s) connected: every claim will be refused (and its task deferred) "
+            "until enough replicas connect.",
+            wanted,
+            getattr(store, "url", "?"),
+            count,
         )
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 from celery_idem import ReplicasNotReached
 from celery_idem.store import ClaimState, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
+from tests.integration.conftest import Worker, ledger_count
+from tests.redis_server import wait_for
 from tests.topologies import RedisCluster
 
 pytestmark = pytest.mark.cluster
@@ -118,3 +122,17 @@ def test_a_script_flushed_on_one_node_is_reloaded_there(
     assert node.client().script_exists(store._claim.sha) == [False]
     run_once(store, key)  # NOSCRIPT on that node, answered by loading it there
     assert node.client().script_exists(store._claim.sha) == [True]
+
+
+def test_a_worker_warns_at_start_and_runs_nothing_when_replicas_are_missing(
+    cluster_store_url: str, start_worker: Any, tasks: ModuleType, ledger: Any, uid: str
+) -> None:
+    w: Worker = start_worker(
+        extra_env={"IDEM_TEST_STORE": cluster_store_url, "IDEM_TEST_MIN_REPLICAS": "1"}
+    )
+    assert "idem_min_replicas=1 but the primary" in w.log()
+    tasks.record.apply_async((uid,), queue=w.queue)
+    wait_for(lambda: "ReplicasNotReached" in w.log() or "0 of idem_min_replicas" in w.log(),
+             timeout=30, message="the claim refused for want of replicas")  # fmt: skip
+    assert "body not run" in w.log()
+    assert ledger_count(ledger, uid) == 0
