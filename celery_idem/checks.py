@@ -33,7 +33,7 @@ class Invalid(Exception):
         self.why = why
 
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel"})
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket", "socket", "sentinel"})
 URL_SCHEMES = REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
 MAX_PREFIX_LEN = 64
 MAX_REPR = 80

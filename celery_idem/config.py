@@ -194,7 +194,7 @@ _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
     {
         "idem_redis_url": (
             check_redis_url,
-            "a str URL with scheme redis://, rediss://, unix://, sentinel://, "
+            "a str URL with scheme redis://, rediss://, unix:// (or redis+socket://), sentinel://, "
             "redis+cluster://, rediss+cluster:// or memory://",
         ),
         "idem_redis_sentinels": (

@@ -1,8 +1,8 @@
 """Endpoint: where the records live, parsed from the settings, before any I/O.
 
-This module owns the store's address forms (``redis://``, ``rediss://``, ``unix://``,
-``sentinel://``, ``redis+cluster://``, ``memory://``) and how the store settings
-combine (``idem_redis_sentinels``, ``idem_redis_cluster``, ``idem_redis_client``, ...).
+This module owns the store's address forms (``redis://``, ``rediss://``, ``unix://``
+and Celery's ``redis+socket://``, ``sentinel://``, ``redis+cluster://``, ``memory://``)
+and how the store settings combine (``idem_redis_sentinels``, ``idem_redis_cluster``, ``idem_redis_client``, ...).
 It turns them into one frozen :class:`Endpoint`, so a contradiction is refused at
 start-up with the setting's name, and ``store/connect.py`` only builds what is
 described here.
@@ -297,6 +297,10 @@ def build_endpoint(
             "idem_redis_sentinel_master",
             "set without Sentinels: give idem_redis_sentinels or a sentinel:// idem_redis_url",
         )
+    if scheme in ("socket", "redis+socket"):
+        # Celery's spellings of a unix socket; its virtual_host query names the db.
+        rest = url[len(scheme) + 3 :].replace("virtual_host=", "db=")
+        url, scheme = "unix://" + rest, "unix"
     if scheme in ("redis+cluster", "rediss+cluster"):
         return Endpoint(
             Topology.CLUSTER, url=_normalize_tls_query(scheme[:-8] + url[len(scheme) :]), **common

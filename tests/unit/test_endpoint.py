@@ -37,6 +37,14 @@ def test_plain_urls_are_standalone_and_kept_as_given(url: str) -> None:
     assert found.url == url
 
 
+@pytest.mark.parametrize(
+    "url", ["redis+socket:///run/redis.sock?virtual_host=3", "socket:///run/redis.sock?db=3"]
+)
+def test_celerys_unix_socket_spellings_become_unix_urls(url: str) -> None:
+    found = endpoint({"idem_redis_url": url})
+    assert (found.topology, found.url) == (Topology.STANDALONE, "unix:///run/redis.sock?db=3")
+
+
 def test_celery_spelling_of_tls_cert_reqs_becomes_redis_py_spelling() -> None:
     found = endpoint({"idem_redis_url": "rediss://h:6380/0?ssl_cert_reqs=CERT_REQUIRED"})
     assert found.url == "rediss://h:6380/0?ssl_cert_reqs=required"
