@@ -2,7 +2,8 @@
 
 This module owns the store's address forms (``redis://``, ``rediss://``, ``unix://``
 and Celery's ``redis+socket://``, ``sentinel://``, ``redis+cluster://``, ``memory://``)
-and how the store settings combine (``idem_redis_sentinels``, ``idem_redis_cluster``, ``idem_redis_client``, ...).
+and how the store settings combine (``idem_redis_sentinels``, ``idem_redis_cluster``,
+``idem_redis_client``, ...).
 It turns them into one frozen :class:`Endpoint`, so a contradiction is refused at
 start-up with the setting's name, and ``store/connect.py`` only builds what is
 described here.
