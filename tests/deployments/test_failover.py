@@ -14,12 +14,15 @@ outcomes asserted here are the table in ``docs/deployment.md``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 from celery_idem import ReplicasNotReached
 from celery_idem.store import ClaimState, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
+from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
 from tests.topologies import SentinelDeployment
 
@@ -169,3 +172,27 @@ def test_min_replicas_reports_a_result_the_replica_did_not_confirm(
         assert record.state == "C"
     # The replica is back: the retry is confirmed.
     wait_for(lambda: complete(s, fence), 10.0, message="completion confirmed after reconnect")
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1])
+def test_a_worker_rides_out_a_failover_while_a_body_runs(
+    deployment: SentinelDeployment, start_worker: Any, tasks: ModuleType, ledger: Any, uid: str,
+    min_replicas: int,
+) -> None:  # fmt: skip
+    w: Worker = start_worker(
+        extra_env={
+            "IDEM_TEST_STORE": deployment.sentinel_url(0),
+            "IDEM_TEST_MIN_REPLICAS": str(min_replicas),
+        }
+    )
+    first = tasks.sf_wait_flag.apply_async((uid, uid), queue=w.queue)
+    wait_for(lambda: ledger_count(ledger, uid) == 1, 30, message="the body started")
+    # The claim is on the replica (WAIT saw to it, or replication did): kill the master.
+    wait_for(lambda: deployment.replica.client().dbsize() >= 1, 5, message="claim replicated")
+    old = deployment.kill_master()
+    deployment.wait_for_failover(old)
+    deployment.restart_old_master_as_replica()  # a replica again, for WAIT to count
+    duplicate = tasks.sf_wait_flag.apply_async((uid, uid), queue=w.queue)
+    ledger.set(f"flag:{uid}", 1)  # let the first body return
+    assert duplicate.get(timeout=60) == first.get(timeout=60)
+    assert ledger_count(ledger, uid) == 1  # the body ran once across the failover
