@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
-from kombu.utils.url import maybe_sanitize_url
 
 from celery_idem import codec
 from celery_idem.config import IdemSettings, resolve_settings
@@ -89,7 +88,8 @@ class Target:
     @property
     def url(self) -> str:
         """The store's URL, without a password."""
-        return str(maybe_sanitize_url(self.settings.redis_url or ""))
+        endpoint = self.settings.endpoint
+        return endpoint.display if endpoint is not None else ""
 
     def task_label(self, tag: str | None) -> str:
         """The task name(s) a record's tag stands for, or ``?TAG`` for an unknown one."""
