@@ -4,6 +4,7 @@
 #   make lint      ruff check + ruff format --check
 #   make typecheck mypy (strict; config and files in pyproject.toml)
 #   make faults    only tests/faults
+#   make bench-topologies  per-key cost on standalone, Sentinel and Cluster
 #   make demo      run example_project.demo
 #   make docs      build the documentation site into build/site (mkdocs --strict)
 #   make clean     remove caches/build artefacts (keeps .venv; `make distclean` drops it)
@@ -24,7 +25,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard celery_idem tests example_project benchmarks docs/examples docs/hooks)
 
 .DEFAULT_GOAL := test
-.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults clean distclean
+.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults bench-topologies clean distclean
 
 all: test
 
@@ -87,6 +88,11 @@ $(BENCH_STAMP): benchmarks/requirements.txt | $(STAMP)
 .PHONY: bench
 bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV_PY) -m benchmarks
+
+# Per-key cost on each deployment the suite can start (standalone, Sentinel, Cluster;
+# with and without idem_min_replicas): a Markdown table on stdout, about 35 s.
+bench-topologies: $(STAMP)
+	$(VENV_PY) -m benchmarks.topologies
 
 # The documentation site (mkdocs.yml, docs/): built with warnings as errors into
 # build/site. Its requirements (docs/requirements.txt, pinned) go into the same venv,
