@@ -20,7 +20,7 @@ from celery_idem.config import resolve_settings
 from celery_idem.store import ClaimState, RecordKind, Store, Stored, store_for
 from celery_idem.store.connect import client_for
 from tests.integration.conftest import Worker, ledger_count
-from tests.topologies import (
+from tests.server_variants import (
     TlsFiles,
     TlsRedisServer,
     UnixRedisServer,
