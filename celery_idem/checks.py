@@ -39,6 +39,12 @@ MAX_PREFIX_LEN = 64
 MAX_REPR = 80
 
 
+def a_kind(value: object) -> str:
+    """``"an int"``, ``"a str"``: the value's type with its article, for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def short_repr(value: object) -> str:
     """Return ``repr(value)`` cut to a length that keeps one error message readable."""
     text = repr(value)
@@ -65,7 +71,7 @@ def check_redis_url(value: object) -> str:
 def seconds(value: object, *, minimum: float, inclusive: bool) -> float:
     """Validate a duration in seconds; ``bool`` is refused though it is an ``int``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Invalid(f"a {type(value).__name__}, not a number")
+        raise Invalid(f"{a_kind(value)}, not a number")
     try:
         seconds = float(value)
     except OverflowError:
@@ -90,7 +96,7 @@ def check_lease(value: object) -> float:
 def check_key_prefix(value: object) -> str:
     """A prefix without braces: a hash tag would pile every record into one Cluster slot."""
     if not isinstance(value, str):
-        raise Invalid(f"a {type(value).__name__}, not a str")
+        raise Invalid(f"{a_kind(value)}, not a str")
     if not value:
         raise Invalid("empty")
     if len(value) > MAX_PREFIX_LEN:
@@ -164,7 +170,7 @@ def check_cache_errors(value: object) -> tuple[type[BaseException], ...]:
     elif isinstance(value, (str, type)):
         entries = (value,)
     else:
-        raise Invalid(f"a {type(value).__name__}")
+        raise Invalid(f"{a_kind(value)}")
     classes: list[type[BaseException]] = []
     for entry in entries:
         resolved = import_dotted(entry) if isinstance(entry, str) else entry
@@ -178,7 +184,7 @@ def check_cache_errors(value: object) -> tuple[type[BaseException], ...]:
 def check_bool(value: object) -> bool:
     """Only a real bool: ``"false"`` from an environment variable would be truthy."""
     if not isinstance(value, bool):
-        raise Invalid(f"a {type(value).__name__}, not a bool")
+        raise Invalid(f"{a_kind(value)}, not a bool")
     return value
 
 
@@ -208,14 +214,14 @@ def check_client_factory(value: object) -> Callable[[], Any]:
 def check_options(value: object) -> Mapping[str, Any]:
     """Keyword arguments for redis-py, frozen so the settings stay immutable."""
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise Invalid(f"a {type(value).__name__}, not a dict with str keys")
+        raise Invalid(f"{a_kind(value)}, not a dict with str keys")
     return MappingProxyType(dict(value))
 
 
 def check_min_replicas(value: object) -> int:
     """A replica count; 0 turns ``WAIT`` off."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f"a {type(value).__name__}, not an int")
+        raise Invalid(f"{a_kind(value)}, not an int")
     if value < 0:
         raise Invalid("negative")
     return value
@@ -224,7 +230,7 @@ def check_min_replicas(value: object) -> int:
 def check_max_result_bytes(value: object) -> int:
     """A positive size in bytes."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f"a {type(value).__name__}, not an int")
+        raise Invalid(f"{a_kind(value)}, not an int")
     if value <= 0:
         raise Invalid("out of range")
     return value

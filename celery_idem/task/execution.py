@@ -148,8 +148,14 @@ class _Execution:
     def _idem_store_down(self, run: _Run, cause: StoreUnavailable) -> None:
         """Apply ``idem_on_store_error`` when the claim could not reach the store."""
         policy = run.settings.on_store_error
+        not_durable = isinstance(cause, ReplicasNotReached)
+        if policy is StoreErrorPolicy.RUN and not_durable:
+            # The store is up and the user asked for durable claims: running
+            # unprotected would throw away exactly what idem_min_replicas buys.
+            policy = StoreErrorPolicy.RETRY
         # The store names only its hashed record; the caller needs the task and key.
-        exc = StoreUnavailable(
+        kind = ReplicasNotReached if not_durable else StoreUnavailable
+        exc = kind(
             f"task {self.name!r} could not claim key {run.key!r}: {cause}",
             key=run.key,
             task_name=self.name,
@@ -158,10 +164,6 @@ class _Execution:
         signals.store_error.send(
             sender=self, key=run.key, task_id=run.task_id, exc=exc, stage="claim", policy=policy
         )
-        if policy is StoreErrorPolicy.RUN and isinstance(cause, ReplicasNotReached):
-            # The store is up and the user asked for durable claims: running
-            # unprotected would throw away exactly what idem_min_replicas buys.
-            policy = StoreErrorPolicy.RETRY
         if policy is StoreErrorPolicy.RUN:
             self._idem_log(
                 logging.WARNING,
