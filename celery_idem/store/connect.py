@@ -20,11 +20,12 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from celery_idem.endpoint import Endpoint, Topology
-from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
 from celery_idem.store.redis import RedisStore
 
 __all__ = ["client_for", "redis_store_for"]
@@ -48,24 +49,44 @@ def client_for(endpoint: Endpoint) -> Any:
     Raises:
         IdempotencyConfigError: redis-py refused the URL or an option, naming the
             setting; or the ``idem_redis_client`` factory failed or returned no client.
+        StoreUnavailable: A client that connects when built (Cluster reads its slot
+            map; a factory may connect) could not reach Redis.
     """
     options = endpoint.option_dict()
     try:
         if endpoint.topology is Topology.CUSTOM:
             return _from_factory(endpoint)
         if endpoint.topology is Topology.SENTINEL:
-            return _sentinel_client(endpoint, options)
+            return _checked(_sentinel_client(endpoint, options))
         url = endpoint.url or ""
         if endpoint.topology is Topology.CLUSTER:
             kwargs = {**_TIMEOUTS, **options}
             return RedisCluster.from_url(url, **kwargs)
-        return redis.Redis.from_url(url, **{**_TIMEOUTS, "retry": _quick_retry(), **options})
+        kwargs = {**_TIMEOUTS, "retry": _quick_retry(), **options}
+        return _checked(redis.Redis.from_url(url, **kwargs))
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise StoreUnavailable(
+            f"the idempotency store at {endpoint.display} could not be reached: "
+            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and the store "
+            f"settings are right."
+        ) from exc
     except (ValueError, TypeError) as exc:
         raise IdempotencyConfigError(
             f"idem_redis_url {endpoint.display!r} with idem_redis_options "
             f"{sorted(options)} is not something redis-py can connect to: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _checked(client: redis.Redis) -> redis.Redis:
+    """Build one connection object (no socket) so a misspelt option fails now.
+
+    redis-py passes ``idem_redis_options`` to the connection class only when it first
+    connects; a ``TypeError`` there would surface inside a task instead of at start.
+    """
+    pool = client.connection_pool
+    pool.connection_class(**pool.connection_kwargs)
+    return client
 
 
 def _sentinel_client(endpoint: Endpoint, options: dict[str, Any]) -> redis.Redis:
@@ -88,6 +109,8 @@ def _from_factory(endpoint: Endpoint) -> Any:
     assert factory is not None
     try:
         client = factory()
+    except (redis.RedisError, RedisClusterException):
+        raise  # unreachable, not misconfigured: client_for says so
     except Exception as exc:
         raise IdempotencyConfigError(
             f"idem_redis_client {endpoint.display!r} raised {type(exc).__name__}: {exc}"

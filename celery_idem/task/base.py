@@ -28,9 +28,11 @@ from celery_idem.exceptions import (
     IdempotencyError,
     IdempotencyKeyMismatch,
     ResultNotStored,
+    StoreUnavailable,
 )
 from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
-from celery_idem.store import ClaimState, store_for
+from celery_idem.store import ClaimState, Store, store_for
+from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task import context
 from celery_idem.task.context import (
     _DEFERRALS,
@@ -220,17 +222,25 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         settings = self._idem_settings()
         accept = conf.result_accept_content or conf.accept_content
         visibility = (conf.broker_transport_options or {}).get("visibility_timeout")
+        store: Store
+        try:
+            store = store_for(settings.endpoint, task_name=self.name)
+        except StoreUnavailable as exc:
+            # No client at all (a Cluster with no node answering): each operation is an
+            # outage under idem_on_store_error, and the next message tries again.
+            store = UnreachableStore(exc)
         spec = _Spec(
             max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
             rule=KeyRule(self.name, self.run, type(self)._idem_key_rule),
-            store=store_for(settings.endpoint, task_name=self.name),
+            store=store,
             serializer=conf.result_serializer,
             accept=codec.accepted_content_types(accept),
             pid=os.getpid(),
             generation=context._generation,
         )
-        self._idem_spec_cache = spec
+        if not isinstance(store, UnreachableStore):
+            self._idem_spec_cache = spec
         return spec
 
     # -- executing ----------------------------------------------------------------

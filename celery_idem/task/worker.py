@@ -14,6 +14,7 @@ from celery.signals import celeryd_after_setup
 
 from celery_idem.exceptions import IdempotencyConfigError
 from celery_idem.store import Store
+from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task.base import IdempotentTask
 
 logger = logging.getLogger("celery_idem")
@@ -38,6 +39,14 @@ def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any
         except IdempotencyConfigError as exc:
             logger.critical("celery-idem: %s", exc)
             raise SystemExit(f"celery-idem: task {task.name!r}: {exc}") from exc
+        if isinstance(store, UnreachableStore):
+            logger.warning(
+                "celery-idem: task %r: %s; its messages follow idem_on_store_error until "
+                "the store answers.",
+                task.name,
+                store.cause,
+            )
+            continue
         if id(store) not in checked:
             checked.add(id(store))
             _warn_if_evicting(store)

@@ -14,12 +14,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from celery import Celery
 
-from celery_idem import ReplicasNotReached
+from celery_idem import IdempotentTask, ReplicasNotReached, StoreUnavailable
 from celery_idem.store import ClaimState, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
+from celery_idem.task import invalidate_settings
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
+from tests.redis_server import free_port, wait_for
 from tests.topologies import RedisCluster
 
 pytestmark = pytest.mark.cluster
@@ -136,3 +138,27 @@ def test_a_worker_warns_at_start_and_runs_nothing_when_replicas_are_missing(
              timeout=30, message="the claim refused for want of replicas")  # fmt: skip
     assert "body not run" in w.log()
     assert ledger_count(ledger, uid) == 0
+
+
+def test_a_cluster_with_no_node_answering_is_a_store_outage_not_a_crash() -> None:
+    app = Celery("unreachable", broker="memory://", backend="cache+memory://",
+                 set_as_current=False)  # fmt: skip
+    app.conf.update(
+        task_always_eager=True,
+        idem_redis_url=f"redis+cluster://127.0.0.1:{free_port()}/0",
+        idem_on_store_error="raise",
+    )
+    ran: list[int] = []
+
+    @app.task(base=IdempotentTask, shared=False, name="unreachable.add")
+    def add(x: int) -> int:
+        ran.append(x)
+        return x
+
+    with pytest.raises(StoreUnavailable, match="could not be reached") as info:
+        add.apply((1,)).get()
+    assert info.value.key is not None
+    assert ran == []  # nothing ran without a claim
+    app.conf.idem_on_store_error = "run"
+    invalidate_settings()
+    assert add.apply((2,)).get() == 2  # the policy decides, as for any outage

@@ -157,3 +157,11 @@ def test_a_factory_that_fails_is_refused_naming_the_setting(tmp_path: Path) -> N
     with pytest.raises(IdempotencyConfigError, match=r"idem_redis_client.*RuntimeError") as info:
         client_for(endpoint)
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_misspelt_redis_option_is_refused_when_the_store_is_built(unix: UnixRedisServer) -> None:
+    conf = {"idem_redis_url": unix.unix_url(0), "idem_redis_options": {"ssl_ca_cert": "/ca.pem"}}
+    endpoint = resolve_settings(conf).endpoint
+    assert endpoint is not None
+    with pytest.raises(IdempotencyConfigError, match=r"idem_redis_options.*ssl_ca_cert"):
+        client_for(endpoint)

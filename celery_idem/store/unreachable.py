@@ -1,0 +1,97 @@
+"""UnreachableStore: stands in for a store whose client could not even be built.
+
+A Redis Cluster client reads the slot map when it is created, so with no node
+answering there is no client at all. Rather than failing the task before its claim,
+the task gets this store: every record operation raises
+:class:`~celery_idem.exceptions.StoreUnavailable` naming the key, so
+``idem_on_store_error`` applies exactly as for an outage in the middle of a run, and
+the task builds the real store again on its next message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+from celery_idem.exceptions import StoreUnavailable
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ForgetResult,
+    RecordSummary,
+    ServerFacts,
+    Stored,
+    StoredRecord,
+)
+
+__all__ = ["UnreachableStore"]
+
+
+class UnreachableStore:
+    """A :class:`~celery_idem.store.base.Store` whose every operation is an outage.
+
+    Args:
+        cause: Why the real store could not be built.
+    """
+
+    def __init__(self, cause: StoreUnavailable) -> None:
+        self.cause = cause
+        self.url = "unreachable"
+
+    def _fail(self, key: str) -> NoReturn:
+        raise StoreUnavailable(f"{self.cause} (record {key!r})", key=key) from self.cause
+
+    def claim(
+        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome:
+        """Always an outage."""
+        self._fail(key)
+
+    def renew(self, key: str, *, token: str, lease: float) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def complete(
+        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+    ) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def release(self, key: str, *, token: str) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def park(self, key: str, *, token: str, hold: float) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
+        """Always an outage."""
+        self._fail(key)
+
+    def read(self, key: str) -> StoredRecord | None:
+        """Always an outage."""
+        self._fail(key)
+
+    def forget(self, key: str) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """Always an outage."""
+        self._fail(key)
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """Always an outage."""
+        self._fail(match)
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """Always an outage."""
+        self._fail(keys[0] if keys else "")
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """Always an outage."""
+        self._fail(keys[0] if keys else "")
+
+    def server_facts(self) -> ServerFacts:
+        """Always an outage."""
+        self._fail("TIME")
