@@ -412,6 +412,10 @@ class SentinelDeployment(_Deployment):
                 return False
             if _replication(self.replica.port).get("master_link_status") != "up":
                 return False
+            # The master's own view too: WAIT counts only replicas it sees online.
+            replica = _command(self.master.port, "INFO", "replication").get("slave0")
+            if not isinstance(replica, dict) or replica.get("state") != "online":
+                return False
             for _, port in self.sentinels:
                 replicas = _command(port, "SENTINEL", "REPLICAS", self.service_name)
                 # Healthy means flags exactly "slave": not s_down, not disconnected.

@@ -13,9 +13,9 @@ outcomes asserted here are the table in ``docs/deployment.md``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -27,6 +27,7 @@ from tests.redis_server import wait_for
 from tests.topologies import SentinelDeployment
 
 pytestmark = [pytest.mark.sentinel, pytest.mark.slow]
+T = TypeVar("T")
 
 KEY = "idem:failover:k"
 LEASE = 8.0  # outlives a failover (~2-3 s here): a held claim stays held
@@ -63,6 +64,19 @@ def complete(s: RedisStore, fence: int) -> bool:
     return s.complete(KEY, token="first", fence=fence, task_id="id-first", stored=RESULT, ttl=TTL)
 
 
+def once_durable(write: Callable[[], T]) -> T:
+    """``write()`` once a replica confirms it: a refused claim is released, and a
+    completion is the same attempt again, so both may be repeated until then."""
+
+    def attempt() -> tuple[T] | None:
+        try:
+            return (write(),)
+        except ReplicasNotReached:
+            return None
+
+    return wait_for(attempt, 15.0, message="a replica confirmed the write")[0]
+
+
 def fail_over(deployment: SentinelDeployment) -> None:
     old = deployment.kill_master()
     deployment.wait_for_failover(old)
@@ -96,7 +110,9 @@ def test_killed_between_claim_and_complete_with_min_replicas_keeps_the_claim(
     deployment.restart_old_master_as_replica()
     # The scripts are not replicated: the new master may not know them (NOSCRIPT).
     deployment.master.client().script_flush()
-    assert complete(s, fence) is True  # the first run's retry is confirmed
+    # The first run's retry is confirmed once the replica acknowledges again (the
+    # sentinels may still be reconfiguring it for a moment).
+    assert once_durable(lambda: complete(s, fence)) is True
     replay = s.claim(KEY, token="dup2", task_id="id-dup2", fingerprint="fp", lease=LEASE, ttl=TTL)
     assert (replay.state, replay.stored) == (ClaimState.COMPLETED, RESULT)
 
@@ -121,7 +137,7 @@ def test_min_replicas_refuses_a_claim_the_replica_did_not_confirm(
     # ...until the old master is back as a replica. The body never ran; the retry
     # claims on the new master and runs it once.
     deployment.restart_old_master_as_replica()
-    assert claim(s, "retry") is ClaimState.CLAIMED
+    assert once_durable(lambda: claim(s, "retry")) is ClaimState.CLAIMED
 
 
 def test_killed_after_complete_without_min_replicas_loses_the_result(
