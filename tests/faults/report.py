@@ -66,7 +66,7 @@ For every idempotency key `K` of a task `T`, with records kept in one Redis:
   to the downstream system.
 - **Redis failover without `WAIT`.** A replica promoted before it received the last
   claim or completion forgets it; the next delivery runs again. Use persistence and, for
-  Sentinel or Cluster, `idem_min_replicas` (planned).
+  Sentinel or Cluster, `idem_min_replicas` (measured in `docs/deployment.md`).
 - **A Redis without persistence** that restarts forgets every record (scenario *store
   restart, no persistence*).
 - **Clock jumps on the Redis host.** Leases and fences use the Redis server's clock; a
