@@ -23,10 +23,9 @@ import redis
 from redis.cluster import RedisCluster
 
 from celery_idem.endpoint import sanitize_url
-from celery_idem.exceptions import IdempotencyError, ReplicasNotReached
+from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
 from celery_idem.store.base import ClaimOutcome, ClaimState, RecordKind, Stored, StoredRecord
-from celery_idem.store.redis_admin import OUTAGES as _OUTAGES
-from celery_idem.store.redis_admin import RedisAdmin
+from celery_idem.store.redis_admin import ERRORS, OUTAGES, RedisAdmin
 from celery_idem.store.redis_admin import text as _text
 
 __all__ = ["RedisStore"]
@@ -124,9 +123,9 @@ class RedisStore(RedisAdmin):
             replicas_timeout=endpoint.replicas_timeout,
         )
 
-    def _error(self, key: str, exc: redis.RedisError) -> IdempotencyError:
+    def _error(self, key: str, exc: BaseException) -> IdempotencyError:
         """An outage becomes StoreUnavailable; any other refusal a permanent error."""
-        if isinstance(exc, _OUTAGES) or not isinstance(exc, redis.ResponseError):
+        if isinstance(exc, OUTAGES) or not isinstance(exc, redis.ResponseError):
             return self._unavailable(key, exc)
         # Not an outage: retrying would fail the same way (a key of another type
         # under our prefix, a damaged record, a script error).
@@ -140,45 +139,76 @@ class RedisStore(RedisAdmin):
     def _call(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=[key], args=args)
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise self._error(key, exc) from exc
 
-    def _durable(self, script: Any, key: str, args: list[Any]) -> tuple[Any, int]:
+    def _refresh_slots(self) -> None:
+        """After a failed call on Cluster, re-read the slot map (best effort).
+
+        The WAIT path talks to one node directly, bypassing the refresh redis-py's
+        cluster client does after a connection error: without this, claims for a dead
+        primary's slots would keep going to it after the cluster promoted a replica.
+        """
+        if self.cluster:
+            with contextlib.suppress(Exception):
+                self.client.nodes_manager.initialize()
+
+    def _node_connection(self, key: str, asked: tuple[str, int] | None) -> Any:
+        """The connection a WAIT pipeline for ``key`` must use (see :meth:`_durable`)."""
+        if not self.cluster:
+            return self.client
+        cluster: Any = self.client
+        node = cluster.get_node(host=asked[0], port=asked[1]) if asked else None
+        if node is None:
+            node = cluster.get_node_from_key(key)
+        return cluster.get_redis_connection(node)
+
+    def _durable(self, script: Any, key: str, args: list[Any]) -> tuple[Any, Any]:
         """Run ``script`` and ``WAIT min_replicas`` in one pipeline: one round trip.
 
         ``WAIT`` cannot run inside a script, and counts only the writes of its own
         connection, so both go down the same connection: the pipeline of the
-        (Sentinel-found) primary, or of the Cluster node owning ``key``. After a
-        NOSCRIPT (a failover, a restart) the script is loaded and the pair sent again;
-        after MOVED/ASK the Cluster's slot map is refreshed and the pair sent again.
+        (Sentinel-found) primary, or of the Cluster node owning ``key``. After NOSCRIPT
+        (a failover, a restart) the script is loaded and the pair sent again; on
+        Cluster, after MOVED the slot map is refreshed, and after ASK (a slot being
+        migrated) the pair goes to the importing node behind ``ASKING``.
 
         Returns:
-            The script's reply and how many replicas acknowledged it.
+            The script's reply, and how many replicas acknowledged it, or ``WAIT``'s
+            own error (the script may have written: the caller decides what to undo).
         """
-        for attempt in range(3):
-            conn: Any = self.client
-            if self.cluster:
-                cluster: Any = self.client
-                conn = cluster.get_redis_connection(cluster.get_node_from_key(key))
-            pipe = conn.pipeline(transaction=False)
-            pipe.evalsha(script.sha, 1, key, *args)
-            pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+        asked: tuple[str, int] | None = None
+        for attempt in range(4):
             try:
-                reply, acked = pipe.execute(raise_on_error=False)
-                if isinstance(reply, redis.exceptions.NoScriptError) and attempt < 2:
+                conn = self._node_connection(key, asked)
+                pipe = conn.pipeline(transaction=False)
+                if asked:
+                    pipe.execute_command("ASKING")
+                pipe.evalsha(script.sha, 1, key, *args)
+                pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+                *_, reply, acked = pipe.execute(raise_on_error=False)
+                if attempt < 3 and isinstance(reply, redis.exceptions.NoScriptError):
                     script.sha = conn.script_load(script.script)
                     continue
-                moved = (redis.exceptions.MovedError, redis.exceptions.AskError)
-                if self.cluster and isinstance(reply, moved) and attempt < 2:
-                    cluster.nodes_manager.initialize()
-                    continue
-                for value in (reply, acked):
-                    if isinstance(value, redis.RedisError):
-                        raise value
-            except redis.RedisError as exc:
+            except ERRORS as exc:
+                self._refresh_slots()
                 raise self._error(key, exc) from exc
-            return reply, int(acked)
+            if attempt < 3 and self.cluster and isinstance(reply, redis.exceptions.AskError):
+                if isinstance(reply, redis.exceptions.MovedError):
+                    self._refresh_slots()
+                    asked = None
+                else:
+                    asked = (reply.host, int(reply.port))
+                continue
+            if isinstance(reply, ERRORS):
+                raise self._error(key, reply) from reply
+            return reply, acked if isinstance(acked, ERRORS) else int(acked)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _release_quietly(self, key: str, token: str) -> None:
+        """Release this attempt's claim if it holds one; a failure changes nothing."""
+        with contextlib.suppress(IdempotencyError):
+            self._call(self._release, key, [token])
 
     def _not_durable(self, key: str, what: str, acked: int) -> ReplicasNotReached:
         return ReplicasNotReached(
@@ -195,17 +225,24 @@ class RedisStore(RedisAdmin):
     ) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim`."""
         args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease)]
-        if self.min_replicas:
-            reply, acked = self._durable(self._claim, key, args)
+        acked: Any = 0
+        if not self.min_replicas:
+            reply = self._call(self._claim, key, args)
         else:
-            reply, acked = self._call(self._claim, key, args), 0
+            try:
+                reply, acked = self._durable(self._claim, key, args)
+            except StoreUnavailable as exc:
+                if isinstance(exc.__cause__, redis.TimeoutError):
+                    self._release_quietly(key, token)  # the claim may have gone through
+                raise
         code, fence = int(reply[0]), int(reply[1])
         if code == 1:
-            if acked < self.min_replicas:
-                # Not durable, so not a claim: free the key for the retry (best effort;
-                # the lease would free it anyway) and do not run the body.
-                with contextlib.suppress(IdempotencyError):
-                    self._call(self._release, key, [token])
+            if isinstance(acked, BaseException) or acked < self.min_replicas:
+                # Not durable, so not a claim: free the key for the retry (the lease
+                # would free it too, later) and do not run the body.
+                self._release_quietly(key, token)
+                if isinstance(acked, BaseException):
+                    raise self._error(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
             return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=bool(reply[2]))
         owner = _text(reply[2])
@@ -230,6 +267,8 @@ class RedisStore(RedisAdmin):
         if not self.min_replicas:
             return bool(self._call(self._complete, key, args))
         reply, acked = self._durable(self._complete, key, args)
+        if isinstance(acked, BaseException):
+            raise self._error(key, acked) from acked
         if reply and acked < self.min_replicas:
             # Stored on the primary; a retry finds it there (complete.lua answers 1 to
             # the same attempt) and waits for the replicas again.

@@ -14,26 +14,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts
 
 __all__ = ["OUTAGES", "RedisAdmin", "text"]
 
-OUTAGES: tuple[type[redis.RedisError], ...] = tuple(
-    cls
-    for name in (
-        "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
-        "TimeoutError",
-        "ReadOnlyError",  # a demoted primary during a failover
-        "OutOfMemoryError",  # maxmemory reached under noeviction
-        "MasterDownError",
-        "TryAgainError",
-        "ClusterDownError",
-    )
-    if isinstance(cls := getattr(redis.exceptions, name, None), type)
+OUTAGES: tuple[type[Exception], ...] = (
+    *(
+        cls
+        for name in (
+            "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
+            "TimeoutError",
+            "ReadOnlyError",  # a demoted primary during a failover
+            "OutOfMemoryError",  # maxmemory reached under noeviction
+            "MasterDownError",
+            "TryAgainError",
+            "ClusterDownError",
+            "AskError",  # includes MovedError: a slot on the move, or a stale slot map
+        )
+        if isinstance(cls := getattr(redis.exceptions, name, None), type)
+    ),
+    RedisClusterException,  # includes SlotNotCoveredError; not a RedisError
 )
 """redis-py errors that a moment later may be gone: an outage, under idem_on_store_error."""
+
+ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+"""Everything redis-py raises for a failed call (Cluster's own errors are no RedisError)."""
 
 _CONFIG_FACTS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
 
@@ -75,7 +83,7 @@ class RedisAdmin:
         """The Cluster's primaries in a stable order (by ``host:port``)."""
         return sorted(self.client.get_primaries(), key=lambda node: node.name)
 
-    def _unavailable(self, key: str, exc: redis.RedisError) -> StoreUnavailable:
+    def _unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
             f"the idempotency store at {self.url} failed on record {key!r}: "
             f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
@@ -90,7 +98,7 @@ class RedisAdmin:
         """
         try:
             reply: dict[Any, Any] = self._server().config_get("maxmemory-policy")
-        except redis.RedisError:
+        except ERRORS:
             return None
         for name, value in reply.items():
             if text(name) == "maxmemory-policy":
@@ -105,7 +113,7 @@ class RedisAdmin:
         """
         try:
             info: dict[str, Any] = self._server().info("replication")
-        except redis.RedisError:
+        except ERRORS:
             return None
         count = info.get("connected_slaves")
         return int(count) if count is not None else None
@@ -114,7 +122,7 @@ class RedisAdmin:
         """See :meth:`celery_idem.store.base.Store.forget`."""
         try:
             return bool(self.client.delete(key))
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise self._unavailable(key, exc) from exc
 
     # -- operators' tools ---------------------------------------------------------------
@@ -135,11 +143,13 @@ class RedisAdmin:
         if self.cluster:
             primaries = self._primaries()
             nodes = len(primaries)
+            if not nodes:
+                return 0, []
             cursor, index = divmod(cursor, nodes)
             server = self.client.get_redis_connection(primaries[index])
         try:
             next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise self._unavailable(match, exc) from exc
         next_cursor = int(next_cursor)
         if nodes > 1:
@@ -161,7 +171,7 @@ class RedisAdmin:
             add(pipe, key)
         try:
             replies: list[Any] = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise self._unavailable(keys[0], exc) from exc
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, OUTAGES):
@@ -232,7 +242,7 @@ class RedisAdmin:
             before = time.time()
             seconds, micros = client.time()
             after = time.time()
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise self._unavailable("TIME", exc) from exc
         info: dict[str, str] = {}
         info_error = None
@@ -240,7 +250,7 @@ class RedisAdmin:
             info = {str(k): text(v) for k, v in client.info().items()}
         except OUTAGES as exc:
             raise self._unavailable("INFO", exc) from exc
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
@@ -248,7 +258,7 @@ class RedisAdmin:
                 reply: dict[Any, Any] = client.config_get(name)
             except OUTAGES as exc:
                 raise self._unavailable("CONFIG", exc) from exc
-            except redis.RedisError:
+            except ERRORS:
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_idem import IdempotentTask, ReplicasNotReached, StoreUnavailable
+from celery_idem import IdempotencyConfigError, IdempotentTask, ReplicasNotReached, StoreUnavailable
+from celery_idem.config import resolve_settings
 from celery_idem.store import ClaimState, RecordKind, Stored
+from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
 from tests.integration.conftest import Worker, ledger_count
@@ -162,3 +164,47 @@ def test_a_cluster_with_no_node_answering_is_a_store_outage_not_a_crash() -> Non
     app.conf.idem_on_store_error = "run"
     invalidate_settings()
     assert add.apply((2,)).get() == 2  # the policy decides, as for any outage
+
+
+def test_a_slot_being_migrated_is_followed_through_ask_on_the_wait_path(
+    replicated_cluster: RedisCluster,
+) -> None:
+    store = RedisStore.from_url(cluster_url(replicated_cluster), min_replicas=1)
+    key = f"idem:ask-{uuid.uuid4().hex[:8]}"
+    source = replicated_cluster.node_for_key(key)
+    target = next(n for n in replicated_cluster.masters if n.port != source.port)
+    src, dst = source.client(), target.client()
+    slot = int(src.execute_command("CLUSTER", "KEYSLOT", key))
+    src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    try:
+        # The key is not on the source: it answers ASK, and the pair goes to the target.
+        run_once(store, key)
+    finally:
+        for node in replicated_cluster.masters:
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    assert dst.exists(key) == 1  # written on the importing node, behind ASKING
+    again = store.claim(key, token="c", task_id="id-c", fingerprint="fp", lease=30, ttl=60)
+    assert again.state is ClaimState.COMPLETED
+
+
+def test_a_cluster_going_down_under_a_store_is_an_outage() -> None:
+    with RedisCluster() as cluster:
+        store = RedisStore.from_url(cluster_url(cluster))
+        run_once(store, f"idem:down-{uuid.uuid4().hex[:8]}")
+        cluster.stop()
+        key = f"idem:down-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(StoreUnavailable, match=key):
+            store.claim(key, token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+        with pytest.raises(StoreUnavailable):
+            store.read(key)
+
+
+def test_cluster_options_redis_py_would_drop_are_refused() -> None:
+    conf = {"idem_redis_url": "redis+cluster://127.0.0.1:1/0",
+            "idem_redis_options": {"socket_timout": 3}}  # fmt: skip
+    endpoint = resolve_settings(conf).endpoint
+    assert endpoint is not None
+    with pytest.raises(IdempotencyConfigError, match="socket_timout"):
+        client_for(endpoint)
