@@ -351,7 +351,7 @@ def _task_where(task_name: str | None) -> str:
     return f"task option of {task_name!r}" if task_name else "task option"
 
 
-def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
     """Reuse Celery's result backend, else its broker, when either is a Redis URL.
 
     Celery's ``app.conf`` exposes ``result_backend`` and ``broker_url`` as properties
@@ -360,8 +360,8 @@ def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, str | None
     A plain dict has no such attribute and is read by key (either spelling).
 
     Returns:
-        The URL, and the Sentinel service name from that side's transport options
-        (``master_name``: where Celery keeps it for a ``sentinel://`` URL).
+        The URL, and that side's transport options (where Celery keeps a
+        ``sentinel://`` URL's ``master_name`` and ``sentinel_kwargs``).
     """
     for attr, options in (("result_backend", "result_backend"), ("broker_url", "broker")):
         url = getattr(app_conf, attr, None)
@@ -372,9 +372,8 @@ def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, str | None
         if isinstance(url, str) and url_scheme(url) in REDIS_SCHEMES:
             name = f"{options}_transport_options"
             transport = app_conf.get(name) or app_conf.get(f"CELERY_{name.upper()}") or {}
-            master = transport.get("master_name") if isinstance(transport, Mapping) else None
-            return url, master if isinstance(master, str) else None
-    return None, None
+            return url, transport if isinstance(transport, Mapping) else {}
+    return None, {}
 
 
 def _endpoint(
@@ -386,9 +385,16 @@ def _endpoint(
         The URL in force (``idem_redis_url`` or the Celery URL it falls back to, unless
         ``idem_redis_sentinels`` or ``idem_redis_client`` replace it) and the endpoint.
     """
-    url, master_name = values["redis_url"], None
+    url: str | None = values["redis_url"]
+    transport: Mapping[str, Any] = {}
+    options = values["redis_options"]
     if url is None and values["redis_sentinels"] is None and values["redis_client"] is None:
-        url, master_name = _redis_fallback(app_conf)
+        url, transport = _redis_fallback(app_conf)
+        sentinel_kwargs = transport.get("sentinel_kwargs")
+        if url_scheme(url or "") == "sentinel" and isinstance(sentinel_kwargs, Mapping):
+            # Celery's Sentinels' own options (their password) come along with the URL.
+            options = {"sentinel_kwargs": dict(sentinel_kwargs), **(options or {})}
+    master_name = transport.get("master_name")
     try:
         endpoint = build_endpoint(
             url=url,
@@ -396,10 +402,10 @@ def _endpoint(
             sentinel_master=values["redis_sentinel_master"],
             cluster=values["redis_cluster"],
             factory=values["redis_client"],
-            options=values["redis_options"],
+            options=options,
             min_replicas=values["min_replicas"],
             replicas_timeout=values["min_replicas_timeout"],
-            celery_master_name=master_name,
+            celery_master_name=master_name if isinstance(master_name, str) else None,
         )
     except EndpointError as exc:
         raise IdempotencyConfigError(

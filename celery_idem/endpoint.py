@@ -18,7 +18,7 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["Endpoint", "EndpointError", "Topology", "parse_sentinels", "sanitize_url"]
 
@@ -95,6 +95,11 @@ class Endpoint:
             return f"idem_redis_client {getattr(factory, '__module__', '?')}.{name}"
         text = sanitize_url(self.url or "")
         return f"cluster {text}" if self.topology is Topology.CLUSTER else text
+
+    @property
+    def location(self) -> tuple[object, ...]:
+        """Where the records are, whatever the client options: equal for one store."""
+        return (self.topology, self.url, self.sentinels, self.service_name, self.db, self.factory)
 
     @property
     def cache_key(self) -> str:
@@ -216,8 +221,9 @@ def _normalize_tls_query(url: str) -> str:
     for pair in parts.query.split("&"):
         name, _, value = pair.partition("=")
         if name == "ssl_cert_reqs":
-            value = _CERT_REQS.get(unquote(value).lower(), value)
-        pairs.append(f"{name}={quote(value, safe='/:')}" if value else pair)
+            pairs.append(f"{name}={_CERT_REQS.get(unquote(value).lower(), value)}")
+        else:
+            pairs.append(pair)  # exactly as written: already percent-encoded
     return parts._replace(query="&".join(pairs)).geturl()
 
 
@@ -263,14 +269,17 @@ def build_endpoint(
     }
     scheme = url.partition("://")[0].lower() if url else ""
     if factory is not None:
-        if sentinels is not None or cluster:
+        if url is not None or sentinels is not None or cluster or sentinel_master or options:
             raise EndpointError(
                 "idem_redis_client",
-                "the factory builds the whole client: drop idem_redis_sentinels and "
-                "idem_redis_cluster (configure them inside the factory)",
+                "the factory builds the whole client: drop idem_redis_url, "
+                "idem_redis_sentinels, idem_redis_sentinel_master, idem_redis_cluster and "
+                "idem_redis_options (configure them inside the factory)",
             )
         return Endpoint(Topology.CUSTOM, factory=factory, **common)
     if sentinels is not None:
+        if cluster:
+            raise EndpointError("idem_redis_cluster", "True with idem_redis_sentinels")
         if url and scheme != "sentinel":
             raise EndpointError(
                 "idem_redis_sentinels",
@@ -303,14 +312,23 @@ def build_endpoint(
         rest = url[len(scheme) + 3 :].replace("virtual_host=", "db=")
         url, scheme = "unix://" + rest, "unix"
     if scheme in ("redis+cluster", "rediss+cluster"):
-        return Endpoint(
-            Topology.CLUSTER, url=_normalize_tls_query(scheme[:-8] + url[len(scheme) :]), **common
-        )
+        return _cluster(scheme[:-8] + url[len(scheme) :], "idem_redis_url", common)
     if cluster:
         if scheme == "unix":
             raise EndpointError("idem_redis_cluster", "True with a unix:// URL (Cluster is TCP)")
-        return Endpoint(Topology.CLUSTER, url=_normalize_tls_query(url), **common)
+        return _cluster(url, "idem_redis_cluster", common)
     return Endpoint(Topology.STANDALONE, url=_normalize_tls_query(url), **common)
+
+
+def _cluster(url: str, setting: str, common: dict[str, Any]) -> Endpoint:
+    db = urlsplit(url).path.strip("/")
+    if db not in ("", "0"):
+        raise EndpointError(
+            setting,
+            f"database {db} with Redis Cluster, which has database 0 only "
+            "(keep records apart with idem_key_prefix)",
+        )
+    return Endpoint(Topology.CLUSTER, url=_normalize_tls_query(url), **common)
 
 
 def _sentinel(

@@ -132,9 +132,9 @@ def _idempotent_tasks(app: Any) -> dict[str, Any]:
     }
 
 
-def _where(settings: IdemSettings) -> tuple[str | None, str]:
+def _where(settings: IdemSettings) -> tuple[object, str]:
     endpoint = settings.endpoint
-    return (endpoint.cache_key if endpoint else None), settings.key_prefix
+    return (endpoint.location if endpoint else None), settings.key_prefix
 
 
 def resolve(app: Any, task_name: str | None) -> Target:

@@ -13,13 +13,14 @@ the timeouts short, so an outage becomes a :class:`StoreUnavailable` under
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -53,29 +54,77 @@ def client_for(endpoint: Endpoint) -> Any:
             map; a factory may connect) could not reach Redis.
     """
     options = endpoint.option_dict()
+    timeouts = _timeouts(endpoint, options)
     try:
         if endpoint.topology is Topology.CUSTOM:
             return _from_factory(endpoint)
         if endpoint.topology is Topology.SENTINEL:
-            return _checked(_sentinel_client(endpoint, options))
+            return _checked(_sentinel_client(endpoint, {**timeouts, **options}))
         url = endpoint.url or ""
         if endpoint.topology is Topology.CLUSTER:
-            kwargs = {**_TIMEOUTS, **options}
+            _check_cluster_options(endpoint, options)
+            kwargs = {**timeouts, "retry": _quick_retry(), **options}
             return RedisCluster.from_url(url, **kwargs)
-        kwargs = {**_TIMEOUTS, "retry": _quick_retry(), **options}
+        kwargs = {**timeouts, "retry": _quick_retry(), **options}
         return _checked(redis.Redis.from_url(url, **kwargs))
-    except (redis.RedisError, RedisClusterException) as exc:
-        raise StoreUnavailable(
-            f"the idempotency store at {endpoint.display} could not be reached: "
-            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and the store "
-            f"settings are right."
-        ) from exc
+    except RedisClusterException as exc:
+        if "cannot be connected" not in str(exc):  # refused before any connection
+            raise _config_error(endpoint, options, exc) from exc
+        raise _unreachable(endpoint, exc) from exc
+    except redis.RedisError as exc:
+        raise _unreachable(endpoint, exc) from exc
     except (ValueError, TypeError) as exc:
+        raise _config_error(endpoint, options, exc) from exc
+
+
+def _unreachable(endpoint: Endpoint, exc: Exception) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the idempotency store at {endpoint.display} could not be reached: "
+        f"{type(exc).__name__}: {exc}. Check that Redis is reachable and the store "
+        f"settings are right."
+    )
+
+
+def _config_error(endpoint: Endpoint, options: dict[str, Any], exc: Exception) -> Exception:
+    return IdempotencyConfigError(
+        f"idem_redis_url {endpoint.display!r} with idem_redis_options {sorted(options)} is "
+        f"not something redis-py can connect to: {type(exc).__name__}: {exc}"
+    )
+
+
+def _timeouts(endpoint: Endpoint, options: dict[str, Any]) -> dict[str, Any]:
+    """Socket timeouts; with ``idem_min_replicas`` the read must outlast ``WAIT``.
+
+    A socket timeout shorter than the WAIT would turn every slow replica into a
+    timeout of unknown outcome instead of a clean ``ReplicasNotReached``.
+    """
+    timeouts = dict(_TIMEOUTS)
+    if endpoint.min_replicas:
+        timeouts["socket_timeout"] = max(5.0, endpoint.replicas_timeout + 2.0)
+        given = options.get("socket_timeout")
+        if isinstance(given, (int, float)) and given <= endpoint.replicas_timeout:
+            raise IdempotencyConfigError(
+                f"idem_redis_options socket_timeout={given} is not longer than "
+                f"idem_min_replicas_timeout={endpoint.replicas_timeout}: every WAIT for a "
+                "slow replica would time out the connection. Raise socket_timeout."
+            )
+    return timeouts
+
+
+def _check_cluster_options(endpoint: Endpoint, options: dict[str, Any]) -> None:
+    """Refuse what redis-py's cluster client would drop silently or refuse later."""
+    known = set(REDIS_ALLOWED_KEYS) | set(inspect.signature(RedisCluster.__init__).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
         raise IdempotencyConfigError(
-            f"idem_redis_url {endpoint.display!r} with idem_redis_options "
-            f"{sorted(options)} is not something redis-py can connect to: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+            f"idem_redis_options {unknown} are not options of redis-py's cluster client "
+            f"(for {endpoint.display}); check their spelling."
+        )
+    if options.get("db") not in (None, 0):
+        raise IdempotencyConfigError(
+            f"idem_redis_options db={options['db']!r}: Redis Cluster has database 0 only; "
+            "keep records apart with idem_key_prefix."
+        )
 
 
 def _checked(client: redis.Redis) -> redis.Redis:

@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 import redis
 
-from celery_idem import IdempotencyConfigError, StoreUnavailable
+from celery_idem import IdempotencyConfigError, IdempotencyError, StoreUnavailable
 from celery_idem.config import resolve_settings
 from celery_idem.store import ClaimState, RecordKind, Store, Stored, store_for
 from celery_idem.store.connect import client_for
+from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import Worker, ledger_count
+from tests.redis_server import RedisServer
 from tests.server_variants import (
     TlsFiles,
     TlsRedisServer,
@@ -164,4 +166,32 @@ def test_a_misspelt_redis_option_is_refused_when_the_store_is_built(unix: UnixRe
     endpoint = resolve_settings(conf).endpoint
     assert endpoint is not None
     with pytest.raises(IdempotencyConfigError, match=r"idem_redis_options.*ssl_ca_cert"):
+        client_for(endpoint)
+
+
+def test_a_claim_whose_wait_is_refused_is_released(store_server: RedisServer) -> None:
+    # An ACL without WAIT (a proxy may refuse it too): a permanent error, and the claim
+    # the script already wrote must not hold the key for a whole lease.
+    admin = store_server.client(0)
+    admin.execute_command("ACL", "SETUSER", "nowait", "on", ">pw", "~*", "+@all", "-wait")
+    url = f"redis://nowait:pw@127.0.0.1:{store_server.port}/0"
+    store = RedisStore.from_url(url, min_replicas=1)
+    with pytest.raises(IdempotencyError, match="NoPermissionError") as info:
+        store.claim("idem:acl", token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+    assert "pw@" not in str(info.value)
+    record = store.read("idem:acl")
+    assert record is not None
+    assert record.state == "F"  # released: the next attempt claims at once
+
+
+def test_a_socket_timeout_not_longer_than_the_wait_is_refused() -> None:
+    conf = {
+        "idem_redis_url": "redis://127.0.0.1:1/0",
+        "idem_min_replicas": 1,
+        "idem_min_replicas_timeout": 2.0,
+        "idem_redis_options": {"socket_timeout": 1.0},
+    }
+    endpoint = resolve_settings(conf).endpoint
+    assert endpoint is not None
+    with pytest.raises(IdempotencyConfigError, match=r"socket_timeout=1\.0"):
         client_for(endpoint)

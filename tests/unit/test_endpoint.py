@@ -156,3 +156,56 @@ def test_parse_sentinels_forms() -> None:
 def test_sanitize_url_masks_only_the_password() -> None:
     assert sanitize_url("redis://user:secret@h:1/0") == "redis://user:**@h:1/0"
     assert sanitize_url("redis://h:1/0") == "redis://h:1/0"
+
+
+@pytest.mark.parametrize(
+    ("conf", "setting"),
+    [
+        ({"idem_redis_url": "redis+cluster://h:7000/3"}, "idem_redis_url"),
+        ({"idem_redis_url": "redis://h:7000/1", "idem_redis_cluster": True}, "idem_redis_cluster"),
+        ({"idem_redis_client": make_client, "idem_redis_url": "redis://h/0"}, "idem_redis_client"),
+        (
+            {"idem_redis_client": make_client, "idem_redis_options": {"db": 1}},
+            "idem_redis_client",
+        ),
+        (
+            {
+                "idem_redis_sentinels": ["h1:1"],
+                "idem_redis_sentinel_master": "m",
+                "idem_redis_cluster": True,
+            },
+            "idem_redis_cluster",
+        ),
+    ],
+)
+def test_settings_that_would_be_ignored_or_refused_later_are_refused_now(
+    conf: dict[str, Any], setting: str
+) -> None:
+    assert setting in refused(conf)
+
+
+def test_tls_query_keeps_other_values_exactly_as_written() -> None:
+    url = "rediss://h:6380/0?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs=%2Fetc%2Fmy%20ca.pem"
+    found = endpoint({"idem_redis_url": url})
+    assert found.url == "rediss://h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=%2Fetc%2Fmy%20ca.pem"
+
+
+def test_celerys_sentinel_backend_brings_its_sentinel_password_along() -> None:
+    conf = {
+        "result_backend": "sentinel://h1:26379/0;sentinel://h2:26379/0",
+        "result_backend_transport_options": {
+            "master_name": "cache",
+            "sentinel_kwargs": {"password": "s3cret"},
+        },
+    }
+    found = endpoint(conf)
+    assert found.option_dict() == {"sentinel_kwargs": {"password": "s3cret"}}
+    own = endpoint({**conf, "idem_redis_options": {"sentinel_kwargs": {"password": "mine"}}})
+    assert own.option_dict() == {"sentinel_kwargs": {"password": "mine"}}
+
+
+def test_location_ignores_client_options() -> None:
+    plain = endpoint({"idem_redis_url": "redis://h/0"})
+    durable = endpoint({"idem_redis_url": "redis://h/0", "idem_min_replicas": 1})
+    assert plain.location == durable.location
+    assert plain.cache_key != durable.cache_key
