@@ -20,13 +20,17 @@ from celery_idem.task import invalidate_settings
 __all__ = ["MemoryStore", "use_memory_store"]
 
 _names = itertools.count(1)
-_STORE_SETTINGS = (
+_STORE_NAMES = (
     "idem_redis_url",
     "idem_redis_sentinels",
     "idem_redis_sentinel_master",
     "idem_redis_cluster",
     "idem_redis_client",
+    "idem_redis_options",
+    "idem_min_replicas",
 )
+# Django's spellings too (CELERY_IDEM_REDIS_CLIENT, ...): either would still apply.
+_STORE_SETTINGS = (*_STORE_NAMES, *("CELERY_" + name.upper() for name in _STORE_NAMES))
 
 
 @contextmanager
