@@ -8,6 +8,8 @@ cluster with and without replicas.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from types import ModuleType
@@ -18,7 +20,7 @@ from celery import Celery
 
 from celery_idem import IdempotencyConfigError, IdempotentTask, ReplicasNotReached, StoreUnavailable
 from celery_idem.config import resolve_settings
-from celery_idem.store import ClaimState, RecordKind, Stored
+from celery_idem.store import ClaimState, RecordKind, Stored, StoredRecord
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
@@ -208,3 +210,40 @@ def test_cluster_options_redis_py_would_drop_are_refused() -> None:
     assert endpoint is not None
     with pytest.raises(IdempotencyConfigError, match="socket_timout"):
         client_for(endpoint)
+
+
+def test_a_primary_failing_over_keeps_replicated_records_and_the_store_follows() -> None:
+    with RedisCluster(replicas_per_master=1) as cluster:
+        url = cluster_url(cluster)
+        plain, durable = RedisStore.from_url(url), RedisStore.from_url(url, min_replicas=1)
+        tag = uuid.uuid4().hex[:6]
+        kept, later = f"idem:{{{tag}}}:kept", f"idem:{{{tag}}}:later"  # one slot
+        run_once(durable, kept)  # WAIT saw the replica take the completed record
+        primary = cluster.node_for_key(kept)
+        assert primary.pid is not None
+        os.kill(primary.pid, signal.SIGKILL)
+        primary.stop()
+
+        def answered() -> StoredRecord | None:
+            try:
+                return plain.read(kept)
+            except StoreUnavailable:
+                return None  # the cluster has not promoted the replica yet
+
+        record = wait_for(answered, 30, message="the replica promoted")
+        assert record.state == "C"  # the completed record survived the failover
+        again = plain.claim(kept, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+        assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
+
+        # The WAIT path reaches the new primary too; it has no replica left (its old
+        # primary is dead), so a durable claim is refused, not lost or sent to the dead node.
+        def refused_by_new_primary() -> bool:
+            try:
+                durable.claim(later, token="c", task_id="id-c", fingerprint="", lease=30, ttl=60)
+            except ReplicasNotReached:
+                return True
+            except StoreUnavailable:
+                return False
+            raise AssertionError("claimed without a replica to confirm it")
+
+        wait_for(refused_by_new_primary, 30, message="durable claims reach the new primary")
