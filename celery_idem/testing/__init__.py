@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from celery_idem.config import SETTINGS
 from celery_idem.store import drop_memory_store, store_for_url
 from celery_idem.store.memory import MemoryStore
 from celery_idem.task import invalidate_settings
@@ -20,15 +21,7 @@ from celery_idem.task import invalidate_settings
 __all__ = ["MemoryStore", "use_memory_store"]
 
 _names = itertools.count(1)
-_STORE_NAMES = (
-    "idem_redis_url",
-    "idem_redis_sentinels",
-    "idem_redis_sentinel_master",
-    "idem_redis_cluster",
-    "idem_redis_client",
-    "idem_redis_options",
-    "idem_min_replicas",
-)
+_STORE_NAMES = tuple(n for n in SETTINGS if n.startswith("idem_redis") or "replicas" in n)
 # Django's spellings too (CELERY_IDEM_REDIS_CLIENT, ...): either would still apply.
 _STORE_SETTINGS = (*_STORE_NAMES, *("CELERY_" + name.upper() for name in _STORE_NAMES))
 

@@ -8,6 +8,7 @@ cluster with and without replicas.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
@@ -25,7 +26,7 @@ from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import free_port, wait_for
+from tests.redis_server import RedisServer, free_port, wait_for
 from tests.topologies import RedisCluster
 
 pytestmark = pytest.mark.cluster
@@ -67,8 +68,12 @@ def test_records_spread_over_every_master(
         assert redis_cluster.node_for_key(key).client().exists(key) == 1
 
 
-def migrate_slot_of(cluster: RedisCluster, key: str) -> None:
-    """Move ``key``'s slot, with the key, to another master (what a reshard does)."""
+@contextlib.contextmanager
+def migrating(cluster: RedisCluster, key: str) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Hold ``key``'s slot half-way to another master (what a reshard does), then finish.
+
+    Yields the source and the target; on exit every master is told the target owns it.
+    """
     source = cluster.node_for_key(key)
     target = next(node for node in cluster.masters if node.port != source.port)
     src, dst = source.client(), target.client()
@@ -76,10 +81,20 @@ def migrate_slot_of(cluster: RedisCluster, key: str) -> None:
     src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
     dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
     src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
-    for node in cluster.masters:
-        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    assert dst.exists(key) == 1
+    try:
+        yield source, target
+    finally:
+        for node in cluster.masters:
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+def migrate_slot_of(cluster: RedisCluster, key: str) -> None:
+    """Move ``key``'s slot, with the key, to another master."""
+    with migrating(cluster, key) as (source, target):
+        source.client().execute_command(
+            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key
+        )
+    assert target.client().exists(key) == 1
 
 
 @pytest.mark.parametrize("min_replicas", [0, 1])
@@ -173,20 +188,10 @@ def test_a_slot_being_migrated_is_followed_through_ask_on_the_wait_path(
 ) -> None:
     store = RedisStore.from_url(cluster_url(replicated_cluster), min_replicas=1)
     key = f"idem:ask-{uuid.uuid4().hex[:8]}"
-    source = replicated_cluster.node_for_key(key)
-    target = next(n for n in replicated_cluster.masters if n.port != source.port)
-    src, dst = source.client(), target.client()
-    slot = int(src.execute_command("CLUSTER", "KEYSLOT", key))
-    src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
-    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    try:
+    with migrating(replicated_cluster, key) as (_, target):
         # The key is not on the source: it answers ASK, and the pair goes to the target.
         run_once(store, key)
-    finally:
-        for node in replicated_cluster.masters:
-            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    assert dst.exists(key) == 1  # written on the importing node, behind ASKING
+    assert target.client().exists(key) == 1  # written on the importing node, behind ASKING
     again = store.claim(key, token="c", task_id="id-c", fingerprint="fp", lease=30, ttl=60)
     assert again.state is ClaimState.COMPLETED
 
