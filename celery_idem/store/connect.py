@@ -141,7 +141,7 @@ def _checked(client: redis.Redis) -> redis.Redis:
 def _sentinel_client(endpoint: Endpoint, options: dict[str, Any]) -> redis.Redis:
     sentinel_kwargs = {**_SENTINEL_TIMEOUTS, **options.pop("sentinel_kwargs", {})}
     sentinel = Sentinel(list(endpoint.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-    kwargs: dict[str, Any] = {**_TIMEOUTS, "retry": _quick_retry(), "db": endpoint.db}
+    kwargs: dict[str, Any] = {"retry": _quick_retry(), "db": endpoint.db}  # timeouts: options
     if endpoint.username is not None:
         kwargs["username"] = endpoint.username
     if endpoint.password is not None:
