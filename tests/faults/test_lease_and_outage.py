@@ -94,3 +94,32 @@ def test_store_down_body_does_not_run_until_it_is_back_then_runs_once(
     assert res.get(timeout=T)["name"] == uid
     assert ledger_count(ledger, uid) == 1
     fault_report(deliveries=1, executions=1, completions=1, lost=0, duplicate_effects=0)
+
+
+def test_a_full_store_defers_the_task_until_it_has_memory_then_runs_once(
+    start_worker: Any,
+    server_per_version: RedisServer,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+) -> None:
+    # maxmemory under noeviction (the recommended policy) refuses writes with OOM: an
+    # outage, which fails closed like a stopped Redis. Redis 6.2 wraps that OOM into a
+    # script error, which must not fail the task for good as a foreign record would.
+    w = start_worker(extra_env={"IDEM_TEST_STORE": server_per_version.url(0)})
+    tasks.record.apply_async((f"warm-{uid}",), queue=w.queue).get(timeout=T)
+    client = server_per_version.client(0)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    res = tasks.record.apply_async((uid, 1), queue=w.queue)
+    wait_for(
+        lambda: res.ready() or w.log().count(f"t.record[{res.id}] key=") >= 2,
+        timeout=T,
+        message="at least two deferrals while the store is full",
+    )
+    assert not res.ready(), f"not deferred: {res.result!r}"
+    assert "Redis answered OOM" in w.log()
+    assert ledger_count(ledger, uid) == 0
+    client.config_set("maxmemory", 0)
+    assert res.get(timeout=T)["name"] == uid
+    assert ledger_count(ledger, uid) == 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import ModuleType
 
 import pytest
 import redis
 
-from celery_idem import ResultNotStored
+from celery_idem import IdempotencyConfigError, ResultNotStored
+from celery_idem.checks import MAX_DURATION
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
 
@@ -86,3 +88,19 @@ def test_oversized_result_completes_without_result(
     with pytest.raises(ResultNotStored, match="idem_max_result_bytes"):
         dup.get(timeout=T)
     assert ledger_count(ledger, uid) == 1
+
+
+def test_a_call_option_redis_cannot_hold_is_refused_by_name_and_runs_nothing(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    # From another producer, as a raw header (apply_async would refuse it at the call
+    # site). It used to reach Redis, fail there as "value is not an integer or out of
+    # range" and be blamed on another application writing under idem_key_prefix.
+    res = tasks.app.send_task(
+        "t.record", (uid, 0), queue=worker.queue, headers={"idem_ttl": sys.maxsize}
+    )
+    with pytest.raises(
+        IdempotencyConfigError, match=rf"idem_ttl from call option .*<= {MAX_DURATION}"
+    ):
+        res.get(timeout=T)
+    assert ledger_count(ledger, uid) == 0

