@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from celery_idem.checks import (
+    MAX_DURATION,
     MAX_PREFIX_LEN,
     REDIS_SCHEMES,
     Invalid,
@@ -100,6 +101,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "idem_cache_errors": (),
         "idem_max_result_bytes": 1048576,
         "idem_dedupe_on_publish": False,
+        "idem_max_takeovers": 5,
     }
 )
 """Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs";
@@ -157,6 +159,8 @@ class IdemSettings:
         max_result_bytes: Largest encoded result that is stored.
         dedupe_on_publish: Look the key up before publishing (one round trip) and
             return the original task's AsyncResult instead of sending a duplicate.
+        max_takeovers: Takeovers of a key from attempts that stopped renewing (dead
+            or stalled workers) before the key is quarantined; 0 = no cap.
     """
 
     redis_url: str | None
@@ -168,6 +172,7 @@ class IdemSettings:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     dedupe_on_publish: bool = False
+    max_takeovers: int = 5
     redis_sentinels: tuple[tuple[str, int], ...] | None = None
     redis_sentinel_master: str | None = None
     redis_cluster: bool = False
@@ -189,6 +194,8 @@ class IdemSettings:
 
 # --------------------------------------------------------------------------- validation
 
+
+_UP_TO = f"<= {MAX_DURATION} (10 years)"
 
 _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
     {
@@ -214,13 +221,13 @@ _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
         "idem_min_replicas": (check_min_replicas, "an int >= 0 (not bool)"),
         "idem_min_replicas_timeout": (
             lambda v: seconds(v, minimum=0.0, inclusive=False),
-            "seconds as an int or float > 0 (not bool)",
+            f"seconds as an int or float > 0 and {_UP_TO} (not bool)",
         ),
-        "idem_ttl": (check_ttl, "seconds as an int or float > 0 (not bool)"),
+        "idem_ttl": (check_ttl, f"seconds as an int or float > 0 and {_UP_TO} (not bool)"),
         "idem_lease": (
             check_lease,
-            "seconds as an int or float >= 1 (not bool); a shorter lease cannot be "
-            "renewed reliably",
+            f"seconds as an int or float >= 1 and {_UP_TO} (not bool); a shorter lease "
+            "cannot be renewed reliably",
         ),
         "idem_key_prefix": (
             check_key_prefix,
@@ -242,6 +249,7 @@ _RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
         ),
         "idem_max_result_bytes": (check_max_result_bytes, "an int > 0 (not bool)"),
         "idem_dedupe_on_publish": (check_bool, "True or False"),
+        "idem_max_takeovers": (check_min_replicas, "an int >= 0 (not bool); 0 = no cap"),
     }
 )
 

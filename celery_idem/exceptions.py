@@ -14,6 +14,7 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyMismatch",
     "InvalidIdempotencyKey",
+    "KeyQuarantined",
     "ReplicasNotReached",
     "ResultNotStored",
     "StoreUnavailable",
@@ -77,4 +78,14 @@ class ResultNotStored(IdempotencyError):
     """The key completed, but its result could not be kept (too big or unserializable).
 
     The body is not run again, because its side effect already happened.
+    """
+
+
+class KeyQuarantined(IdempotencyError):
+    """The key was taken over ``idem_max_takeovers`` times without ever completing.
+
+    Each takeover means the attempt holding the key stopped renewing its lease: its
+    worker died (OOM, a segfault, a hard time limit) or stalled. A message that kills
+    every worker it reaches would do so forever; quarantine stops it. Nothing runs for
+    the key until an operator releases it with ``celery idem forget``.
     """

@@ -13,6 +13,11 @@ measured as a fifth of a short task's throughput.
 After a fork (prefork pool) the child gets a fresh lock, dict and thread: threads do
 not survive ``fork()``, and a lock held by the parent's thread at that moment would
 stay held in the child forever.
+
+Under gevent or eventlet (``threading`` monkeypatched) the thread is a greenlet. It
+renews whenever the task bodies yield to the event loop (I/O, ``time.sleep``), as the
+I/O-bound tasks those pools are for do; a body that computes without yielding starves
+it, and :meth:`Renewer.remove` warns when the body ends (see there).
 """
 
 from __future__ import annotations
@@ -109,10 +114,34 @@ class Renewer:
         return lease
 
     def remove(self, lease: Lease) -> None:
-        """Stop renewing ``lease`` (its body finished); never wakes the thread."""
-        lease.cancelled = True
+        """Stop renewing ``lease`` (its body finished); never wakes the thread.
+
+        Warns when the lease's renewal was overdue by a whole renewal period (lease/3):
+        no renewal ran for that long, so the lease may have run out and the key been
+        taken over while the body still ran. The thread schedules every renewal on time,
+        so the process did not let it run: under gevent or eventlet it is a greenlet,
+        held up by a body that computes without yielding to the event loop (measured: no
+        renewal at all in a 6 s body under a 2 s lease). Elsewhere it takes a C
+        extension holding the GIL, a paused process, or store calls that slow. The
+        ``lease_lost`` that may follow cannot name that cause; this warning does.
+        """
+        first, lease.cancelled = not lease.cancelled, True
         with self._lock:
             self._live.pop(id(lease), None)
+        overdue = self._clock() - lease.due
+        if first and lease.due and overdue > lease.lease / 3.0:
+            logger.warning(
+                "celery-idem's renewal of the lease of %s was %.1f s overdue when it stopped "
+                "(renewals are due every %.1f s): the renewal thread did not get to run, or "
+                "its store calls were that slow. Under gevent or eventlet the thread is a "
+                "greenlet: a task body that computes without yielding to the event loop "
+                "(I/O, time.sleep) holds it up, and a lease that runs out meanwhile lets "
+                "another worker take the key over. Run such tasks on the prefork or threads "
+                "pool, or yield at least every lease/3.",
+                lease.describe or lease.key,
+                overdue,
+                lease.lease / 3.0,
+            )
 
     def _due_now(self) -> list[Lease]:
         now = self._clock()

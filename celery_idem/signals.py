@@ -13,6 +13,9 @@ Every signal is sent with ``sender`` the task instance and these keyword argumen
 - ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed.
 - ``result_not_stored``: ``key``, ``task_id``, ``reason`` — the body ran but its result
   could not be kept; duplicates will get :class:`~celery_idem.ResultNotStored`.
+- ``quarantined``: ``key``, ``task_id``, ``takeovers``, ``fence`` — the key was taken
+  over more than ``idem_max_takeovers`` times without completing (a poison message)
+  and is now quarantined; sent once, by the claim that quarantined it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "duplicate_in_progress",
     "key_mismatch",
     "lease_lost",
+    "quarantined",
     "replayed",
     "result_not_stored",
     "store_error",
@@ -44,4 +48,7 @@ store_error = Signal(
 )
 result_not_stored = Signal(
     name="idem_result_not_stored", providing_args={"key", "task_id", "reason"}
+)
+quarantined = Signal(
+    name="idem_quarantined", providing_args={"key", "task_id", "takeovers", "fence"}
 )

@@ -39,6 +39,9 @@ class ClaimState(enum.Enum):
     """Another live attempt owns the key."""
     MISMATCH = 4
     """The key is known with another arguments fingerprint; nothing changed."""
+    QUARANTINED = 5
+    """Taken over too many times without completing (a poison message): nothing runs
+    until an operator forgets the key."""
 
 
 class RecordKind(enum.Enum):
@@ -72,6 +75,10 @@ class ClaimOutcome:
         lease_left: Seconds of lease left for ``IN_PROGRESS`` (0.0 otherwise).
         stored: The completed payload for ``COMPLETED``.
         took_over: ``CLAIMED`` from an attempt whose lease ran out (not a fresh key).
+        continuation_pending: ``COMPLETED`` by a run whose callbacks and chain were not
+            confirmed sent (see :meth:`Store.dispatched`).
+        takeovers: ``QUARANTINED``: the takeovers counted.
+        quarantined_now: ``QUARANTINED`` by this very claim (the first to be refused).
     """
 
     state: ClaimState
@@ -80,6 +87,9 @@ class ClaimOutcome:
     lease_left: float = 0.0
     stored: Stored | None = None
     took_over: bool = False
+    continuation_pending: bool = False
+    takeovers: int = 0
+    quarantined_now: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +105,8 @@ class StoredRecord:
     stored: Stored | None
     parked: bool = False
     """State ``P`` with no owner: held for a retry of ``task_id`` (see :meth:`Store.park`)."""
+    takeovers: int = 0
+    """How many claims took the key from an attempt that stopped renewing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +115,7 @@ class RecordSummary:
 
     Attributes:
         key: The storage key.
-        state: The state byte (``P``, ``F``, ``C``, ``E``, ``X``), or ``""`` when the key
+        state: The state byte (``P``, ``F``, ``C``, ``E``, ``X``, ``Q``), or ``""`` when the key
             holds something that is not a celery-idem record (another type, unreadable).
         fence: The record's fence (0 when not a record).
         task_id: The owner's, or the completing run's, task id.
@@ -113,6 +125,7 @@ class RecordSummary:
         ttl: Seconds until the record expires, None when it never does.
         payload_bytes: Size of the stored payload (0 unless completed).
         codec: The payload's codec tag (see ``celery_idem.codec``).
+        takeovers: How many claims took the key from an attempt that stopped renewing.
     """
 
     key: str
@@ -124,15 +137,16 @@ class RecordSummary:
     ttl: float | None
     payload_bytes: int
     codec: str
+    takeovers: int = 0
 
 
 class ForgetResult(enum.Enum):
     """What :meth:`Store.forget_if` did."""
 
     ABSENT = 0
-    """There was no record: nothing deleted."""
+    """There was no record (or only a forgotten record's tombstone): nothing changed."""
     DELETED = 1
-    """The record is gone."""
+    """The record is gone for readers (a tombstone may keep its fence for some ms)."""
     HELD = 2
     """A live attempt (or a parked retry) holds the key and ``force`` was not given: kept."""
     CHANGED = 3
@@ -183,29 +197,64 @@ class Store(Protocol):
     """
 
     def claim(
-        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        task_id: str,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        max_takeovers: int = 0,
     ) -> ClaimOutcome:
         """Claim ``key`` for this attempt, or report what holds it.
 
         Claims when the key is absent or released, when the owner's lease has run out
         (take-over), or when the owner parked it for a retry of this same ``task_id``
-        (whatever the fingerprint: a retry may change its arguments). The new fence is
+        (a retry sends ``fingerprint=""``, as it may change its arguments; a new request
+        reusing the task id with other arguments is a ``MISMATCH``). The new fence is
         one more than the last, and at least the store's clock in ms, so it only grows,
         even after the record expired. The record lives ``ttl + lease``.
+
+        A takeover from an owner that stopped renewing is counted in the record; with
+        ``max_takeovers`` > 0, the claim that would be takeover number
+        ``max_takeovers + 1`` quarantines the key instead (``QUARANTINED``, kept with no
+        expiry until an operator forgets it).
         """
         ...
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
-        """Push the lease deadline to now + ``lease``; False when ``token`` no longer owns."""
+        """Push the lease deadline to now + ``lease``; False when ``token`` no longer owns.
+
+        Never moves the deadline back: a long renewal (a hand-over to a replacement)
+        is not undone by an ordinary one still in flight.
+        """
         ...
 
     def complete(
-        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        fence: int,
+        task_id: str,
+        stored: Stored,
+        ttl: float,
+        continuation: bool = False,
     ) -> bool:
         """Store the outcome and keep it ``ttl`` seconds; False when ``token`` no longer owns.
 
         Asking twice for the same attempt (a client retry after a lost reply) answers
         True again: the completed record still carries this attempt's fence and task id.
+        ``continuation``: the run still has callbacks or a chain to send; a claim by the
+        same task id reports ``continuation_pending`` until :meth:`dispatched`.
+        """
+        ...
+
+    def dispatched(self, key: str, *, task_id: str) -> bool:
+        """Note that the run of ``task_id`` that completed ``key`` sent its continuation.
+
+        False (nothing changed) when the record is not that run's completion.
         """
         ...
 
@@ -231,17 +280,24 @@ class Store(Protocol):
         ...
 
     def read(self, key: str) -> StoredRecord | None:
-        """The record as it stands, or None; never changes it."""
+        """The record as it stands, or None (also for a tombstone); never changes it."""
         ...
 
     def forget(self, key: str) -> bool:
-        """Delete the record whatever its state (an operator's tool); True if it existed."""
+        """Forget the record whatever its state (:meth:`forget_if`, forced); True if it existed."""
         ...
 
     # -- operators' tools (``celery idem``): never on a task's path ----------------------
 
     def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
         """Delete the record unless a live attempt holds it, atomically.
+
+        The fence only grows, forget included: a record whose fence the store's clock
+        has not passed yet (fences run ahead of the clock when several claims come
+        within one millisecond) is replaced by a *tombstone*, a free record with the
+        same fence that expires once the clock has passed it (at most a day). The next
+        claim gets that fence + 1; :meth:`read`, :meth:`summarize` and forget itself
+        treat the tombstone as absent. Any other record is deleted.
 
         Args:
             key: The storage key.
@@ -262,7 +318,10 @@ class Store(Protocol):
         ...
 
     def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
-        """Each key's record without its payload (None when absent), in one round trip."""
+        """Each key's record without its payload (None when absent, or a tombstone).
+
+        One round trip for all of them.
+        """
         ...
 
     def memory_usage(self, keys: Sequence[str]) -> list[int | None]:

@@ -11,6 +11,7 @@ Not for production: records live in the process, so two workers do not share the
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from celery_idem.checks import check_store_durations
 from celery_idem.store.base import (
     ClaimOutcome,
     ClaimState,
@@ -33,6 +35,9 @@ __all__ = ["MemoryStore"]
 
 _FREE = "F"
 _IN_PROGRESS = "P"
+_QUARANTINED = "Q"
+_TOMBSTONE_MAX_MS = 86_400_000
+"""The longest a tombstone keeps a fence (as in ``lua/forget.lua``): one day."""
 
 
 @dataclass
@@ -45,6 +50,8 @@ class _Record:
     fingerprint: str = ""
     task_id: str = ""
     stored: Stored | None = None
+    takeovers: int = 0
+    continuation: bool = False
 
 
 class MemoryStore:
@@ -67,40 +74,67 @@ class MemoryStore:
             return None
         return record
 
+    def _visible(self, key: str, now: float) -> _Record | None:
+        """The record as operators see it: a tombstone (see :meth:`forget_if`) is absent."""
+        record = self._live(key, now)
+        return None if record is None or _forgotten(record) else record
+
     def claim(
-        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        task_id: str,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        max_takeovers: int = 0,
     ) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
+        check_store_durations(lease=lease, ttl=ttl)
         with self._lock:
             now = time.time()
             record = self._live(key, now)
             fence = record.fence if record else 0
-            took_over = parked_for_us = False
+            takeovers = record.takeovers if record else 0
+            took_over = False
             if record is not None:
                 if record.state == _IN_PROGRESS and record.owner == token:
                     return ClaimOutcome(ClaimState.CLAIMED, fence, task_id)
-                parked_for_us = (
-                    record.state == _IN_PROGRESS
-                    and record.owner == ""
-                    and record.task_id == task_id
-                )
-                if not parked_for_us:
-                    if (
-                        record.state != _FREE
-                        and fingerprint
-                        and record.fingerprint
-                        and record.fingerprint != fingerprint
-                    ):
-                        return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
-                    if record.stored is not None:
-                        return ClaimOutcome(
-                            ClaimState.COMPLETED, fence, record.task_id, stored=record.stored
-                        )
-                    if record.state == _IN_PROGRESS:
-                        if record.deadline > now:
-                            left = record.deadline - now
-                            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
+                if record.state == _QUARANTINED:
+                    return ClaimOutcome(
+                        ClaimState.QUARANTINED, fence, record.task_id, takeovers=takeovers
+                    )
+                if (
+                    record.state != _FREE
+                    and fingerprint
+                    and record.fingerprint
+                    and record.fingerprint != fingerprint
+                ):
+                    return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
+                if record.stored is not None:
+                    return ClaimOutcome(
+                        ClaimState.COMPLETED, fence, record.task_id, stored=record.stored,
+                        continuation_pending=record.continuation,
+                    )  # fmt: skip
+                if record.state == _IN_PROGRESS:
+                    if record.owner == "" and record.task_id == task_id:
+                        fingerprint = record.fingerprint  # the parked retry keeps it
+                    elif record.deadline > now:
+                        left = record.deadline - now
+                        return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
+                    else:
                         took_over = True
+                        if record.owner:
+                            takeovers += 1
+                            if 0 < max_takeovers < takeovers:
+                                record.state, record.takeovers = _QUARANTINED, takeovers
+                                record.owner, record.deadline = None, 0.0
+                                record.expires_at = math.inf
+                                return ClaimOutcome(
+                                    ClaimState.QUARANTINED, fence, record.task_id,
+                                    takeovers=takeovers, quarantined_now=True,
+                                )  # fmt: skip
             fence = max(fence + 1, int(now * 1000))
             self._records[key] = _Record(
                 state=_IN_PROGRESS,
@@ -108,9 +142,9 @@ class MemoryStore:
                 expires_at=now + ttl + lease,
                 owner=token,
                 deadline=now + lease,
-                # A parked retry keeps the original request's fingerprint.
-                fingerprint=record.fingerprint if record and parked_for_us else fingerprint,
+                fingerprint=fingerprint,
                 task_id=task_id,
+                takeovers=takeovers,
             )
             return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=took_over)
 
@@ -119,7 +153,7 @@ class MemoryStore:
         with self._lock:
             now = time.time()
             record = self._live(key, now)
-            if record is None or record.state == _FREE:
+            if record is None or record.state in (_FREE, _QUARANTINED):
                 return None
             fence, owner = record.fence, record.task_id
             if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
@@ -132,19 +166,29 @@ class MemoryStore:
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
+        check_store_durations(lease=lease)
         with self._lock:
             now = time.time()
             record = self._owned(key, token, now)
             if record is None:
                 return False
-            record.deadline = now + lease
+            record.deadline = max(record.deadline, now + lease)
             record.expires_at = max(record.expires_at, now + 2 * lease)
             return True
 
     def complete(
-        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        fence: int,
+        task_id: str,
+        stored: Stored,
+        ttl: float,
+        continuation: bool = False,
     ) -> bool:
         """See ``lua/complete.lua``."""
+        check_store_durations(ttl=ttl)
         with self._lock:
             now = time.time()
             record = self._live(key, now)
@@ -158,8 +202,18 @@ class MemoryStore:
             record.state = stored.kind.value
             record.stored = stored
             record.owner = None
+            record.continuation = continuation
             record.deadline = 0.0
             record.expires_at = now + ttl
+            return True
+
+    def dispatched(self, key: str, *, task_id: str) -> bool:
+        """See ``lua/dispatched.lua``."""
+        with self._lock:
+            record = self._live(key, time.time())
+            if record is None or record.stored is None or record.task_id != task_id:
+                return False
+            record.continuation = False
             return True
 
     def release(self, key: str, *, token: str) -> bool:
@@ -177,6 +231,7 @@ class MemoryStore:
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""
+        check_store_durations(hold=hold)
         with self._lock:
             now = time.time()
             record = self._owned(key, token, now)
@@ -191,7 +246,7 @@ class MemoryStore:
         """See ``lua/read.lua``."""
         with self._lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self._visible(key, now)
             if record is None:
                 return None
             return StoredRecord(
@@ -200,30 +255,42 @@ class MemoryStore:
                 task_id=record.task_id,
                 fingerprint=record.fingerprint,
                 lease_left=record.deadline - now if record.state == _IN_PROGRESS else None,
-                ttl=record.expires_at - now,
+                ttl=_ttl(record, now),
                 stored=record.stored,
                 parked=record.state == _IN_PROGRESS and record.owner == "",
+                takeovers=record.takeovers,
             )
 
     def forget(self, key: str) -> bool:
-        """Delete the record whatever its state."""
-        with self._lock:
-            return self._records.pop(key, None) is not None
+        """Forget the record whatever its state (:meth:`forget_if`, forced)."""
+        return self.forget_if(key, force=True) is ForgetResult.DELETED
 
     # -- operators' tools ---------------------------------------------------------------
 
     def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
-        """See ``lua/forget.lua``."""
+        """See ``lua/forget.lua``.
+
+        A record whose fence the clock has not passed is replaced by a tombstone (free,
+        same fence, ``deadline`` = now) until it has, so the next claim still gets a
+        higher fence; readers treat the tombstone as absent.
+        """
         with self._lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self._visible(key, now)
             if record is None:
                 return ForgetResult.ABSENT
             if fence is not None and record.fence != fence:
                 return ForgetResult.CHANGED
             if record.state == _IN_PROGRESS and record.deadline > now and not force:
                 return ForgetResult.HELD
-            del self._records[key]
+            now_ms = int(now * 1000)
+            if record.fence < now_ms:
+                del self._records[key]
+            else:
+                keep_ms = min(record.fence - now_ms + 2, _TOMBSTONE_MAX_MS)
+                self._records[key] = _Record(
+                    state=_FREE, fence=record.fence, expires_at=now + keep_ms / 1000, deadline=now
+                )
             return ForgetResult.DELETED
 
     def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
@@ -251,7 +318,7 @@ class MemoryStore:
         with self._lock:
             now = time.time()
             for key in keys:
-                record = self._live(key, now)
+                record = self._visible(key, now)
                 if record is None:
                     out.append(None)
                     continue
@@ -264,9 +331,10 @@ class MemoryStore:
                         task_id=record.task_id,
                         parked=record.state == _IN_PROGRESS and record.owner == "",
                         lease_left=record.deadline - now if record.state == _IN_PROGRESS else None,
-                        ttl=record.expires_at - now,
+                        ttl=_ttl(record, now),
                         payload_bytes=len(stored.payload) if stored else 0,
                         codec=stored.codec if stored else "",
+                        takeovers=record.takeovers,
                     )
                 )
         return out
@@ -295,6 +363,16 @@ class MemoryStore:
         """Drop every record (between users' tests)."""
         with self._lock:
             self._records.clear()
+
+
+def _forgotten(record: _Record) -> bool:
+    """A tombstone: free, with the time of the forget as its deadline (a release sets 0)."""
+    return record.state == _FREE and record.deadline > 0
+
+
+def _ttl(record: _Record, now: float) -> float | None:
+    """Seconds until the record expires; None for one kept until forgotten (Redis: -1)."""
+    return None if math.isinf(record.expires_at) else record.expires_at - now
 
 
 def _scan_hash(key: str) -> int:

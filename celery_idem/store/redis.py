@@ -22,16 +22,18 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from celery_idem.checks import check_store_durations
 from celery_idem.endpoint import sanitize_url
 from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
 from celery_idem.store.base import ClaimOutcome, ClaimState, RecordKind, Stored, StoredRecord
-from celery_idem.store.redis_admin import ERRORS, OUTAGES, RedisAdmin
+from celery_idem.store.redis_admin import ERRORS, RedisAdmin, is_outage
 from celery_idem.store.redis_admin import text as _text
 
 __all__ = ["RedisStore"]
 
 _SCRIPT_NAMES = (
-    "claim", "renew", "complete", "release", "park", "peek", "read", "summary", "forget",
+    "claim", "renew", "complete", "dispatched", "release", "park", "peek", "read", "summary",
+    "forget",
 )  # fmt: skip
 _COMPLETED = {kind.value: kind for kind in RecordKind}
 
@@ -49,7 +51,7 @@ def _decode_record(raw: bytes) -> dict[str, Any]:
     """Parse the format documented in ``lua/record.lua`` (the Lua ``decode``, in Python)."""
     out: dict[str, Any] = {"s": raw[:1].decode()}
     pos = 1
-    for name in ("f", "d"):
+    for name in ("f", "d", "n"):
         colon = raw.index(b":", pos)
         out[name], pos = int(raw[pos:colon]), colon + 1
     for name in ("o", "a", "i", "c"):
@@ -96,6 +98,7 @@ class RedisStore(RedisAdmin):
         self._claim = client.register_script(_SOURCES["claim"])
         self._renew = client.register_script(_SOURCES["renew"])
         self._complete = client.register_script(_SOURCES["complete"])
+        self._dispatched = client.register_script(_SOURCES["dispatched"])
         self._release = client.register_script(_SOURCES["release"])
         self._park = client.register_script(_SOURCES["park"])
         self._peek = client.register_script(_SOURCES["peek"])
@@ -124,8 +127,12 @@ class RedisStore(RedisAdmin):
         )
 
     def _error(self, key: str, exc: BaseException) -> IdempotencyError:
-        """An outage becomes StoreUnavailable; any other refusal a permanent error."""
-        if isinstance(exc, OUTAGES) or not isinstance(exc, redis.ResponseError):
+        """An outage becomes StoreUnavailable; any other refusal a permanent error.
+
+        ``is_outage`` reads the reply's code, not only redis-py's class: Redis 6.2 wraps
+        an ``OOM`` met inside a script into a plain script error, which is an outage too.
+        """
+        if is_outage(exc) or not isinstance(exc, redis.ResponseError):
             return self._unavailable(key, exc)
         # Not an outage: retrying would fail the same way (a key of another type
         # under our prefix, a damaged record, a script error).
@@ -221,10 +228,19 @@ class RedisStore(RedisAdmin):
         )
 
     def claim(
-        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        task_id: str,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        max_takeovers: int = 0,
     ) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim`."""
-        args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease)]
+        check_store_durations(lease=lease, ttl=ttl)
+        args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease), max_takeovers]
         acked: Any = 0
         if not self.min_replicas:
             reply = self._call(self._claim, key, args)
@@ -248,22 +264,43 @@ class RedisStore(RedisAdmin):
         owner = _text(reply[2])
         if code == 2:
             stored = Stored(_COMPLETED[_text(reply[3])], bytes(reply[4]), _text(reply[5]))
-            return ClaimOutcome(ClaimState.COMPLETED, fence, owner, stored=stored)
+            return ClaimOutcome(
+                ClaimState.COMPLETED, fence, owner, stored=stored,
+                continuation_pending=bool(int(reply[6])),
+            )  # fmt: skip
         if code == 3:
             return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, int(reply[3]) / 1000.0)
+        if code == 5:
+            return ClaimOutcome(
+                ClaimState.QUARANTINED, fence, owner, takeovers=int(reply[3]),
+                quarantined_now=bool(int(reply[4])),
+            )  # fmt: skip
         return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.renew`."""
+        check_store_durations(lease=lease)
         # The record must outlive the lease by the retention the claim gave it; one
         # lease of slack is enough because a renewal arrives every lease/3.
         return bool(self._call(self._renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
     def complete(
-        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        fence: int,
+        task_id: str,
+        stored: Stored,
+        ttl: float,
+        continuation: bool = False,
     ) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
-        args = [token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id]
+        check_store_durations(ttl=ttl)
+        args = [
+            token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id,
+            "+" if continuation else "",
+        ]  # fmt: skip
         if not self.min_replicas:
             return bool(self._call(self._complete, key, args))
         reply, acked = self._durable(self._complete, key, args)
@@ -275,12 +312,17 @@ class RedisStore(RedisAdmin):
             raise self._not_durable(key, "result", acked)
         return bool(reply)
 
+    def dispatched(self, key: str, *, task_id: str) -> bool:
+        """See :meth:`celery_idem.store.base.Store.dispatched`."""
+        return bool(self._call(self._dispatched, key, [task_id]))
+
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""
         return bool(self._call(self._release, key, [token]))
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.park`."""
+        check_store_durations(hold=hold)
         return bool(self._call(self._park, key, [token, _ms(hold), _ms(2 * hold)]))
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
@@ -312,4 +354,5 @@ class RedisStore(RedisAdmin):
             ttl=int(pttl) / 1000.0 if int(pttl) >= 0 else None,
             stored=stored,
             parked=state == "P" and r["o"] == b"",
+            takeovers=r["n"],
         )

@@ -9,8 +9,10 @@ server facts come from one primary.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import redis
@@ -19,29 +21,98 @@ from redis.exceptions import RedisClusterException
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts
 
-__all__ = ["OUTAGES", "RedisAdmin", "text"]
+__all__ = ["OUTAGES", "OUTAGE_CODES", "RedisAdmin", "is_outage", "outage_code", "text"]
 
-OUTAGES: tuple[type[Exception], ...] = (
+OUTAGE_CODES: Mapping[str, tuple[str | None, str]] = MappingProxyType(
+    {
+        "OOM": ("OutOfMemoryError", "used memory is over maxmemory, under noeviction"),
+        "LOADING": ("BusyLoadingError", "it is loading its data set after a restart"),
+        "READONLY": ("ReadOnlyError", "it is a replica now: a failover demoted it"),
+        "MASTERDOWN": ("MasterDownError", "it is a replica that lost its primary"),
+        "NOREPLICAS": (None, "fewer good replicas than its min-replicas-to-write"),
+        "BUSY": (None, "another script runs past lua-time-limit"),
+        "CLUSTERDOWN": ("ClusterDownError", "the cluster does not serve every slot"),
+        "TRYAGAIN": ("TryAgainError", "a slot is being migrated"),
+    }
+)
+"""The Redis error codes that mean "not now" rather than "never": an outage.
+
+Code -> (the redis-py class that carries it, or None where redis-py has none; what it
+means). This is the one list: :func:`outage_code` reads it twice, because a code comes
+in two shapes. redis-py turns a reply that starts with a code it knows into that class
+and drops the code from the message (Redis 7: ``OutOfMemoryError``, also from inside a
+script). Redis 6.0 and 6.2 do not pass a refusal met *inside* a script on as it is:
+they wrap it into a script error, which redis-py can only make a plain
+``ResponseError``::
+
+    Error running script (call to f_<sha>): @user_script:111: @user_script: 111: -OOM command
+    not allowed when used memory > 'maxmemory'.
+
+So the code is also looked for at the start of the message and after that wrapper.
+"""
+
+_TRANSIENT: tuple[type[Exception], ...] = (
     *(
         cls
         for name in (
             "ConnectionError",  # includes BusyLoadingError (LOADING) and AuthenticationError
             "TimeoutError",
-            "ReadOnlyError",  # a demoted primary during a failover
-            "OutOfMemoryError",  # maxmemory reached under noeviction
-            "MasterDownError",
-            "TryAgainError",
-            "ClusterDownError",
             "AskError",  # includes MovedError: a slot on the move, or a stale slot map
         )
         if isinstance(cls := getattr(redis.exceptions, name, None), type)
     ),
     RedisClusterException,  # includes SlotNotCoveredError; not a RedisError
 )
-"""redis-py errors that a moment later may be gone: an outage, under idem_on_store_error."""
+
+_CODE_CLASSES: Mapping[type[Exception], str] = MappingProxyType(
+    {
+        cls: code
+        for code, (name, _) in OUTAGE_CODES.items()
+        if name and isinstance(cls := getattr(redis.exceptions, name, None), type)
+    }
+)
+
+OUTAGES: tuple[type[Exception], ...] = (*_TRANSIENT, *_CODE_CLASSES)
+"""redis-py errors that a moment later may be gone, by class alone.
+
+Not enough on its own: a Redis 6.2 script error can carry an outage code too. Decide
+with :func:`is_outage`.
+"""
+
+_CODED_REPLY = re.compile(
+    # Redis 6.0/6.2's wrapper of an error met inside a script; its "@user_script:N: "
+    # position markers come once or twice depending on the version, and the wrapped
+    # reply keeps its leading "-".
+    r"(?:Error running script \(call to [^)]*\): (?:@?[\w.]+: ?\d+: )*-?)?"
+    rf"({'|'.join(OUTAGE_CODES)})(?: |$)"
+)
 
 ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 """Everything redis-py raises for a failed call (Cluster's own errors are no RedisError)."""
+
+
+def outage_code(exc: BaseException) -> str | None:
+    """The :data:`OUTAGE_CODES` code ``exc`` carries, on every supported Redis, or None."""
+    for cls, code in _CODE_CLASSES.items():
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, redis.ResponseError):
+        match = _CODED_REPLY.match(str(exc))
+        if match:
+            return match.group(1)
+    return None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for an error that a moment later may be gone: under ``idem_on_store_error``.
+
+    A connection that failed or timed out, a Cluster slot on the move, or a reply whose
+    code is in :data:`OUTAGE_CODES`, whichever way the server version words it.
+    Anything else Redis refuses (a key of another type, a damaged record, a script
+    error) would fail the same way again.
+    """
+    return isinstance(exc, _TRANSIENT) or outage_code(exc) is not None
+
 
 _CONFIG_FACTS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
 
@@ -84,6 +155,15 @@ class RedisAdmin:
         return sorted(self.client.get_primaries(), key=lambda node: node.name)
 
     def _unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
+        code = outage_code(exc)
+        if code is not None:  # the server answered: reachability is not the question
+            return StoreUnavailable(
+                f"the idempotency store at {self.url} failed on record {key!r}: Redis "
+                f"answered {code} ({OUTAGE_CODES[code][1]}): {type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}. "
+                f"Treated as an outage: tasks follow idem_on_store_error until it passes.",
+                key=key,
+            )
         return StoreUnavailable(
             f"the idempotency store at {self.url} failed on record {key!r}: "
             f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
@@ -119,11 +199,12 @@ class RedisAdmin:
         return int(count) if count is not None else None
 
     def forget(self, key: str) -> bool:
-        """See :meth:`celery_idem.store.base.Store.forget`."""
-        try:
-            return bool(self.client.delete(key))
-        except ERRORS as exc:
-            raise self._unavailable(key, exc) from exc
+        """See :meth:`celery_idem.store.base.Store.forget`.
+
+        The forced ``forget.lua``, not a plain ``DEL``: a record whose fence is ahead of
+        the clock must leave a tombstone, or the next claim's fence would not be higher.
+        """
+        return self.forget_if(key, force=True) is ForgetResult.DELETED
 
     # -- operators' tools ---------------------------------------------------------------
 
@@ -174,7 +255,7 @@ class RedisAdmin:
         except ERRORS as exc:
             raise self._unavailable(keys[0], exc) from exc
         for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, OUTAGES):
+            if isinstance(reply, BaseException) and is_outage(reply):
                 raise self._unavailable(key, reply)
         return replies
 
@@ -224,6 +305,7 @@ class RedisAdmin:
                     ttl=ttl,
                     payload_bytes=int(reply[8]),
                     codec=text(reply[7]),
+                    takeovers=int(reply[9]),
                 )
             )
         return out
@@ -248,17 +330,17 @@ class RedisAdmin:
         info_error = None
         try:
             info = {str(k): text(v) for k, v in client.info().items()}
-        except OUTAGES as exc:
-            raise self._unavailable("INFO", exc) from exc
         except ERRORS as exc:
+            if is_outage(exc):
+                raise self._unavailable("INFO", exc) from exc
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
             try:
                 reply: dict[Any, Any] = client.config_get(name)
-            except OUTAGES as exc:
-                raise self._unavailable("CONFIG", exc) from exc
-            except ERRORS:
+            except ERRORS as exc:
+                if is_outage(exc):
+                    raise self._unavailable("CONFIG", exc) from exc
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

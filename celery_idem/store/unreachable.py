@@ -41,7 +41,15 @@ class UnreachableStore:
         raise StoreUnavailable(f"{self.cause} (record {key!r})", key=key) from self.cause
 
     def claim(
-        self, key: str, *, token: str, task_id: str, fingerprint: str, lease: float, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        task_id: str,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        max_takeovers: int = 0,
     ) -> ClaimOutcome:
         """Always an outage."""
         self._fail(key)
@@ -51,8 +59,20 @@ class UnreachableStore:
         self._fail(key)
 
     def complete(
-        self, key: str, *, token: str, fence: int, task_id: str, stored: Stored, ttl: float
+        self,
+        key: str,
+        *,
+        token: str,
+        fence: int,
+        task_id: str,
+        stored: Stored,
+        ttl: float,
+        continuation: bool = False,
     ) -> bool:
+        """Always an outage."""
+        self._fail(key)
+
+    def dispatched(self, key: str, *, task_id: str) -> bool:
         """Always an outage."""
         self._fail(key)
 

@@ -10,7 +10,9 @@ the ``WAIT`` pipeline.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
+from celery_idem.checks import MAX_DURATION
+from celery_idem.exceptions import IdempotencyConfigError
 from celery_idem.store import ClaimState, MemoryStore, RecordKind, Store, Stored
 from celery_idem.store.base import ForgetResult
 from celery_idem.store.redis import RedisStore
@@ -34,6 +38,8 @@ class Backend:
     prefix: str
     advance: Callable[[str, float], None]
     """Let ``seconds`` pass for the record ``key`` (freezegun, or a deadline wait)."""
+    clock_ms: Callable[[], int]
+    """The store's clock in ms: what a claim's fence starts from (Redis: ``TIME``)."""
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -70,20 +76,23 @@ def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend
             def tick(_key: str, seconds: float) -> None:
                 frozen.tick(seconds)
 
-            yield Backend(MemoryStore(), key_prefix, tick)
+            def frozen_ms() -> int:
+                return int(time.time() * 1000)
+
+            yield Backend(MemoryStore(), key_prefix, tick, frozen_ms)
         return
     store = store_on(request, request.param)
 
+    def server_ms() -> int:
+        seconds, micros = store.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
     def wait(_key: str, seconds: float) -> None:
         # The server's clock decides leases: wait until it has moved on, not a guess.
-        def server_ms() -> int:
-            seconds, micros = store.client.time()
-            return int(seconds) * 1000 + int(micros) // 1000
-
         target = server_ms() + int(seconds * 1000)
         wait_for(lambda: server_ms() >= target, timeout=seconds + 5, message="server clock")
 
-    yield Backend(store, key_prefix, wait)
+    yield Backend(store, key_prefix, wait, server_ms)
 
 
 def complete(backend: Backend, key: str, *, token: str, stored: Stored, ttl: float) -> bool:
@@ -327,10 +336,11 @@ def test_memory_store_time_follows_freezegun() -> None:
 
 
 def test_parked_retry_may_change_its_arguments(backend: Backend) -> None:
-    # self.retry(args=...) comes back with another fingerprint under the same task id.
+    # self.retry(args=...) comes back under the same task id; a retry sends no
+    # fingerprint (its key is carried in a header, not derived from its arguments).
     first = claim(backend, "k", fingerprint="page-1")
     assert backend.store.park(backend.key("k"), token="t1", hold=10.0)
-    retry = claim(backend, "k", token="t2", task_id="id-1", fingerprint="page-2")
+    retry = claim(backend, "k", token="t2", task_id="id-1", fingerprint="")
     assert retry.state is ClaimState.CLAIMED
     assert retry.fence > first.fence
     # ...and the record keeps the original request's fingerprint for its duplicates.
@@ -340,6 +350,118 @@ def test_parked_retry_may_change_its_arguments(backend: Backend) -> None:
     assert claim(backend, "k", token="t4", task_id="id-9", fingerprint="page-2").state is (
         ClaimState.MISMATCH
     )
+
+
+def test_a_new_request_reusing_a_parked_task_id_with_other_arguments_is_a_mismatch(
+    backend: Backend,
+) -> None:
+    # apply_async((o1, 999), task_id="order-o1") while "order-o1" (o1, 100) is parked
+    # for its retry: the new request must not take the retry's place.
+    claim(backend, "k", fingerprint="amount-100")
+    assert backend.store.park(backend.key("k"), token="t1", hold=10.0)
+    other = claim(backend, "k", token="t2", task_id="id-1", fingerprint="amount-999")
+    assert other.state is ClaimState.MISMATCH
+    # The parked retry itself still claims.
+    assert claim(backend, "k", token="t3", task_id="id-1", fingerprint="").state is (
+        ClaimState.CLAIMED
+    )
+
+
+def test_takeovers_are_counted_and_the_one_past_the_cap_quarantines(backend: Backend) -> None:
+    k = backend.key("k")
+    claim(backend, "k", max_takeovers=2)
+    for n in (1, 2):
+        backend.advance(k, LEASE)
+        out = claim(backend, "k", token=f"t{n + 1}", max_takeovers=2)
+        assert out.state is ClaimState.CLAIMED
+        assert out.took_over
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.takeovers == 2
+    backend.advance(k, LEASE)
+    third = claim(backend, "k", token="t9", task_id="id-9", max_takeovers=2)
+    assert third.state is ClaimState.QUARANTINED
+    assert third.quarantined_now
+    assert third.takeovers == 3
+    # Every later claim is refused too, but only the first says it quarantined.
+    again = claim(backend, "k", token="t10", task_id="id-10", max_takeovers=2)
+    assert again.state is ClaimState.QUARANTINED
+    assert not again.quarantined_now
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.state == "Q"
+    assert record.ttl is None
+    assert (
+        backend.store.peek(k, fingerprint="fp") is None
+    )  # the publisher sends; the worker refuses
+    # An operator's forget releases it.
+    assert backend.store.forget_if(k) is ForgetResult.DELETED
+    assert claim(backend, "k", token="t11", max_takeovers=2).state is ClaimState.CLAIMED
+
+
+def test_takeovers_survive_a_release_and_a_parked_hold_running_out_is_not_one(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    claim(backend, "k", max_takeovers=1)
+    backend.advance(k, LEASE)
+    assert claim(backend, "k", token="t2", max_takeovers=1).took_over
+    assert backend.store.release(k, token="t2")
+    claim(backend, "k", token="t3", max_takeovers=1)
+    assert backend.store.park(k, token="t3", hold=LEASE)
+    backend.advance(k, LEASE)
+    # Another task id takes a parked key whose hold ran out: no worker died there.
+    assert claim(backend, "k", token="t4", task_id="id-2", max_takeovers=1).took_over
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.takeovers == 1
+    backend.advance(k, LEASE)
+    assert claim(backend, "k", token="t5", max_takeovers=1).state is ClaimState.QUARANTINED
+
+
+def test_no_cap_means_takeovers_never_quarantine(backend: Backend) -> None:
+    k = backend.key("k")
+    claim(backend, "k")
+    for n in range(3):
+        backend.advance(k, LEASE)
+        assert claim(backend, "k", token=f"t{n + 2}", max_takeovers=0).state is (ClaimState.CLAIMED)
+
+
+def test_a_completion_with_a_continuation_stays_pending_until_dispatched(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    out = claim(backend, "k")
+    assert backend.store.complete(
+        k, token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL,
+        continuation=True,
+    )  # fmt: skip
+    redelivered = claim(backend, "k", token="t2")
+    assert redelivered.state is ClaimState.COMPLETED
+    assert redelivered.continuation_pending
+    assert not backend.store.dispatched(k, task_id="id-9")  # not that run's completion
+    assert backend.store.dispatched(k, task_id="id-1")
+    assert not claim(backend, "k", token="t3").continuation_pending
+    assert claim(backend, "k", token="t4").stored == RESULT
+    # Without a continuation there is nothing pending.
+    out = claim(backend, "k2")
+    backend.store.complete(
+        backend.key("k2"), token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL
+    )
+    assert not claim(backend, "k2", token="t2").continuation_pending
+
+
+def test_a_renewal_never_moves_the_deadline_back(backend: Backend) -> None:
+    # A hand-over renews for a long hold; an ordinary renewal still in flight must not
+    # undo it.
+    k = backend.key("k")
+    claim(backend, "k")
+    assert backend.store.renew(k, token="t1", lease=60.0)
+    assert backend.store.renew(k, token="t1", lease=LEASE)
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.lease_left is not None
+    assert record.lease_left > 30
 
 
 def test_a_stale_attempt_cannot_pass_for_the_one_that_completed(backend: Backend) -> None:
@@ -538,6 +660,72 @@ def test_forget_if_keeps_a_record_whose_fence_changed(backend: Backend) -> None:
     assert backend.store.forget_if(k, fence=second.fence) is ForgetResult.DELETED
 
 
+AHEAD_MS = 100
+
+
+def run_ahead(backend: Backend, name: str) -> list[int]:
+    """Claim and release ``name`` until its fence is AHEAD_MS ms ahead of the store's clock.
+
+    A claim's fence is max(last fence + 1, clock in ms), so more than one claim per
+    millisecond pushes it ahead of the clock (the memory store's clock is frozen; Redis
+    answers a claim and a release in well under a millisecond, on every topology). That
+    is when a fence restarted from the clock would not exceed one already handed out.
+    Returns every fence handed out, in order.
+    """
+    fences: list[int] = []
+    for i in range(20_000):
+        if i % 10 == 0 and fences and fences[-1] >= backend.clock_ms() + AHEAD_MS:
+            return fences
+        out = claim(backend, name, token=f"ahead-{i}", task_id=f"id-ahead-{i}")
+        assert out.state is ClaimState.CLAIMED
+        fences.append(out.fence)
+        assert backend.store.release(backend.key(name), token=f"ahead-{i}")
+    raise AssertionError(f"the fence never ran {AHEAD_MS} ms ahead of the clock: {fences[-3:]}")
+
+
+@pytest.mark.parametrize("how", ["forget", "forget_if", "forget_if_forced_while_held"])
+def test_a_claim_right_after_forget_gets_a_fence_above_every_earlier_one(
+    backend: Backend, how: str
+) -> None:
+    # "The fence only grows", forget included: a downstream system that kept the highest
+    # fence it saw must accept the next run after an operator forgot the key.
+    k = backend.key("k")
+    fences = run_ahead(backend, "k")
+    if how == "forget_if_forced_while_held":
+        held = claim(backend, "k", token="holder", task_id="id-holder", lease=10.0)
+        assert held.state is ClaimState.CLAIMED
+        fences.append(held.fence)
+        assert backend.store.forget_if(k, fence=held.fence, force=True) is ForgetResult.DELETED
+    elif how == "forget_if":
+        assert backend.store.forget_if(k, fence=fences[-1]) is ForgetResult.DELETED
+    else:
+        assert backend.store.forget(k) is True
+    after = claim(backend, "k", token="after", task_id="id-after")
+    assert after.state is ClaimState.CLAIMED
+    assert after.took_over is False
+    assert after.fence > max(fences)
+
+
+def test_a_forgotten_record_reads_as_absent_and_is_gone_once_the_clock_passes_its_fence(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    fences = run_ahead(backend, "k")
+    assert backend.store.forget(k) is True
+    # What keeps the fence until the clock catches up is invisible to readers...
+    assert backend.store.read(k) is None
+    assert backend.store.summarize([k]) == [None]
+    assert backend.store.peek(k, fingerprint="fp") is None
+    assert backend.store.forget(k) is False
+    assert backend.store.forget_if(k, force=True) is ForgetResult.ABSENT
+    # ...and leaves nothing behind: once the clock passed the fence, the key is gone.
+    backend.advance(k, (fences[-1] - backend.clock_ms() + 5) / 1000)
+    wait_for(lambda: backend.store.memory_usage([k]) == [None], timeout=5, message="tombstone")
+    after = claim(backend, "k", token="after", task_id="id-after")
+    assert after.state is ClaimState.CLAIMED
+    assert after.fence > fences[-1]
+
+
 def test_memory_usage_is_positive_for_records_and_none_when_absent(backend: Backend) -> None:
     claim(backend, "small")
     claim(backend, "big", token="tb")
@@ -583,3 +771,32 @@ def test_redis_summarize_and_forget_if_on_a_key_that_is_not_a_record(
     assert store.forget_if(listed, force=True) is ForgetResult.DELETED
     assert store.forget_if(garbage, force=True) is ForgetResult.DELETED
     assert store.client.exists(listed, garbage) == 0
+
+
+def test_a_duration_no_store_can_hold_is_refused_alike_and_changes_nothing(
+    backend: Backend,
+) -> None:
+    # idem_ttl=sys.maxsize once worked on the memory store and failed every Redis call
+    # with "value is not an integer or out of range": both must refuse it, and the same.
+    key = backend.key("k")
+    for name, value in (("lease", sys.maxsize), ("ttl", MAX_DURATION + 1)):
+        with pytest.raises(IdempotencyConfigError, match=f"{name}={value} .*{MAX_DURATION} s"):
+            claim(backend, "k", **{name: value})
+    assert backend.store.read(key) is None
+    assert claim(backend, "k", ttl=MAX_DURATION).state is ClaimState.CLAIMED  # the maximum holds
+    before = backend.store.read(key)
+    with pytest.raises(IdempotencyConfigError, match="lease="):
+        backend.store.renew(key, token="t1", lease=float("inf"))
+    with pytest.raises(IdempotencyConfigError, match="hold="):
+        backend.store.park(key, token="t1", hold=MAX_DURATION * 2)
+    with pytest.raises(IdempotencyConfigError, match="ttl="):
+        complete(backend, key, token="t1", stored=RESULT, ttl=sys.maxsize)
+    after = backend.store.read(key)
+    assert after is not None
+    assert before is not None
+    assert (after.state, after.fence, after.parked) == (before.state, before.fence, False)
+    assert complete(backend, key, token="t1", stored=RESULT, ttl=MAX_DURATION)
+    done = backend.store.read(key)
+    assert done is not None
+    assert done.ttl is not None
+    assert done.ttl > MAX_DURATION - 60

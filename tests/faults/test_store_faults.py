@@ -526,7 +526,7 @@ def _bomb(tasks: ModuleType, ledger_name: str, path: Path) -> bytes:
 def _forged_record(codec: str, payload: bytes, task_id: str = "forged-task-id") -> bytes:
     """A completed record in the format of ``celery_idem/store/lua/record.lua``."""
     fields = b"".join(f"{len(v)}:{v}".encode() for v in ("", "", task_id, codec))
-    return b"C" + f"{int(time.time() * 1000)}:0:".encode() + fields + payload
+    return b"C" + f"{int(time.time() * 1000)}:0:0:".encode() + fields + payload
 
 
 @pytest.mark.scenario(

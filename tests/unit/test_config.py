@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_idem.checks import MAX_DURATION
 from celery_idem.config import (
     CALL_SETTINGS,
     DEFAULTS,
@@ -86,6 +87,7 @@ def test_settings_table() -> None:
         "idem_cache_errors",
         "idem_max_result_bytes",
         "idem_dedupe_on_publish",
+        "idem_max_takeovers",
     )
     assert set(DEFAULTS) == set(SETTINGS)
     expected_call = {
@@ -290,6 +292,37 @@ def test_boundaries_accepted() -> None:
         }
     )
     assert (s.ttl, s.lease, s.key_prefix, s.max_result_bytes) == (0.001, 1.0, "p" * 64, 1)
+
+
+DURATIONS = ("idem_ttl", "idem_lease", "idem_min_replicas_timeout")
+"""Every setting in seconds: each is bounded by what Redis holds in exact milliseconds."""
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [
+        (layer, name)
+        for layer in ("app", "task", "call")
+        for name in DURATIONS
+        if layer != "call" or name in CALL_SETTINGS
+    ],
+)
+@pytest.mark.parametrize("too_long", [sys.maxsize, MAX_DURATION + 0.5])
+def test_a_duration_redis_cannot_hold_is_refused_naming_the_setting_and_maximum(
+    layer: str, name: str, too_long: float
+) -> None:
+    # idem_ttl=sys.maxsize was accepted, worked on the memory store, and then made every
+    # Redis call fail ("value is not an integer or out of range"), blamed on another app.
+    err = config_error(**{layer: {name: too_long}}, task_name="shop.charge")
+    assert str(err).startswith(f"{name} from ")
+    assert f"<= {MAX_DURATION} (10 years)" in str(err)
+
+
+def test_every_duration_setting_takes_the_maximum_itself() -> None:
+    s = resolve_settings(dict.fromkeys(DURATIONS, MAX_DURATION))
+    assert s.ttl == s.lease == s.min_replicas_timeout == MAX_DURATION
+    call = with_call_overrides(s, {"idem_ttl": MAX_DURATION, "idem_lease": MAX_DURATION})
+    assert call.ttl == call.lease == MAX_DURATION
 
 
 @pytest.mark.parametrize(

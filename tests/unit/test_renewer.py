@@ -10,6 +10,7 @@ and retention arithmetic is checked separately under freezegun, without any thre
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -333,3 +334,29 @@ def test_short_tasks_do_not_wake_the_renewer_thread() -> None:
     shorter = private.add(Lease(store, fresh_key(), "short", 3.0, lambda _l: None))
     assert wakes == [1]  # a shorter lease than any before wakes it, once
     private.remove(shorter)
+
+
+def test_a_lease_whose_renewal_was_a_whole_period_overdue_is_reported_when_removed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under gevent a body that computes without yielding keeps the renewal greenlet from
+    # running until the body ends; its end must say why the lease may have been lost.
+    now = [1000.0]
+    private = Renewer(clock=lambda: now[0])
+    store = MemoryStore()
+    on_time = Lease(store, fresh_key(), "t1", LEASE, lambda _l: None, describe="on time")
+    starved = Lease(store, fresh_key(), "t2", LEASE, lambda _l: None, describe="starved")
+    with caplog.at_level(logging.WARNING, logger="celery_idem.renewer"):
+        for lease in (on_time, starved):
+            lease.due = next_due(now[0], LEASE)  # as add() sets it, without the thread
+        now[0] += LEASE / 3 + LEASE / 6  # due, half a period ago: not reported
+        private.remove(on_time)
+        now[0] += 5 * LEASE  # the renewal never ran for five leases
+        private.remove(starved)
+        private.remove(starved)  # a second remove (the renewer's, then the task's): once
+    (warning,) = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert warning.args is not None
+    assert warning.args[0] == "starved"  # type: ignore[index]
+    assert warning.args[1] == pytest.approx(5 * LEASE + LEASE / 6)  # type: ignore[index]
+    assert "gevent" in warning.getMessage()

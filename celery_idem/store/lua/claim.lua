@@ -4,52 +4,70 @@
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  owner token of this attempt (random, never '')
 -- ARGV[2]  task id of this attempt
--- ARGV[3]  arguments fingerprint ('' = not checked, the key is derived from them)
+-- ARGV[3]  arguments fingerprint ('' = not checked: the key is derived from the
+--          arguments, or this is a retry, which keeps the original request's)
 -- ARGV[4]  lease in ms
 -- ARGV[5]  record expiry in ms while in progress (ttl + lease: the fence outlives the run)
+-- ARGV[6]  most takeovers allowed before the key is quarantined (0 = no cap)
 -- Returns one of
---   {1, fence, took_over}                        CLAIMED (took_over 1 = the lease had run out)
---   {2, fence, task_id, kind, payload, codec}    COMPLETED (kind C result, E error, X no result)
---   {3, fence, task_id, ms_left}                 IN_PROGRESS
---   {4, fence, task_id}                          MISMATCH (other arguments; nothing changed)
+--   {1, fence, took_over}                                 CLAIMED (took_over 1 = the lease had run out)
+--   {2, fence, task_id, kind, payload, codec, pending}    COMPLETED (kind C result, E error,
+--                                                         X no result; pending 1 = the
+--                                                         completing run's callbacks and
+--                                                         chain are not confirmed sent)
+--   {3, fence, task_id, ms_left}                          IN_PROGRESS
+--   {4, fence, task_id}                                   MISMATCH (other arguments; nothing changed)
+--   {5, fence, task_id, takeovers, new}                   QUARANTINED (new 1 = this claim
+--                                                         quarantined it; the body must not run)
 local now = now_ms()
 local r = decode(redis.call('GET', KEYS[1]))
-local fence, took_over, parked_for_us = 0, 0, false
+local fence, took_over, takeovers, fingerprint = 0, 0, 0, ARGV[3]
 if r then
-  fence = r.f
+  fence, takeovers = r.f, r.n
   if r.s == 'P' and r.o == ARGV[1] then
     -- This very attempt asked before (a client retry after a lost reply): same answer.
     return {1, fence, 0}
   end
-  -- Parked for this task id's own retry: it may come back with other arguments
-  -- (self.retry(args=...)), so this is checked before the fingerprint.
-  parked_for_us = r.s == 'P' and r.o == '' and r.i == ARGV[2]
-  if not parked_for_us then
-    if r.s ~= 'F' and ARGV[3] ~= '' and r.a ~= '' and r.a ~= ARGV[3] then
-      return {4, fence, r.i}
-    end
-    if completed(r) then
-      return {2, fence, r.i, r.s, r.r, r.c}
-    end
-    if r.s == 'P' then
+  if r.s == 'Q' then
+    return {5, fence, r.i, takeovers, 0}
+  end
+  if r.s ~= 'F' and ARGV[3] ~= '' and r.a ~= '' and r.a ~= ARGV[3] then
+    -- Checked before the parked retry: a new request reusing the task id with other
+    -- arguments must not take the retry's place (a retry itself sends '').
+    return {4, fence, r.i}
+  end
+  if completed(r) then
+    return {2, fence, r.i, r.s, r.r, r.c, r.o == '+' and 1 or 0}
+  end
+  if r.s == 'P' then
+    if r.o == '' and r.i == ARGV[2] then
+      -- Parked for this task id's own retry, which may carry other arguments
+      -- (self.retry(args=...)): it keeps the original request's fingerprint, so
+      -- duplicates of that request still match.
+      fingerprint = r.a
+    elseif r.d > now then
       -- Held by another attempt (or parked for another task id's retry).
-      if r.d > now then
-        return {3, fence, r.i, r.d - now}
-      end
+      return {3, fence, r.i, r.d - now}
+    else
       took_over = 1
+      if r.o ~= '' then
+        -- The owner stopped renewing: a dead or stalled worker, maybe killed by
+        -- this very message. Past the cap the key is quarantined, not run.
+        takeovers = takeovers + 1
+        local cap = tonumber(ARGV[6])
+        if cap > 0 and takeovers > cap then
+          r.s, r.n, r.d, r.o = 'Q', takeovers, 0, ''
+          redis.call('SET', KEYS[1], encode(r))
+          return {5, fence, r.i, takeovers, 1}
+        end
+      end
     end
   end
 end
 -- The fence only grows, even across the record's expiry: it is at least the
 -- server's clock in ms, and one more than the last claim's.
 fence = math.max(fence + 1, now)
--- A parked retry keeps the original request's fingerprint: duplicates of that request
--- must still match, whatever arguments the retry carries.
-local fingerprint = ARGV[3]
-if parked_for_us then
-  fingerprint = r.a
-end
-local record = {s = 'P', f = fence, d = now + tonumber(ARGV[4]), o = ARGV[1], a = fingerprint,
-                i = ARGV[2], c = '', r = ''}
+local record = {s = 'P', f = fence, d = now + tonumber(ARGV[4]), n = takeovers, o = ARGV[1],
+                a = fingerprint, i = ARGV[2], c = '', r = ''}
 redis.call('SET', KEYS[1], encode(record), 'PX', ARGV[5])
 return {1, fence, took_over}

@@ -3,12 +3,13 @@
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  arguments fingerprint ('' = not checked)
 -- Returns one of
---   {0}                      nothing holds the key (absent, free, or a lapsed lease)
+--   {0}                      nothing holds the key (absent, free, or a lapsed lease), or
+--                            it is quarantined (the worker reports that to the caller)
 --   {2, fence, task_id}      COMPLETED by task_id
 --   {3, fence, task_id, ms}  IN_PROGRESS by task_id, lease left in ms
 --   {4, fence, task_id}      MISMATCH: the key is known with other arguments
 local r = decode(redis.call('GET', KEYS[1]))
-if not r or r.s == 'F' then
+if not r or r.s == 'F' or r.s == 'Q' then
   return {0}
 end
 if ARGV[1] ~= '' and r.a ~= '' and r.a ~= ARGV[1] then

@@ -4,13 +4,22 @@
 -- near 230 bytes (a hash would turn into a hashtable once a value passes
 -- hash-max-listpack-value, 64 bytes by default, and double that):
 --
---   <state><fence>:<deadline>:<len>:<owner><len>:<fingerprint><len>:<task id><len>:<codec><payload>
+--   <state><fence>:<deadline>:<takeovers>:<len>:<owner><len>:<fingerprint><len>:<task id><len>:<codec><payload>
 --
 --   state        one byte: P in progress, F free (released), C/E/X completed
---                (result, cached error, no result kept)
---   fence        grows by one on every claim; survives a release
---   deadline     lease deadline in ms on the server's clock (0 unless P)
---   owner        token of the owning attempt ('' while parked for a retry)
+--                (result, cached error, no result kept), Q quarantined
+--   fence        grows by one on every claim; survives a release, and a forget until
+--                the server's clock has passed it (a tombstone, see forget.lua)
+--   deadline     lease deadline in ms on the server's clock (P); in an F record 0
+--                after a release, or the server's clock in ms at the forget that
+--                left it as a tombstone (see forget.lua); 0 in any other state
+--   takeovers    how many times a claim took the key from an attempt that stopped
+--                renewing (a dead or stalled worker) since the record was created;
+--                kept across release and parking, so a poison message that kills
+--                every worker it reaches is counted (claim.lua quarantines past the cap)
+--   owner        P: token of the owning attempt ('' while parked for a retry);
+--                C/E/X: '+' while the completing run's callbacks and chain are not
+--                yet confirmed sent (dispatched.lua clears it), else ''
 --   fingerprint  arguments fingerprint ('' = not checked)
 --   task id      the owner's, or the completing run's, Celery task id
 --   codec        how the payload is serialized (see celery_idem/codec.py)
@@ -37,6 +46,7 @@ local function decode(v)
   local r, pos = {s = string.sub(v, 1, 1)}, 2
   r.f, pos = read_number(v, pos)
   r.d, pos = read_number(v, pos)
+  r.n, pos = read_number(v, pos)
   r.o, pos = read_field(v, pos)
   r.a, pos = read_field(v, pos)
   r.i, pos = read_field(v, pos)
@@ -47,11 +57,18 @@ end
 
 local function encode(r)
   return r.s .. string.format('%d', r.f) .. ':' .. string.format('%d', r.d) .. ':'
+    .. string.format('%d', r.n) .. ':'
     .. #r.o .. ':' .. r.o .. #r.a .. ':' .. r.a .. #r.i .. ':' .. r.i
     .. #r.c .. ':' .. r.c .. r.r
 end
 
 local function completed(r)
   return r.s == 'C' or r.s == 'E' or r.s == 'X'
+end
+
+-- A tombstone: what forget.lua leaves of a record whose fence the server's clock has
+-- not passed yet. Free for any claim (fence + 1); absent to operators' reads.
+local function forgotten(r)
+  return r.s == 'F' and r.d > 0
 end
 

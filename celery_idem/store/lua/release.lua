@@ -1,5 +1,6 @@
 -- release.lua: free the key after a failed attempt, so a retry can claim it.
--- The fence stays, so it keeps growing across attempts.
+-- The fence stays, so it keeps growing across attempts, and so does the takeover
+-- count (a poison message may fail normally between the kills it causes).
 --
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  owner token of the attempt
@@ -8,6 +9,6 @@ local r = decode(redis.call('GET', KEYS[1]))
 if not r or r.s ~= 'P' or r.o ~= ARGV[1] then
   return 0
 end
-local free = {s = 'F', f = r.f, d = 0, o = '', a = '', i = '', c = '', r = ''}
+local free = {s = 'F', f = r.f, d = 0, n = r.n, o = '', a = '', i = '', c = '', r = ''}
 redis.call('SET', KEYS[1], encode(free), 'KEEPTTL')
 return 1
