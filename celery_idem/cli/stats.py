@@ -34,6 +34,7 @@ COLUMNS = (
     ("result", "RESULT"),
     ("error", "ERROR"),
     ("no_result", "NO RESULT"),
+    ("quarantined", "QUARANTINED"),
     ("not_a_record", "OTHER"),
 )
 """Counted sub-states, and their column headers."""

@@ -24,7 +24,7 @@ __all__ = [
     "summary_view",
 ]
 
-STATE_CHOICES = ("in_progress", "completed", "free")
+STATE_CHOICES = ("in_progress", "completed", "free", "quarantined")
 """What ``--state`` filters on."""
 
 _COMPLETED = {"C": "result", "E": "error", "X": "no_result"}
@@ -48,7 +48,8 @@ def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str
     same task id) or ``lease_expired`` (its worker is gone: the next claim takes over);
     ``completed``: ``result``, ``error`` (a cached failure) or ``no_result`` (ran, but
     its result could not be kept); ``free`` (released after a failure, keeps its fence);
-    ``not_a_record`` (something else lives under the key).
+    ``quarantined`` (taken over ``idem_max_takeovers`` times without completing: nothing
+    runs until it is forgotten); ``not_a_record`` (something else lives under the key).
     """
     if state == "P":
         if parked:
@@ -58,6 +59,8 @@ def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str
         return "in_progress", "running"
     if state == "F":
         return "free", None
+    if state == "Q":
+        return "quarantined", None
     if state in _COMPLETED:
         return "completed", _COMPLETED[state]
     return "not_a_record", None
@@ -88,6 +91,7 @@ def summary_view(summary: RecordSummary, task: str) -> dict[str, Any]:
         "expires_in": summary.ttl,
         "result_bytes": summary.payload_bytes if state == "completed" else None,
         "codec": _codec_name(summary.codec) if summary.codec else None,
+        "takeovers": summary.takeovers,
     }
 
 
@@ -166,6 +170,7 @@ def record_view(
         "task_id": record.task_id or None,
         "fence": record.fence,
         "fingerprint": record.fingerprint or None,
+        "takeovers": record.takeovers,
         "claimed_at": render.timestamp(claimed) if claimed is not None else None,
         "claimed_ago": now - claimed if claimed is not None else None,
         "lease_left": record.lease_left,
@@ -199,6 +204,8 @@ def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
         ("fingerprint", view["fingerprint"] or "- (not checked: the key derives from the args)"),
         ("claimed at", claimed),
     ]
+    if view["takeovers"] or view["state"] == "quarantined":
+        pairs.append(("takeovers", str(view["takeovers"])))
     if view["state"] == "in_progress":
         label = "hold left" if view["substate"] == "parked" else "lease left"
         pairs.append((label, render.duration(view["lease_left"])))

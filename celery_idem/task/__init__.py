@@ -6,11 +6,13 @@ more round trip), or replay the stored outcome, or wait, or refuse. Settings com
 from ``config`` (resolved once per task and process), Redis only from ``store``.
 
 ``base`` holds the class (publishing, configuration, dispatch), ``execution`` the
-worker-side steps, ``context`` what both share, ``worker`` the start-up checks.
+worker-side steps, ``context`` what both share, ``worker`` the start-up checks,
+``handover`` the end of a ``self.replace()``.
 """
 
 from __future__ import annotations
 
+from celery_idem.task import handover as _handover  # noqa: F401 - connects task signals
 from celery_idem.task import worker as _worker  # noqa: F401 - connects worker_init
 from celery_idem.task.base import IdempotentTask
 from celery_idem.task.context import HEADER, invalidate_settings

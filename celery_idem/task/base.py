@@ -27,6 +27,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    KeyQuarantined,
     ResultNotStored,
     StoreUnavailable,
 )
@@ -47,7 +48,7 @@ __all__ = ["IdempotentTask"]
 
 logger = logging.getLogger("celery_idem")
 
-_EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored)
+_EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined)
 """Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
 
 
@@ -109,7 +110,14 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         overrides = {name: options.pop(name) for name in list(options) if name[:5] == "idem_"}
         if key is None and not overrides:
             return
-        headers = dict(options.get("headers") or {})
+        given = options.get("headers")
+        if given is not None and not isinstance(given, Mapping):
+            raise IdempotencyError(
+                f"task {self.name!r}: headers={given!r} is not a mapping, so "
+                f"idempotency_key / idem_* options cannot travel with it; pass a dict",
+                task_name=self.name,
+            )
+        headers = dict(given or {})
         if key is not None:
             headers[HEADER] = validate_key(key, task_name=self.name, source=KeySource.CALL)
         if overrides:
@@ -134,8 +142,14 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         sent again: the caller gets the AsyncResult of the task that holds it.
         """
         self._idem_headers(options)
-        if self._idem_settings().dedupe_on_publish and not self.app.conf.task_always_eager:
-            existing = self._idem_published(args, kwargs, options)
+        if (
+            self._idem_settings().dedupe_on_publish
+            and not self.app.conf.task_always_eager
+            and not (link or link_error or options.get("chain"))
+        ):
+            # A message with callbacks or a chain is sent: its worker replays the stored
+            # value into them, exactly as for any duplicate (they are the caller's own).
+            existing = self._idem_published(args, kwargs, task_id, options)
             if existing is not None:
                 return existing
         return super().apply_async(
@@ -143,13 +157,18 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         )
 
     def _idem_published(
-        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, options: Any
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        options: Any,
     ) -> Any:
         """One look-up before publishing: the AsyncResult of the run holding the key.
 
         None means "publish": nothing holds the key, the arguments differ (the worker
         reports the mismatch), the store is down (the worker-side claim still holds),
-        or the message is a re-send of our own (a retry or a deferral must go out).
+        the message is a re-send of our own (a retry or a deferral must go out), or
+        the arguments cannot be bound here (``typing=False``: the worker decides).
         """
         headers = options.get("headers") or {}
         if _RETRY_KEY in headers or _DEFERRALS in headers or options.get("retries"):
@@ -157,7 +176,12 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         if options.get("group_id") or options.get("chord"):
             return None  # canvas members are keyed by their position, on the worker
         spec = self._idem_spec()
-        resolved = spec.rule.resolve(args or (), kwargs or {}, headers.get(HEADER))
+        try:
+            resolved = spec.rule.resolve(args or (), kwargs or {}, headers.get(HEADER))
+        except TypeError:
+            if self.typing:
+                raise  # Celery itself would refuse these arguments at the call site
+            return None
         storage = storage_key(spec.settings.key_prefix, self.name, resolved.key)
         fingerprint = "" if resolved.source is KeySource.ARGS else resolved.fingerprint
         try:
@@ -170,6 +194,10 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
             return None
         if found is None or found.state is ClaimState.MISMATCH:
             return None
+        if task_id is not None and task_id != found.task_id:
+            # The caller waits on the id it chose (a frozen signature): only a message
+            # under that id will ever write its result.
+            return None
         logger.debug(
             "%s key=%r: held by task %s, not published", self.name, resolved.key, found.task_id
         )
@@ -180,7 +208,12 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         self._idem_headers(options)
         group_id = options.get("group_id")
         headers = options.get("headers")
-        if group_id and headers and HEADER in headers and _GROUP_INDEX not in headers:
+        if (
+            group_id
+            and isinstance(headers, Mapping)
+            and HEADER in headers
+            and _GROUP_INDEX not in headers
+        ):
             # An eager group applies its members one after another without telling
             # them their position (a worker gets ``group_index``); count them here.
             options["headers"] = {**headers, _GROUP_INDEX: _eager_group_position(group_id)}
@@ -193,11 +226,18 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         must not change with them, or the parked record would be abandoned and a
         duplicate of the original request would run again.
         """
-        key = getattr(self.request, "idem_key", None)
+        request = self.request
+        key = getattr(request, "idem_key", None)
         if key is not None:
-            base = options.get("headers") or self.request.as_execution_options().get("headers")
-            options["headers"] = {**(base or {}), _RETRY_KEY: key}
-        return super().retry(*args, **options)
+            base = options.get("headers") or request.as_execution_options().get("headers")
+            base = base if isinstance(base, Mapping) else {}
+            options["headers"] = {**base, _RETRY_KEY: key}
+        sent = super().retry(*args, **options)
+        if key is not None and not request.is_eager:
+            # ``throw=False``: the retry is on its way although the body goes on and
+            # returns normally; the key must still be parked for it, not completed.
+            request.idem_retry_sent = sent
+        return sent
 
     # -- configuration ------------------------------------------------------------
 
@@ -251,7 +291,7 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         if request.called_directly or getattr(request, "idem_active", False):
             return super().__call__(*args, **kwargs)
         request.idem_active = True
-        run = self._idem_identify(request, args, kwargs)
+        run = request.idem_run = self._idem_identify(request, args, kwargs)
         outcome = self._idem_claim(run)
         if outcome is None:  # the store failed and the policy is to run anyway
             return self.run(*args, **kwargs)
@@ -261,7 +301,30 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
             return self._idem_replay(run, outcome)
         if outcome.state is ClaimState.MISMATCH:
             self._idem_mismatch(run, outcome)
+        if outcome.state is ClaimState.QUARANTINED:
+            self._idem_quarantined(run, outcome)
         return self._idem_in_progress(run, outcome)
+
+    def on_replace(self, sig: Any) -> Any:
+        """Hand the key to the replacement before Celery sends it (see ``_idem_hand_over``)."""
+        request = self.request
+        run = getattr(request, "idem_run", None)
+        if run is not None and not request.is_eager:
+            self._idem_hand_over(run, sig)
+        return super().on_replace(sig)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Celery has sent this run's callbacks and chain: mark the record so.
+
+        Subclasses that override ``on_success`` must call ``super().on_success(...)``;
+        without it, a worker killed later would have them sent a second time by the
+        redelivery (never lost, but twice).
+        """
+        run = getattr(self.request, "idem_owed", None)
+        if run is not None:
+            self.request.idem_owed = None
+            self._idem_dispatched(run)
+        super().on_success(retval, task_id, args, kwargs)
 
 
 _eager_groups: threading.local = threading.local()

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery_idem.config import IdemSettings
 from celery_idem.keys import KeyRule
+from celery_idem.renewer import Lease
 from celery_idem.store import Store
 
 HEADER = "idempotency_key"
@@ -26,6 +27,9 @@ _RETRY_KEY = "idem-retry-key"
 """Header carrying the effective key into a retried message (its arguments may differ)."""
 _GROUP_INDEX = "idem-group-index"
 """Header with an eager group member's position (workers get ``request.group_index``)."""
+HANDOVER = "idem-handover"
+"""Header on the task that finishes a ``self.replace()``: the replaced run's record,
+which that task's outcome completes (or releases) in the replaced run's name."""
 _COMPLETE_RETRIES = (0.05, 0.25, 1.0)
 """Pauses between attempts at storing a finished run's outcome when Redis fails."""
 
@@ -70,15 +74,29 @@ class _Run:
     token: str
     fence: int = 0
     lost: bool = False
+    lease: Lease | None = None
+    """The renewer's entry while the body runs."""
+    handed_over: bool = False
+    """``self.replace()`` handed the key to the replacement: not released on ``Ignore``."""
 
     @property
     def task_id(self) -> str:
         return str(self.request.id)
 
 
+def message_headers(request: Any) -> Mapping[str, Any]:
+    """The request's custom message headers, or an empty mapping.
+
+    Empty also when they are not a mapping: Celery accepts ``apply(...,
+    headers=<anything>)``, and so must we.
+    """
+    headers = getattr(request, "headers", None)
+    return headers if isinstance(headers, Mapping) else {}
+
+
 def _deferrals(request: Any) -> int:
     """How many times celery-idem has deferred this message already (0 if unreadable)."""
     try:
-        return max(0, int((request.headers or {}).get(_DEFERRALS, 0)))
+        return max(0, int(message_headers(request).get(_DEFERRALS, 0)))
     except (TypeError, ValueError):
         return 0

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Reject, Retry
 
 from celery_idem import codec, signals
+from celery_idem.checks import MAX_DURATION
 from celery_idem.config import (
     CALL_SETTINGS,
     InProgressPolicy,
@@ -27,6 +29,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    KeyQuarantined,
     ReplicasNotReached,
     ResultNotStored,
     StoreUnavailable,
@@ -40,10 +43,12 @@ from celery_idem.task.context import (
     _FIRST_DEFERRAL,
     _GROUP_INDEX,
     _RETRY_KEY,
+    HANDOVER,
     HEADER,
     _deferrals,
     _Run,
     _Spec,
+    message_headers,
 )
 
 logger = logging.getLogger("celery_idem")
@@ -62,24 +67,11 @@ class _Execution:
 
     def _idem_identify(self, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Run:
         spec = self._idem_spec()
-        headers = request.headers or {}
+        headers = message_headers(request)
         settings = spec.settings
         if any(name in CALL_SETTINGS for name in headers):
             settings = with_call_overrides(settings, headers, task_name=self.name)
-        retry_key = headers.get(_RETRY_KEY)
-        resolved = spec.rule.resolve(args, kwargs, headers.get(HEADER))
-        key = resolved.key
-        if isinstance(retry_key, str) and retry_key:
-            key = retry_key  # the key of the execution this message retries, as it was
-        elif resolved.source is KeySource.CALL:
-            index = request.group_index
-            if index is None:
-                index = headers.get(_GROUP_INDEX)
-            if index is not None:
-                # Celery copies a group's (or chord header's) options to every member,
-                # so each member keeps its own record: the key plus its position and
-                # its arguments (nested groups restart their positions at 0).
-                key = f"{key}#{index}.{resolved.fingerprint[:8]}"
+        key, fingerprint = self._idem_key_of(request, headers, args, kwargs)
         request.idem_key = key
         return _Run(
             spec=spec,
@@ -89,12 +81,38 @@ class _Execution:
             kwargs=kwargs,
             key=key,
             storage=storage_key(settings.key_prefix, self.name, key),
-            # A retry's record keeps the original request's fingerprint (claim.lua).
-            fingerprint=""
-            if resolved.source is KeySource.ARGS or retry_key
-            else resolved.fingerprint,
+            fingerprint=fingerprint,
             token=os.urandom(9).hex(),
         )
+
+    def _idem_key_of(
+        self,
+        request: Any,
+        headers: Mapping[str, Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+    ) -> tuple[str, str]:
+        """This message's key and the fingerprint its claim checks ('' = none)."""
+        retry_key = headers.get(_RETRY_KEY)
+        if isinstance(retry_key, str) and retry_key:
+            # The key of the execution this message retries, as it was, honoured before
+            # anything is derived: the retry's arguments may differ or have no
+            # canonical encoding, and its record keeps the original fingerprint.
+            return retry_key, ""
+        resolved = self._idem_spec().rule.resolve(args, kwargs, headers.get(HEADER))
+        if resolved.source is KeySource.ARGS:
+            return resolved.key, ""  # the key is the arguments: nothing else to check
+        key = resolved.key
+        if resolved.source is KeySource.CALL:
+            index = request.group_index
+            if index is None:
+                index = headers.get(_GROUP_INDEX)
+            if index is not None:
+                # Celery copies a group's (or chord header's) options to every member,
+                # so each member keeps its own record: the key plus its position and
+                # its arguments (nested groups restart their positions at 0).
+                key = f"{key}#{index}.{resolved.fingerprint[:8]}"
+        return key, resolved.fingerprint
 
     def _idem_log(self, level: int, run: _Run, message: str, *args: Any) -> None:
         """Every line names task, task id and key, also as structured ``extra`` fields."""
@@ -122,6 +140,7 @@ class _Execution:
                     fingerprint=run.fingerprint,
                     lease=settings.lease,
                     ttl=settings.ttl,
+                    max_takeovers=settings.max_takeovers,
                 )
             except StoreUnavailable as exc:
                 self._idem_store_down(run, exc)
@@ -264,11 +283,16 @@ class _Execution:
         assert stored is not None  # COMPLETED always carries it
         request = run.request
         if outcome.task_id == run.task_id:
-            # A redelivery of the very message that completed: its callbacks, chain and
-            # errbacks were dispatched by that run, so this one must not send them again.
-            request.callbacks = None
-            request.chain = None
-            request.errbacks = None
+            if outcome.continuation_pending and stored.kind is RecordKind.RESULT:
+                # A redelivery of the very message that completed, whose worker died
+                # before Celery sent its callbacks and chain: they go out now, with the
+                # stored value, and are then marked sent (``on_success``).
+                request.idem_owed = run
+            else:
+                # That run sent them (or had none): this one must not send them again.
+                request.callbacks = None
+                request.chain = None
+                request.errbacks = None
         run.fence = request.idem_fence = outcome.fence
         self._idem_log(logging.DEBUG, run, "replaying the outcome of task %s", outcome.task_id)
         signals.replayed.send(
@@ -307,11 +331,33 @@ class _Execution:
             task_name=self.name,
         )
 
+    def _idem_quarantined(self, run: _Run, outcome: ClaimOutcome) -> NoReturn:
+        """Refuse a key taken over too often: its message may be what kills workers."""
+        if outcome.quarantined_now:
+            self._idem_log(
+                logging.ERROR, run, "quarantined after %d takeovers without completing "
+                "(idem_max_takeovers=%d); the body did not run", outcome.takeovers,
+                run.settings.max_takeovers,
+            )  # fmt: skip
+            signals.quarantined.send(
+                sender=self, key=run.key, task_id=run.task_id, takeovers=outcome.takeovers,
+                fence=outcome.fence,
+            )  # fmt: skip
+        raise KeyQuarantined(
+            f"task {self.name!r} key {run.key!r} is quarantined: it was taken over "
+            f"{outcome.takeovers} times without completing (idem_max_takeovers="
+            f"{run.settings.max_takeovers}), so its message may be killing workers (OOM, a "
+            f"crash, a hard time limit). Nothing runs for it until an operator releases it: "
+            f"celery -A <app> idem forget --task {self.name} {shlex.quote(run.key)}",
+            key=run.key,
+            task_name=self.name,
+        )
+
     def _idem_execute(self, run: _Run, outcome: ClaimOutcome) -> Any:
         run.fence = run.request.idem_fence = outcome.fence
         if outcome.took_over:
             self._idem_log(logging.WARNING, run, "took over a key whose lease ran out")
-        lease = renewer.add(
+        lease = run.lease = renewer.add(
             Lease(
                 run.spec.store,
                 run.storage,
@@ -329,11 +375,58 @@ class _Execution:
             raise
         except BaseException as exc:
             renewer.remove(lease)
-            self._idem_failed(run, exc)
+            if not run.handed_over:  # self.replace() gave the key to its replacement
+                # Any other failure (Ignore and Reject included) frees the key: nothing
+                # was completed, and a requeued message must be able to claim again.
+                self._idem_failed(run, exc)
             raise
         renewer.remove(lease)
-        self._idem_complete(run, retval)
+        retry = (
+            retval if isinstance(retval, Retry) else getattr(run.request, "idem_retry_sent", None)
+        )
+        if isinstance(retry, Retry):
+            # ``self.retry(..., throw=False)``, returned or not: the retry was sent (or,
+            # returned eagerly, is applied next) under this task id, and must find the
+            # key parked for it; this run's own value is not the key's outcome.
+            self._idem_park(run, retry)
+            return retval
+        stored = self._idem_complete(run, retval)
+        if run.request.is_eager and stored.kind is RecordKind.RESULT:
+            # What a duplicate gets, and what a worker's caller gets through the
+            # result backend: the value after the result serializer, not the raw one.
+            return codec.decode_result(stored, run.spec.accept)
         return retval
+
+    def _idem_hand_over(self, run: _Run, sig: Any) -> None:
+        """Give the key to the signature replacing this run (``self.replace(sig)``).
+
+        Celery sends ``sig`` under this task id and ends this run with ``Ignore``. The
+        key stays held, for up to ``idem_ttl``, with this run's token, and the task that
+        finishes ``sig`` (the one with this task id) carries it in a header: its success
+        completes the key with its result, its failure releases it (``handover.py``).
+        Until then duplicates wait, as for any run in progress.
+        """
+        leaves = [leaf for leaf in _signatures(sig) if leaf.options.get("task_id") == run.task_id]
+        if not leaves or run.lost:
+            return  # nothing will finish in our name: Ignore releases the key as before
+        if run.lease is not None:
+            renewer.remove(run.lease)
+        settings = run.settings
+        try:
+            owned = run.spec.store.renew(
+                run.storage, token=run.token, lease=min(settings.ttl + settings.lease, MAX_DURATION)
+            )
+        except IdempotencyError as exc:
+            self._idem_store_failed(run, exc, "hand over")
+            return
+        if not owned:
+            self._idem_report_lost(run, "hand over")
+            return
+        handover = {"task": self.name, "key": run.key, "token": run.token, "fence": run.fence}
+        for leaf in leaves:
+            leaf.options["headers"] = {**(leaf.options.get("headers") or {}), HANDOVER: handover}
+        run.handed_over = True
+        self._idem_log(logging.INFO, run, "replaced; the key waits for the replacement's outcome")
 
     def _idem_lost(self, run: _Run) -> Callable[[Lease], None]:
         return lambda _lease: self._idem_report_lost(run, "renew")
@@ -368,7 +461,8 @@ class _Execution:
         else:
             countdown = 0.0
         try:
-            hold = countdown + run.settings.lease
+            # A countdown of years still parks: the hold is capped at what Redis holds.
+            hold = min(countdown + run.settings.lease, MAX_DURATION)
             run.spec.store.park(run.storage, token=run.token, hold=hold)
         except IdempotencyError as store_exc:  # the task's own retry wins
             self._idem_store_failed(run, store_exc, "park")
@@ -384,7 +478,45 @@ class _Execution:
         except IdempotencyError as store_exc:  # the task's own exception wins
             self._idem_store_failed(run, store_exc, "release")
 
-    def _idem_complete(self, run: _Run, retval: Any) -> None:
+    def idem_settle_handover(
+        self, handover: Mapping[str, Any], task_id: str, *, result: Any = None, failed: bool = False
+    ) -> None:
+        """Complete (or, ``failed``, release) a key handed over by ``self.replace()``.
+
+        Called in the worker that ran the task finishing the replacement (``task_id``,
+        the replaced task's id), with the hand-over from its header.
+        """
+        spec = self._idem_spec()
+        settings = spec.settings
+        key, token = str(handover.get("key")), str(handover.get("token"))
+        storage = storage_key(settings.key_prefix, self.name, key)
+        try:
+            if failed:
+                spec.store.release(storage, token=token)
+                return
+            try:
+                stored = codec.encode_result(result, spec.serializer, settings.max_result_bytes)
+            except codec.ENCODE_ERRORS as exc:
+                stored = codec.encode_no_result(f"{type(exc).__name__}: {exc}")
+            fence = int(handover.get("fence") or 0)
+            owned = spec.store.complete(
+                storage, token=token, fence=fence, task_id=task_id, stored=stored,
+                ttl=settings.ttl,
+            )  # fmt: skip
+        except IdempotencyError as exc:
+            logger.error(
+                "%s[%s] key=%r: could not settle the key after its replacement: %s",
+                self.name, task_id, key, exc,
+            )  # fmt: skip
+            return
+        if not owned:
+            logger.warning(
+                "%s[%s] key=%r: the replacement finished after the key was taken over or "
+                "forgotten; its result is not stored", self.name, task_id, key,
+            )  # fmt: skip
+
+    def _idem_complete(self, run: _Run, retval: Any) -> Stored:
+        """Store the result (or why there is none); returns what was stored."""
         settings = run.settings
         try:
             stored = codec.encode_result(retval, run.spec.serializer, settings.max_result_bytes)
@@ -398,21 +530,31 @@ class _Execution:
                 sender=self, key=run.key, task_id=run.task_id, reason=reason
             )
             stored = codec.encode_no_result(reason)
+        request = run.request
+        # Celery's tracer sends callbacks and the chain's next step after this returns;
+        # until they are confirmed sent (``on_success``), a redelivery sends them.
+        continuation = (
+            stored.kind is RecordKind.RESULT
+            and not request.is_eager
+            and bool(request.callbacks or request.chain)
+        )
         # The side effect has happened: try hard (a few short pauses) to record it.
         for pause in (*_COMPLETE_RETRIES, None):
             try:
-                self._idem_store_outcome(run, stored)
+                if self._idem_store_outcome(run, stored, continuation=continuation):
+                    request.idem_owed = run if continuation else None
             except StoreUnavailable as exc:
                 if pause is None:
                     self._idem_store_failed(run, exc, "complete")
-                    return
+                    return stored
                 time.sleep(pause)
                 continue
             except IdempotencyError as exc:  # refused for good: the result still stands
                 self._idem_store_failed(run, exc, "complete")
-            return
+            return stored
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _idem_store_outcome(self, run: _Run, stored: Stored) -> None:
+    def _idem_store_outcome(self, run: _Run, stored: Stored, *, continuation: bool = False) -> bool:
         owned = run.spec.store.complete(
             run.storage,
             token=run.token,
@@ -420,6 +562,27 @@ class _Execution:
             task_id=run.task_id,
             stored=stored,
             ttl=run.settings.ttl,
+            continuation=continuation,
         )
         if not owned:
             self._idem_report_lost(run, "complete")
+        return owned
+
+    def _idem_dispatched(self, run: _Run) -> None:
+        """Mark the completed record: this run's callbacks and chain were sent."""
+        try:
+            run.spec.store.dispatched(run.storage, task_id=run.task_id)
+        except IdempotencyError as exc:  # a redelivery may send them again: never lost
+            self._idem_store_failed(run, exc, "mark dispatched")
+
+
+def _signatures(sig: Any) -> Iterator[Any]:
+    """``sig`` and every signature nested in it (chain steps, group members, chord body)."""
+    yield sig
+    for attr in ("tasks", "body"):
+        nested = getattr(sig, attr, None)
+        if nested is None or isinstance(nested, str):
+            continue
+        for inner in [nested] if hasattr(nested, "options") else list(nested):
+            if hasattr(inner, "options"):
+                yield from _signatures(inner)

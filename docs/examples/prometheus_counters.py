@@ -75,6 +75,10 @@ class IdemCounters:
             "result_not_stored",
             "Runs whose result could not be kept (too big or unserializable).",
         )
+        self.quarantined = counter(
+            "quarantined",
+            "Keys quarantined after too many takeovers without completing (poison messages).",
+        )
         self._receivers: list[tuple[Signal, Callable[..., None]]] = [
             (signals.replayed, self._on_replayed),
             (signals.key_mismatch, self._on_key_mismatch),
@@ -82,6 +86,7 @@ class IdemCounters:
             (signals.lease_lost, self._on_lease_lost),
             (signals.store_error, self._on_store_error),
             (signals.result_not_stored, self._on_result_not_stored),
+            (signals.quarantined, self._on_quarantined),
         ]
 
     def connect(self) -> IdemCounters:
@@ -112,3 +117,6 @@ class IdemCounters:
 
     def _on_result_not_stored(self, sender: Any = None, **_: Any) -> None:
         self.result_not_stored.labels(task=_task(sender)).inc()
+
+    def _on_quarantined(self, sender: Any = None, **_: Any) -> None:
+        self.quarantined.labels(task=_task(sender)).inc()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from freezegun import freeze_time
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_idem import (
@@ -24,6 +25,7 @@ from celery_idem import (
     IdempotencyKeyMismatch,
     IdempotentTask,
     InProgressPolicy,
+    KeyQuarantined,
     ResultNotStored,
 )
 from celery_idem.config import DEFAULTS
@@ -165,6 +167,30 @@ def test_duplicate_in_progress_and_lease_lost_are_counted(
     assert value(registry, "duplicate_in_progress", task="docs.send", policy=policy) == 1
     assert value(registry, "lease_lost", task="docs.slow", stage="complete") == 1
     assert value(registry, "replayed", task="docs.send") == 0
+
+
+def test_a_quarantine_is_counted_once(
+    app: Celery, store: MemoryStore, registry: CollectorRegistry, counters: Any
+) -> None:
+    @app.task(base=IdempotentTask, shared=False, name="docs.poison", idem_max_takeovers=1)
+    def poison() -> str:
+        return "never"
+
+    key = record_key(poison, "poison-1")
+    with freeze_time("2026-01-01") as frozen:
+        # Two attempts that died holding the key (their leases ran out): one takeover.
+        store.claim(key, token="a", task_id="t-a", fingerprint="", lease=1, ttl=60)
+        frozen.tick(2)
+        claimed = store.claim(
+            key, token="b", task_id="t-b", fingerprint="", lease=1, ttl=60, max_takeovers=1
+        )
+        assert claimed.took_over
+        frozen.tick(2)
+        for _ in range(2):  # the second takeover quarantines; the next call is refused too
+            with pytest.raises(KeyQuarantined):
+                poison.apply_async(idempotency_key="poison-1").get()
+
+    assert value(registry, "quarantined", task="docs.poison") == 1
 
 
 def test_disconnect_stops_counting(

@@ -8,13 +8,15 @@ and reports its figures through the ``fault_report`` fixture; with
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from tests.faults import report
+from tests.faults.harness import Spawner
 from tests.integration.conftest import (  # noqa: F401 - fixtures re-exported for pytest
     celery_env,
     ledger,
@@ -32,6 +34,14 @@ def store_topology() -> str:
     (Failover on Sentinel has its own tests in ``tests/topologies``.)
     """
     return "standalone"
+
+
+@pytest.fixture
+def spawn(celery_env: dict[str, str], tasks: ModuleType) -> Iterator[Spawner]:  # noqa: F811
+    """Start workers (``spawn(queue=..., concurrency=..., extra_env=...)``); killed after."""
+    spawner = Spawner(celery_env)
+    yield spawner
+    spawner.kill_all()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -26,7 +26,6 @@ from celery_idem.store.redis import RedisStore
 from tests.faults.harness import (
     SUCCESS,
     ChildKiller,
-    Spawner,
     amqp_url,
     delivery_count,
     entries,
@@ -39,14 +38,6 @@ from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 60
-
-
-@pytest.fixture
-def spawn(celery_env: dict[str, str], tasks: ModuleType) -> Iterator[Spawner]:
-    """Start workers (``spawn(queue=..., concurrency=..., extra_env=...)``); killed after."""
-    spawner = Spawner(celery_env)
-    yield spawner
-    spawner.kill_all()
 
 
 @pytest.fixture

@@ -16,8 +16,10 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import Ignore, Reject
 
 from celery_idem import IdempotentTask
+from celery_idem import signals as idem_signals
 
 BROKER = os.environ.get("IDEM_TEST_BROKER", "memory://")
 BACKEND = os.environ.get("IDEM_TEST_BACKEND", "cache+memory://")
@@ -153,6 +155,27 @@ def slow(self: IdempotentTask, name: str, seconds: float) -> dict[str, Any]:
     """Runs longer than its lease; renewal must keep every duplicate out."""
     effect(name, fence=self.idempotency_fence)
     time.sleep(seconds)
+    return {"name": name, "fence": self.idempotency_fence}
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.compute")
+def compute(
+    self: IdempotentTask, name: str, seconds: float, yield_every: float = 0.0
+) -> dict[str, Any]:
+    """Like ``slow``, but computes (a pure-Python loop, no I/O) instead of sleeping.
+
+    Threads still get the GIL in turn, but under gevent or eventlet nothing else in the
+    worker runs until the body yields: with ``yield_every`` > 0 it sleeps 1 ms that often.
+    """
+    effect(name, fence=self.idempotency_fence)
+    now = time.monotonic()
+    end, pause_at = now + seconds, now + yield_every
+    while now < end:
+        sum(range(1000))
+        now = time.monotonic()
+        if yield_every and now >= pause_at:
+            time.sleep(0.001)
+            pause_at = now + yield_every
     return {"name": name, "fence": self.idempotency_fence}
 
 
@@ -306,4 +329,146 @@ def wf_long(self: IdempotentTask, name: str, seconds: float) -> dict[str, Any]:
     effect(name, fence=self.idempotency_fence, task_id=self.request.id)
     time.sleep(seconds)
     effect(f"{name}:end", fence=self.idempotency_fence, t=time.time())
+    return {"name": name, "fence": self.idempotency_fence}
+
+
+# -- composition (tests/integration/test_composition.py, tests/faults/test_composition_faults.py);
+#    names prefixed t.cp_ ----------------------------------------------------------------
+
+
+@app.task(name="t.cp_add1")
+def cp_add1(x: int, name: str) -> int:
+    """A plain first step of a chain."""
+    effect(name, x=x)
+    return x + 1
+
+
+@app.task(base=IdempotentTask, name="t.cp_double", idem_dedupe_on_publish=True)
+def cp_double(x: int, name: str) -> int:
+    """Deduplicated at publish: a completed key is not sent again (unless it must be)."""
+    effect(name, x=x)
+    return 2 * x
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_target")
+def cp_target(self: IdempotentTask, name: str, n: int, pause: float = 0.0) -> int:
+    """An idempotent replacement: its side effect must not run twice either."""
+    effect(name, n=n, task_id=self.request.id)
+    if pause:
+        time.sleep(pause)
+    return n * 10
+
+
+@app.task(bind=True, name="t.cp_plain_target")
+def cp_plain_target(self: Any, name: str, n: int, pause: float = 0.0) -> int:
+    """A plain replacement."""
+    effect(name, n=n, task_id=self.request.id)
+    if pause:
+        time.sleep(pause)
+    return n * 10
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_replacer")
+def cp_replacer(self: IdempotentTask, name: str, n: int, plain: bool = False) -> Any:
+    """Runs once, then replaces itself with ``cp_target`` (or ``cp_plain_target``)."""
+    effect(name, task_id=self.request.id)
+    target = cp_plain_target if plain else cp_target
+    queue = (self.request.delivery_info or {}).get("routing_key")  # the test's own queue
+    return self.replace(target.s(f"{name}:target", n, 1.0).set(queue=queue))
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_reject")
+def cp_reject(self: IdempotentTask, name: str) -> str:
+    """Rejects its first delivery back to the queue; the requeued message must run."""
+    if effect(name, task_id=self.request.id) == 1:
+        raise Reject("not yet", requeue=True)
+    return f"{name} ok"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_ignore")
+def cp_ignore(self: IdempotentTask, name: str) -> str:
+    """Ignores its first execution (no state); a later duplicate must run."""
+    if effect(name, task_id=self.request.id) == 1:
+        raise Ignore()
+    return f"{name} ok"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_charge", max_retries=3)
+def cp_charge(self: IdempotentTask, order: str, cents: int) -> str:
+    """The deterministic-task-id idiom: retries its first attempt after 2 s."""
+    effect(f"charge:{order}", cents=cents, retries=self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=2)
+    return f"charged {cents}"
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_retry_nothrow", max_retries=3)
+def cp_retry_nothrow(self: IdempotentTask, name: str) -> str:
+    """``self.retry(throw=False)``, then returns: the retry must still run the body."""
+    if effect(name, retries=self.request.retries) == 1:
+        self.retry(countdown=0, throw=False)
+        return "first"
+    return "second"
+
+
+@app.task(base=IdempotentTask, name="t.cp_untyped", typing=False, idem_dedupe_on_publish=True)
+def cp_untyped(x: int, y: int) -> int:
+    """``typing=False``: arguments are not checked when sending."""
+    return x + y
+
+
+DEEP = 600
+"""Nesting depth JSON carries but no canonical encoding takes."""
+
+
+def nested(depth: int) -> list[Any]:
+    out: list[Any] = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_retry_deep", max_retries=3)
+def cp_retry_deep(self: IdempotentTask, name: str, payload: Any = None) -> int:
+    """Retries with an argument that has no canonical encoding; its key is carried."""
+    if effect(name) == 1:
+        raise self.retry(args=(name, nested(DEEP)), countdown=0)
+    depth = 0
+    while isinstance(payload, list) and payload:
+        payload, depth = payload[0], depth + 1
+    return depth
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.cp_poison", idem_lease=1, idem_max_takeovers=2)
+def cp_poison(self: IdempotentTask, name: str) -> str:
+    """Kills its own worker process while ``ledger:<name>:poison`` exists."""
+    effect(name, fence=self.idempotency_fence, task_id=self.request.id)
+    if ledger().exists(f"ledger:{name}:poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"{name} survived"
+
+
+def _note_quarantine(sender: Any = None, **fields: Any) -> None:
+    effect(f"quarantined:{fields['key']}", takeovers=fields["takeovers"])
+
+
+idem_signals.quarantined.connect(_note_quarantine, weak=False)
+
+
+class CpDieAfterDispatch(WfWatched):
+    """SIGKILLs its own process once per name, after Celery sent the callbacks and chain
+    and ``IdempotentTask.on_success`` marked them sent; with ``ignore_result`` Celery
+    then requeues the lost message (no SUCCESS in the backend to tell it otherwise)."""
+
+    abstract = True
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        super().on_success(retval, task_id, args, kwargs)
+        if ledger().set(f"ledger:{args[0]}:died", os.getpid(), nx=True):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(base=CpDieAfterDispatch, bind=True, name="t.cp_die_after_dispatch", ignore_result=True)
+def cp_die_after_dispatch(self: IdempotentTask, name: str) -> dict[str, Any]:
+    effect(name, fence=self.idempotency_fence, task_id=self.request.id)
     return {"name": name, "fence": self.idempotency_fence}

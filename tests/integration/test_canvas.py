@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 from celery import group
 
+from celery_idem.checks import MAX_DURATION
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
 
@@ -76,6 +78,14 @@ def all_received_finished(worker: Worker) -> bool:
     return all(f"{i} succeeded" in log or f"{i} raised" in log or f"{i} retry" in log for i in ids)
 
 
-def test_invalid_setting_stops_the_worker_at_start_naming_it(start_worker: Any) -> None:
-    with pytest.raises(RuntimeError, match="idem_lease"):
-        start_worker(extra_env={"IDEM_TEST_LEASE": "0.5"})
+@pytest.mark.parametrize(
+    ("lease", "named"),
+    [("0.5", "idem_lease"), (str(sys.maxsize), rf"idem_lease .*<= {MAX_DURATION} \(10 years\)")],
+    ids=["too short to renew", "longer than Redis holds"],
+)
+def test_invalid_setting_stops_the_worker_at_start_naming_it(
+    start_worker: Any, lease: str, named: str
+) -> None:
+    # A lease of sys.maxsize seconds used to start the worker, then fail every claim.
+    with pytest.raises(RuntimeError, match=named):
+        start_worker(extra_env={"IDEM_TEST_LEASE": lease})

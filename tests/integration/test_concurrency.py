@@ -1,8 +1,10 @@
 """Items 5-7 and 16: concurrent duplicates, renewal, crashes, redelivery and fencing,
-on real prefork workers (one child is SIGKILLed from outside)."""
+on real prefork workers (one child is SIGKILLed from outside), and renewal on every
+execution pool (prefork, solo, threads, gevent)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +15,8 @@ import pytest
 import redis
 
 from celery_idem import DuplicateInProgress
+from celery_idem.keys import storage_key
+from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
 
@@ -60,6 +64,129 @@ def test_task_five_times_longer_than_its_lease_is_never_taken_over(
     assert out["fence"] == ledger_entries(ledger, uid)[0]["fence"]  # never taken over
     assert [d.get(timeout=T) for d in dups] == [out] * 4
     assert ledger_count(ledger, uid) == 1
+
+
+LEASE = 2.0
+GEVENT = pytest.mark.skipif(
+    importlib.util.find_spec("gevent") is None,
+    reason="gevent is not installed (a dev extra: pip install -e '.[dev]')",
+)
+POOLS = [
+    pytest.param("prefork", 2, id="prefork"),
+    pytest.param("solo", 1, id="solo"),
+    pytest.param("threads", 4, id="threads"),
+    pytest.param("gevent", 10, id="gevent", marks=GEVENT),
+]
+
+
+def server_ms(store: RedisStore) -> int:
+    seconds, micros = store.client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def wait_leases_after(store: RedisStore, fence: int, leases: float) -> None:
+    """Until the server clock is ``leases`` leases past a fresh key's claim (its fence)."""
+    wait_for(
+        lambda: server_ms(store) > fence + leases * LEASE * 1000,
+        timeout=T,
+        message=f"{leases} leases after the claim",
+    )
+
+
+@pytest.mark.parametrize("body", ["sleeps", "computes"])
+@pytest.mark.parametrize(("pool", "concurrency"), POOLS)
+def test_a_body_three_leases_long_runs_once_on_every_pool(
+    start_worker: Any,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+    celery_env: dict[str, str],
+    store_topology: str,
+    pool: str,
+    concurrency: int,
+    body: str,
+) -> None:
+    # The renewer is a background thread, a greenlet under gevent's monkeypatching: on
+    # every pool it must keep a 2 s lease alive through a 6 s body that sleeps (which
+    # yields under gevent) or computes, while duplicates (same key, new task ids) reach
+    # the same worker and another one. Without renewal the other worker's duplicate,
+    # coming back every 0.5 to 2 s, would take the key over and run the body again.
+    if store_topology != "standalone":
+        pytest.skip("the pool is under test, not the store: the standalone run is enough")
+    w = start_worker(pool=pool, concurrency=concurrency)
+    other = start_worker(pool="solo", concurrency=1)
+    task = tasks.slow if body == "sleeps" else tasks.compute
+    args: tuple[Any, ...] = (uid, 3 * LEASE)
+    if body == "computes" and pool == "gevent":
+        # Under gevent a computing body must yield now and then for the renewal
+        # greenlet to run (one that never does: the next test); threads need not.
+        args = (uid, 3 * LEASE, 0.1)
+    key = f"pool-{pool}-{body}-{uid}"
+    store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
+    record_key = storage_key("idem", task.name, key)
+
+    def send(queue: str) -> Any:
+        return task.apply_async(args, idempotency_key=key, idem_lease=LEASE, queue=queue)
+
+    first = send(w.queue)
+    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="first run started")
+    fence = ledger_entries(ledger, uid)[0]["fence"]  # a fresh key's fence: the claim's ms
+    dups = []
+    for leases in (1.5, 2.5):
+        # Past the deadline the claim set (and, at 2.5, past the first renewal's too).
+        wait_leases_after(store, fence, leases)
+        record = store.read(record_key)
+        assert record is not None
+        assert (record.state, record.fence, record.task_id) == ("P", fence, first.id)
+        assert record.lease_left is not None
+        assert record.lease_left > 0, "the lease was not renewed"
+        dups.append(send(w.queue))
+        elsewhere = send(other.queue)
+        dups.append(elsewhere)
+        # The other worker's duplicate has claimed: deferred (RETRY), or, had it taken the
+        # key over, run (SUCCESS, and two effects in the ledger).
+        wait_for(lambda: elsewhere.state != "PENDING", timeout=T, message="duplicate handled")  # noqa: B023
+    out = first.get(timeout=T)
+    assert out == {"name": uid, "fence": fence}
+    assert [d.get(timeout=T) for d in dups] == [out] * len(dups)
+    assert ledger_count(ledger, uid) == 1
+    assert "took over" not in w.log() + other.log()
+    assert "overdue" not in w.log()
+
+
+@GEVENT
+def test_under_gevent_a_body_that_never_yields_starves_the_renewer_which_says_so(
+    start_worker: Any,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+    celery_env: dict[str, str],
+    store_topology: str,
+) -> None:
+    # gevent is cooperative: while a body computes without yielding, no other greenlet
+    # runs, the renewal one included, so its lease runs out (another worker could take
+    # the key over: docs/failure-modes.md, "Pools"). The worker's log must say why.
+    if store_topology != "standalone":
+        pytest.skip("the pool is under test, not the store: the standalone run is enough")
+    w = start_worker(pool="gevent", concurrency=10)
+    key = f"starved-{uid}"
+    store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
+    first = tasks.compute.apply_async(
+        (uid, 3 * LEASE), idempotency_key=key, idem_lease=LEASE, queue=w.queue
+    )
+    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="first run started")
+    fence = ledger_entries(ledger, uid)[0]["fence"]
+    wait_leases_after(store, fence, 1.5)
+    record = store.read(storage_key("idem", "t.compute", key))
+    assert record is not None
+    assert record.lease_left is not None
+    assert record.lease_left < 0  # not renewed: the limit this test documents
+    assert first.get(timeout=T) == {"name": uid, "fence": fence}  # nobody took it over
+    warning = f"renewal of the lease of t.compute[{first.id}]"
+    wait_for(lambda: warning in w.log(), timeout=T, message=f"{warning!r} in the worker log")
+    (line,) = [line for line in w.log().splitlines() if warning in line]
+    assert "WARNING" in line
+    assert "computes without yielding" in line
 
 
 def test_sigkilled_child_frees_the_key_within_a_lease_and_redelivery_runs_once(

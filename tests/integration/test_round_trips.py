@@ -84,6 +84,33 @@ def test_one_round_trip_per_duplicate_two_per_first_run_and_small_records(
         monitor.close()
 
 
+def test_a_run_with_a_callback_adds_one_round_trip_after_celery_sent_it(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
+) -> None:
+    # The continuation mark: claim, complete (marked), then ``dispatched`` from
+    # on_success once Celery sent the callback. Only runs with callbacks or a chain pay.
+    w = start_worker(pool="solo", concurrency=1, extra_env={"IDEM_TEST_STORE": store_server.url(0)})
+    monitor = Monitor(store_server)
+    link = tasks.plain_collect.s(f"{uid}:cb").set(queue=w.queue)
+
+    def run(name: str) -> None:
+        # Celery stores the result before on_success: wait for the worker's own
+        # "succeeded" line, which it logs after on_success returned.
+        res = tasks.record.apply_async((name,), link=link, queue=w.queue)
+        res.get(timeout=T)
+        wait_for(lambda: f"[{res.id}] succeeded" in w.log(), timeout=T, message="on_success")
+
+    try:
+        run(f"warm-{uid}")  # loads the three scripts (claim, complete, dispatched) once
+        monitor.sync()
+        run(uid)
+        assert monitor.sync() == ["evalsha", "evalsha", "evalsha"]
+        run(uid)
+        assert monitor.sync() == ["evalsha"]  # a duplicate's own callback costs nothing more
+    finally:
+        monitor.close()
+
+
 def test_completed_record_with_a_100_byte_result_fits_in_300_bytes(
     start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
 ) -> None:

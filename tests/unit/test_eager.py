@@ -475,3 +475,81 @@ def test_group_run_again_with_the_same_key_replays_every_member(env: Env) -> Non
 
     assert again.get() == first_values
     assert sorted(runs) == [1, 2]
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_first_call_and_duplicates_get_the_same_value_after_the_result_serializer(
+    env: Env,
+) -> None:
+    # On a worker both go through the result backend; eagerly they must agree too.
+    @env.task()
+    def shaped(x: int) -> Any:
+        return (x, {1: "one"})
+
+    first = shaped.apply((1,)).get()
+    again = shaped.apply((1,)).get()
+    assert first == again == [1, {"1": "one"}]
+
+
+def test_retry_without_throw_eagerly_retries_under_the_parked_key(env: Env) -> None:
+    # Celery's own test_retry_without_throw_eager, with IdempotentTask.
+    attempts: list[int] = []
+
+    @env.task(bind=True, max_retries=3)
+    def flaky(self: Any, n: int) -> Any:
+        attempts.append(self.request.retries)
+        if self.request.retries < 3:
+            return self.retry(exc=ValueError("not yet"), countdown=0, throw=False)
+        return 42
+
+    assert flaky.apply((1,)).get() == 42
+    assert attempts == [0, 1, 2, 3]
+    assert flaky.apply((1,)).get() == 42  # a duplicate replays; nothing runs again
+    assert attempts == [0, 1, 2, 3]
+
+
+def test_apply_accepts_headers_that_are_not_a_mapping_as_celery_does(env: Env) -> None:
+    @env.task()
+    def plain(x: int) -> int:
+        return x + 1
+
+    assert plain.apply((1,), headers=[("a", 1)]).get() == 2
+    assert plain.apply((2,), headers="not headers").get() == 3
+
+
+def test_a_retry_with_arguments_that_have_no_canonical_encoding_keeps_its_key(
+    env: Env,
+) -> None:
+    seen: list[Any] = []
+
+    @env.task(bind=True, max_retries=2)
+    def paged(self: Any, page: Any) -> str:
+        seen.append(page)
+        if len(seen) == 1:
+            raise self.retry(args=(object(),), countdown=0)  # no canonical encoding
+        return "done"
+
+    assert paged.apply((1,)).get() == "done"
+    assert len(seen) == 2
+    assert paged.apply((1,)).get() == "done"  # the original request's key holds the result
+    assert len(seen) == 2
+
+
+def test_replace_eagerly_completes_the_key_with_the_replacements_value(env: Env) -> None:
+    runs: list[str] = []
+
+    @env.task()
+    def target(n: int) -> int:
+        runs.append("target")
+        return n * 10
+
+    @env.task(bind=True)
+    def replaced(self: Any, n: int) -> Any:
+        runs.append("replaced")
+        return self.replace(target.s(n))
+
+    assert replaced.apply((4,), idempotency_key="R").get() == 40
+    assert replaced.apply((4,), idempotency_key="R").get() == 40
+    assert runs == ["replaced", "target"]
