@@ -7,6 +7,9 @@
 #   make bench-topologies  per-key cost on standalone, Sentinel and Cluster
 #   make demo      run example_project.demo
 #   make docs      build the documentation site into build/site (mkdocs --strict)
+#   make chaos     the chaos soak: 3 min of overlapping faults over a mixed workload, then
+#                  the checker (CHAOS_SECONDS, CHAOS_SEED to replay); writes its section
+#                  of docs/reliability.md
 #   make test-celery-compat  Celery's own t/unit/tasks with IdempotentTask as the default
 #                  task base, against tests/celery_compat/expected.txt (COMPAT_PLAIN=1:
 #                  plain Celery only)
@@ -28,7 +31,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard celery_idem tests example_project benchmarks docs/examples docs/hooks)
 
 .DEFAULT_GOAL := test
-.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults bench-topologies test-celery-compat clean distclean
+.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults bench-topologies test-celery-compat chaos clean distclean
 
 all: test
 
@@ -133,3 +136,16 @@ $(COMPAT_STAMP): tests/celery_compat/requirements.txt | $(STAMP)
 
 test-celery-compat: $(STAMP) $(COMPAT_STAMP)
 	$(VENV_PY) tests/celery_compat/run.py
+
+# The chaos soak (tests/chaos): a seeded workload on 3 prefork workers while a nemesis
+# kills, stops and cuts off workers and the store, then a checker that reads only the
+# publisher's history and the effect ledger. CHAOS_SECONDS (default 180) and CHAOS_SEED
+# (default: random, printed) replay a run; every fault kind must be injected at least
+# CHAOS_MIN_EACH times (default 5). CHAOS_BROKER=rabbitmq runs the second configuration
+# (RabbitMQ at AMQP_URL, else 127.0.0.1:5672). Writes its section of docs/reliability.md.
+CHAOS_MIN_EACH ?= 5
+CHAOS_BROKER ?= redis
+
+chaos: $(STAMP)
+	$(VENV_PY) -m tests.chaos.run --report docs/reliability.md --min-each $(CHAOS_MIN_EACH) \
+	  --broker $(CHAOS_BROKER)

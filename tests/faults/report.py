@@ -94,6 +94,10 @@ def _cell(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+CHAOS_BEGIN = "<!-- chaos:begin"
+"""Where the chaos soak's section of the report starts (``tests/chaos/run.py``)."""
+
+
 def write(path: Path) -> None:
     """Write the report for the rows of this session."""
     rows = sorted(ROWS.values(), key=lambda r: r.order)
@@ -123,4 +127,7 @@ def write(path: Path) -> None:
             f"| {_cell(r.duplicate_effects)} | {outcome} |"
         )
     lines += ["", PROPERTIES]
-    path.write_text("\n".join(lines))
+    # The chaos soak's section (``make chaos``) is its own run's: keep it as it is.
+    kept = path.read_text() if path.exists() else ""
+    chaos = kept[kept.find(CHAOS_BEGIN) :] if CHAOS_BEGIN in kept else ""
+    path.write_text("\n".join(lines) + ("\n\n" + chaos if chaos else ""))

@@ -56,7 +56,9 @@ class Worker:
         pool: str = "prefork",
         concurrency: int = 2,
         extra_env: dict[str, str] | None = None,
+        app: str = "tests.integration.tasks",
     ) -> None:
+        self.app = app
         self.queue = f"q-{uuid.uuid4().hex[:10]}"
         self.env = {**os.environ, **env, **(extra_env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -70,9 +72,9 @@ class Worker:
 
     def start(self) -> Worker:
         cmd = [
-            sys.executable, "-m", "celery", "-A", "tests.integration.tasks", "worker",
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
-            "-n", f"{self.queue}@%h", "-l", "INFO",
+            "-n", f"{self.queue}-{uuid.uuid4().hex[:6]}@%h", "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         with open(self.logfile, "ab") as log:

@@ -20,6 +20,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_idem import IdempotentTask
 from celery_idem import signals as idem_signals
+from tests.worker_settings import redelivering_worker
 
 BROKER = os.environ.get("IDEM_TEST_BROKER", "memory://")
 BACKEND = os.environ.get("IDEM_TEST_BACKEND", "cache+memory://")
@@ -32,18 +33,9 @@ app.conf.update(
     idem_redis_url=STORE,
     idem_lease=float(os.environ.get("IDEM_TEST_LEASE", "60")),
     idem_min_replicas=int(os.environ.get("IDEM_TEST_MIN_REPLICAS", "0")),
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    result_extended=True,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": VISIBILITY,
-        "unacked_restore_throttle": 1,
-        "unacked_restore_interval": 1,
-    },
-    result_backend_transport_options={"visibility_timeout": VISIBILITY},
+    **redelivering_worker(VISIBILITY),
 )
+
 
 _ledger_client: redis.Redis | None = None
 
