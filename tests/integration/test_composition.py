@@ -117,11 +117,15 @@ def test_a_new_request_reusing_a_parked_task_id_with_other_arguments_is_refused(
     clash = tasks.cp_charge.apply_async(
         (order, 999), task_id=task_id, idempotency_key=order, queue=q
     )
-    # Both share the task id, so its result is the retry's once it ran.
+    # Both share the task id: the refusal's FAILURE is stored first, then the retry's
+    # SUCCESS replaces it (read afresh each time: an AsyncResult caches what it saw).
     wait_for(
-        lambda: ledger_count(ledger, f"charge:{order}") == 2, timeout=T, message="the retry ran"
+        lambda: tasks.app.AsyncResult(task_id).state == "SUCCESS",
+        timeout=T,
+        message="the retry's result",
     )
-    assert clash.get(timeout=T) == "charged 100"
+    assert tasks.app.AsyncResult(task_id).get(timeout=T) == "charged 100"
+    assert clash.id == task_id
     assert values(ledger, f"charge:{order}", "cents") == [100, 100]
     assert "IdempotencyKeyMismatch" in worker.log()
     # The same key with other arguments and a fresh task id is refused outright.
