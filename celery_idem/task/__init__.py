@@ -5,16 +5,17 @@ One execution goes: find the key (``keys``), ask the store in one round trip
 more round trip), or replay the stored outcome, or wait, or refuse. Settings come
 from ``config`` (resolved once per task and process), Redis only from ``store``.
 
-``base`` holds the class (publishing, configuration, dispatch), ``execution`` the
-worker-side steps, ``context`` what both share, ``worker`` the start-up checks,
+``base`` holds the class and its hooks into Celery, ``publish`` the publishing side,
+``execution`` one message's execution on the worker, ``spec`` what a task computes once
+per process, ``headers`` the message headers, ``worker`` the start-up checks,
 ``handover`` the end of a ``self.replace()``.
 """
 
 from __future__ import annotations
 
-from celery_idem.task import handover as _handover  # noqa: F401 - connects task signals
 from celery_idem.task import worker as _worker  # noqa: F401 - connects worker_init
 from celery_idem.task.base import IdempotentTask
-from celery_idem.task.context import HEADER, invalidate_settings
+from celery_idem.task.headers import HEADER
+from celery_idem.task.spec import invalidate_settings
 
 __all__ = ["HEADER", "IdempotentTask", "invalidate_settings"]

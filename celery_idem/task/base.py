@@ -1,9 +1,8 @@
-"""IdempotentTask itself: publishing, configuration and dispatch.
+"""IdempotentTask itself: the Celery task base, its options and its hooks into Celery.
 
-Publishing moves ``idempotency_key`` and ``idem_*`` call options into message headers
-(validated at the call site) and, with ``idem_dedupe_on_publish``, may return the
-AsyncResult of the run that already holds the key. ``__call__`` dispatches one
-execution to the steps in ``execution``.
+Publishing (``publish.py``) moves ``idempotency_key`` and ``idem_*`` call options into
+message headers and may answer from the store before sending; ``__call__`` hands each
+message to one :class:`~celery_idem.task.execution.Execution`.
 
 Celery calls a task's ``__call__`` from its tracer (worker and ``apply``/eager) with
 the request already pushed and ``called_directly`` False; a plain function call
@@ -12,57 +11,58 @@ the request already pushed and ``called_directly`` False; a plain function call
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
 
 from celery_idem import codec
-from celery_idem.config import IdemSettings, resolve_settings, with_call_overrides
+from celery_idem.config import (
+    SETTINGS,
+    IdemSettings,
+    InProgressPolicy,
+    StoreErrorPolicy,
+    resolve_settings,
+)
 from celery_idem.exceptions import (
     DuplicateInProgress,
-    IdempotencyError,
     IdempotencyKeyMismatch,
     KeyQuarantined,
     ResultNotStored,
     StoreUnavailable,
 )
-from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
-from celery_idem.store import ClaimState, Store, store_for
+from celery_idem.keys import KeyRule
+from celery_idem.store import Store, store_for
 from celery_idem.store.unreachable import UnreachableStore
-from celery_idem.task import context
-from celery_idem.task.context import (
-    _DEFERRALS,
-    _GROUP_INDEX,
-    _RETRY_KEY,
-    HEADER,
-    _Spec,
-)
-from celery_idem.task.execution import _Execution
+from celery_idem.task import handover, publish, spec
+from celery_idem.task.execution import Execution
+from celery_idem.task.headers import RETRY_KEY
+from celery_idem.task.spec import Spec
 
 __all__ = ["IdempotentTask"]
-
-logger = logging.getLogger("celery_idem")
 
 _EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined)
 """Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
 
 
-def _task_options(cls: type) -> dict[str, Any]:
-    """The ``idem_*`` options set on a task class (by the decorator or a subclass)."""
-    options: dict[str, Any] = {}
+def _task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
+    """The task layer: every task option the class sets (by the decorator or a subclass).
+
+    The declared options that are not None, plus any other ``idem_*`` name a subclass
+    sets, so that :func:`~celery_idem.config.resolve_settings` refuses it as a typo.
+    """
+    options = {name: getattr(cls, name) for name in SETTINGS if getattr(cls, name) is not None}
     for klass in reversed(cls.__mro__):
         if klass is IdempotentTask or not issubclass(klass, IdempotentTask):
             continue
-        options.update({k: v for k, v in vars(klass).items() if k.startswith("idem_")})
+        options.update(
+            {k: v for k, v in vars(klass).items() if k.startswith("idem_") and k not in SETTINGS}
+        )
     return options
 
 
-class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no type hints
+class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     """A Celery task base that runs each idempotency key's body once.
 
     Use as ``@app.task(base=IdempotentTask)``. The task option ``idempotency_key`` (a
@@ -72,8 +72,52 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
     """
 
     abstract: ClassVar[bool] = True
+
+    # Task options: one per setting, all None here ("not set on the task": the app's
+    # value, else the default, applies). Set them with ``@app.task(base=IdempotentTask,
+    # idem_ttl=3600)`` or on a subclass. Each ``#:`` line is its row's ``doc`` in
+    # ``celery_idem.settings_table`` (a test keeps the two equal); docs/configuration.md
+    # describes each setting in full.
+
+    #: Where records live.
+    idem_redis_url: ClassVar[str | None] = None
+    #: The Sentinels to ask for the primary, when they are not written in `idem_redis_url`.
+    idem_redis_sentinels: ClassVar[str | Sequence[str | tuple[str, int]] | None] = None
+    #: The name of the primary the Sentinels monitor (`sentinel monitor NAME ...`).
+    idem_redis_sentinel_master: ClassVar[str | None] = None
+    #: Treat `idem_redis_url` as a node of a Redis Cluster.
+    idem_redis_cluster: ClassVar[bool | None] = None
+    #: A factory for the redis-py client, for what the URL forms cannot express.
+    idem_redis_client: ClassVar[Callable[[], Any] | str | None] = None
+    #: Keyword arguments for redis-py's client.
+    idem_redis_options: ClassVar[Mapping[str, Any] | None] = None
+    #: Replicas that must confirm a claim and a completion before they count.
+    idem_min_replicas: ClassVar[int | None] = None
+    #: Seconds a claim or a completion waits for `idem_min_replicas` replicas.
+    idem_min_replicas_timeout: ClassVar[float | None] = None
+    #: Seconds a completed result is kept and replayed to duplicates.
+    idem_ttl: ClassVar[float | None] = None
+    #: Seconds a claim survives without renewal.
+    idem_lease: ClassVar[float | None] = None
+    #: The namespace of every Redis key celery-idem writes.
+    idem_key_prefix: ClassVar[str | None] = None
+    #: What a duplicate does when another live run holds its key.
+    idem_on_in_progress: ClassVar[InProgressPolicy | str | None] = None
+    #: What a task does when Redis cannot be reached to claim its key.
+    idem_on_store_error: ClassVar[StoreErrorPolicy | str | None] = None
+    #: Exception classes whose failure is stored and re-raised to duplicates.
+    idem_cache_errors: ClassVar[
+        type[BaseException] | str | Iterable[type[BaseException] | str] | None
+    ] = None
+    #: The largest serialized result that is stored.
+    idem_max_result_bytes: ClassVar[int | None] = None
+    #: Look the key up before publishing.
+    idem_dedupe_on_publish: ClassVar[bool | None] = None
+    #: Takeovers of one key, without a completion, before the key is quarantined.
+    idem_max_takeovers: ClassVar[int | None] = None
+
     _idem_key_rule: ClassVar[str | Callable[..., Any] | None] = None
-    _idem_spec_cache: _Spec | None = None
+    _idem_spec_cache: Spec | None = None
     _idem_settings_cache: tuple[int, IdemSettings] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -100,31 +144,6 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
 
     # -- publishing ---------------------------------------------------------------
 
-    def _idem_headers(self, options: dict[str, Any]) -> None:
-        """Move ``idempotency_key`` and ``idem_*`` call options into message headers.
-
-        Validates them here, so a bad key fails at the call site and nothing is sent.
-        Accepts ``headers`` absent, None or empty (Celery's retries pass each).
-        """
-        key = options.pop(HEADER, None)
-        overrides = {name: options.pop(name) for name in list(options) if name[:5] == "idem_"}
-        if key is None and not overrides:
-            return
-        given = options.get("headers")
-        if given is not None and not isinstance(given, Mapping):
-            raise IdempotencyError(
-                f"task {self.name!r}: headers={given!r} is not a mapping, so "
-                f"idempotency_key / idem_* options cannot travel with it; pass a dict",
-                task_name=self.name,
-            )
-        headers = dict(given or {})
-        if key is not None:
-            headers[HEADER] = validate_key(key, task_name=self.name, source=KeySource.CALL)
-        if overrides:
-            with_call_overrides(self._idem_settings(), overrides, task_name=self.name)
-            headers.update(overrides)
-        options["headers"] = headers
-
     def apply_async(  # noqa: PLR0917 - mirrors celery.Task.apply_async
         self,
         args: Sequence[Any] | None = None,
@@ -141,82 +160,25 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         With ``idem_dedupe_on_publish``, a key that is completed or in progress is not
         sent again: the caller gets the AsyncResult of the task that holds it.
         """
-        self._idem_headers(options)
+        publish.move_call_options(self, options)
         if (
-            self._idem_settings().dedupe_on_publish
+            self.idem_settings().dedupe_on_publish
             and not self.app.conf.task_always_eager
             and not (link or link_error or options.get("chain"))
         ):
             # A message with callbacks or a chain is sent: its worker replays the stored
             # value into them, exactly as for any duplicate (they are the caller's own).
-            existing = self._idem_published(args, kwargs, task_id, options)
+            existing = publish.published(self, args, kwargs, task_id, options)
             if existing is not None:
                 return existing
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
 
-    def _idem_published(
-        self,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        task_id: str | None,
-        options: Any,
-    ) -> Any:
-        """One look-up before publishing: the AsyncResult of the run holding the key.
-
-        None means "publish": nothing holds the key, the arguments differ (the worker
-        reports the mismatch), the store is down (the worker-side claim still holds),
-        the message is a re-send of our own (a retry or a deferral must go out), or
-        the arguments cannot be bound here (``typing=False``: the worker decides).
-        """
-        headers = options.get("headers") or {}
-        if _RETRY_KEY in headers or _DEFERRALS in headers or options.get("retries"):
-            return None
-        if options.get("group_id") or options.get("chord"):
-            return None  # canvas members are keyed by their position, on the worker
-        spec = self._idem_spec()
-        try:
-            resolved = spec.rule.resolve(args or (), kwargs or {}, headers.get(HEADER))
-        except TypeError:
-            if self.typing:
-                raise  # Celery itself would refuse these arguments at the call site
-            return None
-        storage = storage_key(spec.settings.key_prefix, self.name, resolved.key)
-        fingerprint = "" if resolved.source is KeySource.ARGS else resolved.fingerprint
-        try:
-            found = spec.store.peek(storage, fingerprint=fingerprint)
-        except IdempotencyError as exc:
-            logger.warning(
-                "%s key=%r: could not look the key up before publishing, publishing: %s",
-                self.name, resolved.key, exc,
-            )  # fmt: skip
-            return None
-        if found is None or found.state is ClaimState.MISMATCH:
-            return None
-        if task_id is not None and task_id != found.task_id:
-            # The caller waits on the id it chose (a frozen signature): only a message
-            # under that id will ever write its result.
-            return None
-        logger.debug(
-            "%s key=%r: held by task %s, not published", self.name, resolved.key, found.task_id
-        )
-        return self.AsyncResult(found.task_id)
-
     def apply(self, args: Sequence[Any] | None = None, kwargs: Any = None, **options: Any) -> Any:
         """Run eagerly, under the same protocol; ``idempotency_key=...`` is honoured."""
-        self._idem_headers(options)
-        group_id = options.get("group_id")
-        headers = options.get("headers")
-        if (
-            group_id
-            and isinstance(headers, Mapping)
-            and HEADER in headers
-            and _GROUP_INDEX not in headers
-        ):
-            # An eager group applies its members one after another without telling
-            # them their position (a worker gets ``group_index``); count them here.
-            options["headers"] = {**headers, _GROUP_INDEX: _eager_group_position(group_id)}
+        publish.move_call_options(self, options)
+        publish.with_eager_group_position(options)
         return super().apply(args, kwargs, **options)
 
     def retry(self, *args: Any, **options: Any) -> Any:
@@ -231,7 +193,7 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         if key is not None:
             base = options.get("headers") or request.as_execution_options().get("headers")
             base = base if isinstance(base, Mapping) else {}
-            options["headers"] = {**base, _RETRY_KEY: key}
+            options["headers"] = {**base, RETRY_KEY: key}
         sent = super().retry(*args, **options)
         if key is not None and not request.is_eager:
             # ``throw=False``: the retry is on its way although the body goes on and
@@ -241,25 +203,30 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
 
     # -- configuration ------------------------------------------------------------
 
-    def _idem_settings(self) -> IdemSettings:
-        """The task's settings (app and task layers), cached; needs no store.
+    def idem_settings(self) -> IdemSettings:
+        """The task's resolved settings (app and task layers), cached; needs no store.
 
         A process that only publishes (no Redis of its own) can still validate call
-        options against them.
+        options against them; ``celery idem`` reads them too.
         """
         cached = self._idem_settings_cache
-        if cached is not None and cached[0] == context._generation:
+        if cached is not None and cached[0] == spec.generation():
             return cached[1]
         settings = resolve_settings(self.app.conf, _task_options(type(self)), task_name=self.name)
-        self._idem_settings_cache = (context._generation, settings)
+        self._idem_settings_cache = (spec.generation(), settings)
         return settings
 
-    def _idem_spec(self) -> _Spec:
-        spec = self._idem_spec_cache
-        if spec is not None and spec.pid == os.getpid() and spec.generation == context._generation:
-            return spec
+    def idem_spec(self) -> Spec:
+        """Settings, key rule, store and codec of this task in this process (cached)."""
+        cached = self._idem_spec_cache
+        if (
+            cached is not None
+            and cached.pid == os.getpid()
+            and cached.generation == spec.generation()
+        ):
+            return cached
         conf = self.app.conf
-        settings = self._idem_settings()
+        settings = self.idem_settings()
         accept = conf.result_accept_content or conf.accept_content
         visibility = (conf.broker_transport_options or {}).get("visibility_timeout")
         store: Store
@@ -269,7 +236,7 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
             # No client at all (a Cluster with no node answering): each operation is an
             # outage under idem_on_store_error, and the next message tries again.
             store = UnreachableStore(exc)
-        spec = _Spec(
+        built = Spec(
             max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
             rule=KeyRule(self.name, self.run, type(self)._idem_key_rule),
@@ -277,11 +244,11 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
             serializer=conf.result_serializer,
             accept=codec.accepted_content_types(accept),
             pid=os.getpid(),
-            generation=context._generation,
+            generation=spec.generation(),
         )
         if not isinstance(store, UnreachableStore):
-            self._idem_spec_cache = spec
-        return spec
+            self._idem_spec_cache = built
+        return built
 
     # -- executing ----------------------------------------------------------------
 
@@ -291,26 +258,15 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         if request.called_directly or getattr(request, "idem_active", False):
             return super().__call__(*args, **kwargs)
         request.idem_active = True
-        run = request.idem_run = self._idem_identify(request, args, kwargs)
-        outcome = self._idem_claim(run)
-        if outcome is None:  # the store failed and the policy is to run anyway
-            return self.run(*args, **kwargs)
-        if outcome.state is ClaimState.CLAIMED:
-            return self._idem_execute(run, outcome)
-        if outcome.state is ClaimState.COMPLETED:
-            return self._idem_replay(run, outcome)
-        if outcome.state is ClaimState.MISMATCH:
-            self._idem_mismatch(run, outcome)
-        if outcome.state is ClaimState.QUARANTINED:
-            self._idem_quarantined(run, outcome)
-        return self._idem_in_progress(run, outcome)
+        execution = request.idem_run = Execution(self, self.idem_spec(), request, args, kwargs)
+        return execution.perform()
 
     def on_replace(self, sig: Any) -> Any:
-        """Hand the key to the replacement before Celery sends it (see ``_idem_hand_over``)."""
+        """Hand the key to the replacement before Celery sends it (``handover.py``)."""
         request = self.request
-        run = getattr(request, "idem_run", None)
-        if run is not None and not request.is_eager:
-            self._idem_hand_over(run, sig)
+        execution = getattr(request, "idem_run", None)
+        if execution is not None and not request.is_eager:
+            handover.hand_over(execution, sig)
         return super().on_replace(sig)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -320,26 +276,8 @@ class IdempotentTask(_Execution, Task):  # type: ignore[misc]  # celery ships no
         without it, a worker killed later would have them sent a second time by the
         redelivery (never lost, but twice).
         """
-        run = getattr(self.request, "idem_owed", None)
-        if run is not None:
+        execution = getattr(self.request, "idem_owed", None)
+        if execution is not None:
             self.request.idem_owed = None
-            self._idem_dispatched(run)
+            execution.dispatched()
         super().on_success(retval, task_id, args, kwargs)
-
-
-_eager_groups: threading.local = threading.local()
-
-
-def _eager_group_position(group_id: str) -> int:
-    """The next member position of an eagerly applied group, per thread.
-
-    Only the last few groups are remembered: an eager group's members are applied
-    back to back, so a group id never comes back after a few others.
-    """
-    positions: OrderedDict[str, int] = getattr(_eager_groups, "positions", None) or OrderedDict()
-    _eager_groups.positions = positions
-    position = positions.pop(group_id, -1) + 1
-    positions[group_id] = position
-    while len(positions) > 16:
-        positions.popitem(last=False)
-    return position

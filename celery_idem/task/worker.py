@@ -13,7 +13,7 @@ from typing import Any
 from celery.signals import celeryd_after_setup
 
 from celery_idem.exceptions import IdempotencyConfigError
-from celery_idem.store import Store
+from celery_idem.store import StoreAdmin, admin_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task.base import IdempotentTask
 
@@ -35,50 +35,49 @@ def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any
         if not isinstance(task, IdempotentTask):
             continue
         try:
-            store = task._idem_spec().store
+            spec = task.idem_spec()
         except IdempotencyConfigError as exc:
             logger.critical("celery-idem: %s", exc)
             raise SystemExit(f"celery-idem: task {task.name!r}: {exc}") from exc
-        if isinstance(store, UnreachableStore):
+        if isinstance(spec.store, UnreachableStore):
             logger.warning(
                 "celery-idem: task %r: %s; its messages follow idem_on_store_error until "
                 "the store answers.",
                 task.name,
-                store.cause,
+                spec.store.cause,
             )
             continue
-        if id(store) not in checked:
-            checked.add(id(store))
-            _warn_if_evicting(store)
-            _warn_if_replicas_short(store)
+        endpoint = spec.settings.endpoint
+        admin = admin_for(endpoint, task_name=task.name)  # the same store, as StoreAdmin
+        if endpoint is not None and id(admin) not in checked:
+            checked.add(id(admin))
+            _warn_if_evicting(admin, endpoint.display)
+            _warn_if_replicas_short(admin, endpoint.min_replicas, endpoint.display)
 
 
-def _warn_if_evicting(store: Store) -> None:
-    policy_of = getattr(store, "eviction_policy", None)
-    policy = policy_of() if policy_of is not None else None
+def _warn_if_evicting(admin: StoreAdmin, url: str) -> None:
+    policy = admin.eviction_policy()
     if policy is not None and policy != "noeviction":
         logger.warning(
             "celery-idem: the store at %s has maxmemory-policy %r: under memory pressure "
             "Redis may evict idempotency records, and an evicted key runs again. Set "
             "maxmemory-policy noeviction on the Redis that holds idem_redis_url.",
-            getattr(store, "url", "?"),
+            url,
             policy,
         )
 
 
-def _warn_if_replicas_short(store: Store) -> None:
-    wanted = getattr(store, "min_replicas", 0)
-    count_of = getattr(store, "replica_count", None)
-    if not wanted or count_of is None:
+def _warn_if_replicas_short(admin: StoreAdmin, wanted: int, url: str) -> None:
+    if not wanted:
         return
-    count = count_of()
+    count = admin.replica_count()
     if count is not None and count < wanted:
         logger.warning(
             "celery-idem: idem_min_replicas=%d but the primary of the store at %s has %d "
             "replica(s) connected: every claim will be refused (and its task deferred) "
             "until enough replicas connect.",
             wanted,
-            getattr(store, "url", "?"),
+            url,
             count,
         )
 

@@ -398,7 +398,7 @@ def test_ttl_precedence_call_over_task_over_app_over_default(
     default_ttl = DEFAULTS["idem_ttl"]
     assert isinstance(default_ttl, int)
     resolved_without_call = next(t for t in (task_ttl, app_ttl, default_ttl) if t is not None)
-    assert kept._idem_spec().settings.ttl == resolved_without_call
+    assert kept.idem_spec().settings.ttl == resolved_without_call
     expected = call_ttl if call_ttl is not None else resolved_without_call
     record = env.record(kept, "K-ttl")
     assert record is not None

@@ -31,7 +31,7 @@ def test_django_spelled_store_settings_do_not_leak_into_the_memory_store() -> No
 
     with use_memory_store(app) as store:
         assert add.apply((2,)).get() == 2
-        assert isinstance(add._idem_spec().store, MemoryStore)
-        assert store.read(add._idem_spec().store.scan("*")[1][0]) is not None
+        assert isinstance(add.idem_spec().store, MemoryStore)
+        assert store.read(add.idem_spec().store.scan("*")[1][0]) is not None
     assert calls == []
     assert f"{__name__}.make_client" == app.conf.CELERY_IDEM_REDIS_CLIENT  # restored

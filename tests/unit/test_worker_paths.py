@@ -15,6 +15,7 @@ from celery_idem import IdempotencyConfigError, IdempotentTask, StoreUnavailable
 from celery_idem.keys import storage_key
 from celery_idem.store import ClaimState, MemoryStore
 from celery_idem.store.redis import RedisStore
+from celery_idem.task.publish import move_call_options
 from celery_idem.testing import use_memory_store
 from tests.redis_server import RedisServer, free_port
 
@@ -102,10 +103,10 @@ def test_publisher_without_redis_can_still_validate_call_options(app: Celery) ->
     app.conf.broker_url = "amqp://guest@127.0.0.1:1//"  # no Redis anywhere
     task = make_task(app)
     options: dict[str, Any] = {"idem_ttl": 60, "idempotency_key": "K"}
-    task._idem_headers(options)
+    move_call_options(task, options)
     assert options["headers"] == {"idem_ttl": 60, "idempotency_key": "K"}
     with pytest.raises(IdempotencyConfigError, match="idem_ttl"):
-        task._idem_headers({"idem_ttl": -1})
+        move_call_options(task, {"idem_ttl": -1})
 
 
 def test_store_errors_never_show_the_redis_password() -> None:
