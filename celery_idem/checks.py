@@ -1,9 +1,9 @@
 """Checks: what each setting accepts, one validator per kind of value.
 
-This module owns the validators behind ``config``'s table of settings: each takes a
-raw value and returns it normalised, or raises :class:`Invalid` saying why. They know
-neither the setting's name nor where the value came from; ``config`` adds both to the
-message, so every error reads the same way.
+This module owns the validators behind the settings table (``settings_table``): each
+takes a raw value and returns it normalised, or raises :class:`Invalid` saying why.
+They know neither the setting's name nor where the value came from; ``config`` adds
+both to the message, so every error reads the same way.
 
 Pure: imports neither celery nor redis.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from celery_idem.endpoint import EndpointError, parse_sentinels
+from celery_idem.endpoint import URL_SCHEMES, EndpointError, parse_sentinels, url_scheme
 from celery_idem.exceptions import IdempotencyConfigError
 
 
@@ -34,8 +34,6 @@ class Invalid(Exception):
         self.why = why
 
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket", "socket", "sentinel"})
-URL_SCHEMES = REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
 MAX_PREFIX_LEN = 64
 MAX_REPR = 80
 
@@ -72,12 +70,6 @@ def short_repr(value: object) -> str:
     if len(text) > MAX_REPR:
         return text[: MAX_REPR - 3] + "..."
     return text
-
-
-def url_scheme(value: str) -> str:
-    """Return the lower-cased scheme of a URL, or ``""`` when it has none."""
-    scheme, sep, _ = value.partition("://")
-    return scheme.lower() if sep else ""
 
 
 def check_redis_url(value: object) -> str:

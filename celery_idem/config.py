@@ -1,7 +1,9 @@
-"""Configuration: the settings, their defaults, validation, and precedence.
+"""Configuration: the settings' public lists, validation, and precedence.
 
-This module owns the settings, their defaults, validation, and the one place where
-precedence call > task > app > default is decided. Everything else in celery-idem
+This module derives ``SETTINGS``, ``DEFAULTS``, ``CALL_SETTINGS``, the validators and
+the Django spellings from the settings table (``settings_table.py``, one row per
+setting), and owns validation and the one place where precedence
+call > task > app > default is decided. Everything else in celery-idem
 receives a validated, frozen :class:`IdemSettings` and never reads raw configuration,
 so a bad value fails here, once, with a message that names the setting, the value,
 where it came from and what is accepted.
@@ -18,36 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from celery_idem.checks import (
-    MAX_DURATION,
-    MAX_PREFIX_LEN,
-    REDIS_SCHEMES,
-    Invalid,
-    check_bool,
-    check_cache_errors,
-    check_client_factory,
-    check_key_prefix,
-    check_lease,
-    check_max_result_bytes,
-    check_min_replicas,
-    check_name,
-    check_options,
-    check_redis_url,
-    check_sentinels,
-    check_ttl,
-    policy_parser,
-    seconds,
-    short_repr,
-    url_scheme,
-)
-from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint
+from celery_idem.checks import Invalid, short_repr
+from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, celery_fallback
 from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.settings_table import TABLE, InProgressPolicy, Setting, StoreErrorPolicy
 
 __all__ = [
     "CALL_SETTINGS",
@@ -61,69 +42,29 @@ __all__ = [
 ]
 
 
-class InProgressPolicy(str, enum.Enum):
-    """What a duplicate does when another live run holds its key."""
-
-    RETRY = "retry"
-    """Retry the task later (Celery retry with countdown); the worker slot is freed."""
-    WAIT = "wait"
-    """Block the worker, polling until the owner completes or its lease runs out."""
-    RAISE = "raise"
-    """Fail at once with :class:`~celery_idem.exceptions.DuplicateInProgress`."""
-
-
-class StoreErrorPolicy(str, enum.Enum):
-    """What a task does when the idempotency store cannot be reached."""
-
-    RETRY = "retry"
-    """Retry the task later; nothing runs without a claim (the safe default)."""
-    RUN = "run"
-    """Run the body unprotected: availability over at-most-once."""
-    RAISE = "raise"
-    """Fail with :class:`~celery_idem.exceptions.StoreUnavailable`."""
-
-
-DEFAULTS: Mapping[str, object] = MappingProxyType(
-    {
-        "idem_redis_url": None,
-        "idem_redis_sentinels": None,
-        "idem_redis_sentinel_master": None,
-        "idem_redis_cluster": False,
-        "idem_redis_client": None,
-        "idem_redis_options": None,
-        "idem_min_replicas": 0,
-        "idem_min_replicas_timeout": 1.0,
-        "idem_ttl": 86400,
-        "idem_lease": 60,
-        "idem_key_prefix": "idem",
-        "idem_on_in_progress": InProgressPolicy.RETRY,
-        "idem_on_store_error": StoreErrorPolicy.RETRY,
-        "idem_cache_errors": (),
-        "idem_max_result_bytes": 1048576,
-        "idem_dedupe_on_publish": False,
-        "idem_max_takeovers": 5,
-    }
-)
+DEFAULTS: Mapping[str, object] = MappingProxyType({row.name: row.default for row in TABLE})
 """Setting name -> default. ``idem_redis_url`` ``None`` means "derive from Celery's URLs";
 the other ``None`` defaults mean "not used"."""
 
 SETTINGS: tuple[str, ...] = tuple(DEFAULTS)
 """Every setting name, in documentation order. The names are a public contract."""
 
-CALL_SETTINGS: frozenset[str] = frozenset(
-    {
-        "idem_ttl",
-        "idem_lease",
-        "idem_on_in_progress",
-        "idem_on_store_error",
-        "idem_max_result_bytes",
-    }
-)
+CALL_SETTINGS: frozenset[str] = frozenset(row.name for row in TABLE if row.per_call)
 """Settings a single call may override (they travel in the message headers).
 
 The others decide *where* a key lives or *which* failures are replayed; changing them
 per call would let two calls with the same key disagree about the record itself.
 """
+
+
+def renewal_period(lease: float) -> float:
+    """Seconds between renewals of a lease: a third of it.
+
+    Two renewals can be missed (a slow round trip, a GC pause) before the lease runs
+    out, which is why the lease must be at least one second. The renewer schedules by
+    it; :attr:`IdemSettings.renew_every` reports it.
+    """
+    return lease / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,80 +125,16 @@ class IdemSettings:
 
     @property
     def renew_every(self) -> float:
-        """Seconds between lease renewals: a third of the lease.
-
-        Two renewals can be missed (a slow round trip, a GC pause) before the lease
-        runs out, which is why the lease must be at least one second.
-        """
-        return self.lease / 3
+        """Seconds between lease renewals: :func:`renewal_period` of the lease."""
+        return renewal_period(self.lease)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-_UP_TO = f"<= {MAX_DURATION} (10 years)"
-
-_RULES: Mapping[str, tuple[Callable[[object], Any], str]] = MappingProxyType(
-    {
-        "idem_redis_url": (
-            check_redis_url,
-            "a str URL with scheme redis://, rediss://, unix:// (or redis+socket://), sentinel://, "
-            "redis+cluster://, rediss+cluster:// or memory://",
-        ),
-        "idem_redis_sentinels": (
-            check_sentinels,
-            "Sentinel addresses: 'h1:26379;h2:26379' or a list of 'host:port' / (host, port)",
-        ),
-        "idem_redis_sentinel_master": (check_name, "the Sentinel service name, a str"),
-        "idem_redis_cluster": (check_bool, "True or False"),
-        "idem_redis_client": (
-            check_client_factory,
-            "a callable returning a redis-py client, or its dotted name 'package.module.make'",
-        ),
-        "idem_redis_options": (
-            check_options,
-            "a dict of redis-py client keyword arguments (e.g. ssl_ca_certs, socket_timeout)",
-        ),
-        "idem_min_replicas": (check_min_replicas, "an int >= 0 (not bool)"),
-        "idem_min_replicas_timeout": (
-            lambda v: seconds(v, minimum=0.0, inclusive=False),
-            f"seconds as an int or float > 0 and {_UP_TO} (not bool)",
-        ),
-        "idem_ttl": (check_ttl, f"seconds as an int or float > 0 and {_UP_TO} (not bool)"),
-        "idem_lease": (
-            check_lease,
-            f"seconds as an int or float >= 1 and {_UP_TO} (not bool); a shorter lease "
-            "cannot be renewed reliably",
-        ),
-        "idem_key_prefix": (
-            check_key_prefix,
-            f"a non-empty str of at most {MAX_PREFIX_LEN} characters without whitespace "
-            "or '{' '}' (braces would change Redis Cluster hash slots)",
-        ),
-        "idem_on_in_progress": (
-            policy_parser(InProgressPolicy),
-            "one of 'retry', 'wait', 'raise' (any case) or an InProgressPolicy member",
-        ),
-        "idem_on_store_error": (
-            policy_parser(StoreErrorPolicy),
-            "one of 'retry', 'run', 'raise' (any case) or a StoreErrorPolicy member",
-        ),
-        "idem_cache_errors": (
-            check_cache_errors,
-            "an exception class or dotted name 'package.module.ClassName', or a "
-            "tuple/list/set of them",
-        ),
-        "idem_max_result_bytes": (check_max_result_bytes, "an int > 0 (not bool)"),
-        "idem_dedupe_on_publish": (check_bool, "True or False"),
-        "idem_max_takeovers": (check_min_replicas, "an int >= 0 (not bool); 0 = no cap"),
-    }
-)
-
-_FIELDS: Mapping[str, str] = MappingProxyType({name: name[5:] for name in SETTINGS})
-_DJANGO_PREFIX = "CELERY_"
-_DJANGO_NAMES: Mapping[str, str] = MappingProxyType(
-    {name: _DJANGO_PREFIX + name.upper() for name in SETTINGS}
-)
+_ROWS: Mapping[str, Setting] = MappingProxyType({row.name: row for row in TABLE})
+_FIELDS: Mapping[str, str] = MappingProxyType({row.name: row.field for row in TABLE})
+_DJANGO_NAMES: Mapping[str, str] = MappingProxyType({row.name: row.django for row in TABLE})
 _DJANGO_KNOWN = frozenset(_DJANGO_NAMES.values())
 _APP = "app configuration"
 _CALL = "call option"
@@ -273,21 +150,21 @@ def _validate(name: str, key: str, value: object, where: str, task_name: str | N
         where: The origin, for the message.
         task_name: Carried into the error.
     """
-    check, expected = _RULES[name]
+    row = _ROWS[name]
     try:
-        return check(value)
+        return row.check(value)
     except Invalid as exc:
         label = name if key == name else f"{name} (set as {key})"
         why = f" ({exc.why})" if exc.why else ""
         raise IdempotencyConfigError(
-            f"{label} from {where} is invalid: {short_repr(value)}{why}; expected {expected}.",
+            f"{label} from {where} is invalid: {short_repr(value)}{why}; expected {row.expected}.",
             None,
             task_name,
         ) from None
 
 
 _DEFAULT_VALUES: Mapping[str, Any] = MappingProxyType(
-    {name: _RULES[name][0](DEFAULTS[name]) for name in SETTINGS if DEFAULTS[name] is not None}
+    {row.name: row.check(row.default) for row in TABLE if row.default is not None}
 )
 
 
@@ -322,7 +199,7 @@ def _unknown_name(
     )
 
 
-_CALL_ORDERED = tuple(name for name in SETTINGS if name in CALL_SETTINGS)
+_CALL_ORDERED = tuple(row.name for row in TABLE if row.per_call)
 _DJANGO_ORDERED = tuple(_DJANGO_NAMES.values())
 
 
@@ -359,31 +236,6 @@ def _task_where(task_name: str | None) -> str:
     return f"task option of {task_name!r}" if task_name else "task option"
 
 
-def _redis_fallback(app_conf: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
-    """Reuse Celery's result backend, else its broker, when either is a Redis URL.
-
-    Celery's ``app.conf`` exposes ``result_backend`` and ``broker_url`` as properties
-    that also honour the ``CELERY_RESULT_BACKEND`` / ``CELERY_BROKER_URL`` environment
-    variables; reading the attribute first finds the same server Celery connects to.
-    A plain dict has no such attribute and is read by key (either spelling).
-
-    Returns:
-        The URL, and that side's transport options (where Celery keeps a
-        ``sentinel://`` URL's ``master_name`` and ``sentinel_kwargs``).
-    """
-    for attr, options in (("result_backend", "result_backend"), ("broker_url", "broker")):
-        url = getattr(app_conf, attr, None)
-        if url is None:
-            url = app_conf.get(attr)
-            if url is None:
-                url = app_conf.get(f"CELERY_{attr.upper()}")
-        if isinstance(url, str) and url_scheme(url) in REDIS_SCHEMES:
-            name = f"{options}_transport_options"
-            transport = app_conf.get(name) or app_conf.get(f"CELERY_{name.upper()}") or {}
-            return url, transport if isinstance(transport, Mapping) else {}
-    return None, {}
-
-
 def _endpoint(
     values: Mapping[str, Any], app_conf: Mapping[str, Any], task_name: str | None
 ) -> tuple[str | None, Endpoint | None]:
@@ -393,16 +245,13 @@ def _endpoint(
         The URL in force (``idem_redis_url`` or the Celery URL it falls back to, unless
         ``idem_redis_sentinels`` or ``idem_redis_client`` replace it) and the endpoint.
     """
-    url: str | None = values["redis_url"]
-    transport: Mapping[str, Any] = {}
-    options = values["redis_options"]
-    if url is None and values["redis_sentinels"] is None and values["redis_client"] is None:
-        url, transport = _redis_fallback(app_conf)
-        sentinel_kwargs = transport.get("sentinel_kwargs")
-        if url_scheme(url or "") == "sentinel" and isinstance(sentinel_kwargs, Mapping):
-            # Celery's Sentinels' own options (their password) come along with the URL.
-            options = {"sentinel_kwargs": dict(sentinel_kwargs), **(options or {})}
-    master_name = transport.get("master_name")
+    url, options, master_name = celery_fallback(
+        app_conf,
+        url=values["redis_url"],
+        sentinels=values["redis_sentinels"],
+        factory=values["redis_client"],
+        options=values["redis_options"],
+    )
     try:
         endpoint = build_endpoint(
             url=url,
@@ -413,7 +262,7 @@ def _endpoint(
             options=options,
             min_replicas=values["min_replicas"],
             replicas_timeout=values["min_replicas_timeout"],
-            celery_master_name=master_name if isinstance(master_name, str) else None,
+            celery_master_name=master_name,
         )
     except EndpointError as exc:
         raise IdempotencyConfigError(

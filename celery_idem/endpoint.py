@@ -1,12 +1,14 @@
 """Endpoint: where the records live, parsed from the settings, before any I/O.
 
 This module owns the store's address forms (``redis://``, ``rediss://``, ``unix://``
-and Celery's ``redis+socket://``, ``sentinel://``, ``redis+cluster://``, ``memory://``)
-and how the store settings combine (``idem_redis_sentinels``, ``idem_redis_cluster``,
-``idem_redis_client``, ...).
+and Celery's ``redis+socket://``, ``sentinel://``, ``redis+cluster://``, ``memory://``),
+how the store settings combine (``idem_redis_sentinels``, ``idem_redis_cluster``,
+``idem_redis_client``, ...), and where the store is when none of them is set: Celery's
+own Redis (:func:`celery_fallback`).
 It turns them into one frozen :class:`Endpoint`, so a contradiction is refused at
-start-up with the setting's name, and ``store/connect.py`` only builds what is
-described here.
+start-up with the setting's name, and ``store/clients.py`` only builds what is
+described here. Over 400 lines on purpose: one grammar, every address form beside the
+others, so that no form is parsed twice or differently.
 
 Pure: imports neither celery nor redis (the URL grammar is checked here; redis-py
 parses the rest when the client is built).
@@ -20,8 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Endpoint", "EndpointError", "Topology", "parse_sentinels", "sanitize_url"]
+__all__ = [
+    "Endpoint",
+    "EndpointError",
+    "Topology",
+    "celery_fallback",
+    "parse_sentinels",
+    "sanitize_url",
+    "url_scheme",
+]
 
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket", "socket", "sentinel"})
+"""Schemes of a Redis server, in redis-py's and Celery's spellings."""
+URL_SCHEMES = REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
+"""Schemes ``idem_redis_url`` accepts: a Redis server, a Cluster, or the memory store."""
 DEFAULT_SENTINEL_PORT = 26379
 _CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
 
@@ -109,6 +123,12 @@ class Endpoint:
     def option_dict(self) -> dict[str, Any]:
         """``idem_redis_options`` as keyword arguments (a fresh dict each call)."""
         return dict(self.options)
+
+
+def url_scheme(value: str) -> str:
+    """Return the lower-cased scheme of a URL, or ``""`` when it has none."""
+    scheme, sep, _ = value.partition("://")
+    return scheme.lower() if sep else ""
 
 
 def sanitize_url(url: str) -> str:
@@ -225,6 +245,69 @@ def _normalize_tls_query(url: str) -> str:
         else:
             pairs.append(pair)  # exactly as written: already percent-encoded
     return parts._replace(query="&".join(pairs)).geturl()
+
+
+def _celery_redis_url(conf: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+    """Celery's result backend, else its broker, when either is a Redis URL.
+
+    Celery's ``app.conf`` exposes ``result_backend`` and ``broker_url`` as properties
+    that also honour the ``CELERY_RESULT_BACKEND`` / ``CELERY_BROKER_URL`` environment
+    variables; reading the attribute first finds the same server Celery connects to.
+    A plain dict has no such attribute and is read by key (either spelling).
+
+    Returns:
+        The URL, and that side's transport options (where Celery keeps a
+        ``sentinel://`` URL's ``master_name`` and ``sentinel_kwargs``).
+    """
+    for attr, options in (("result_backend", "result_backend"), ("broker_url", "broker")):
+        url = getattr(conf, attr, None)
+        if url is None:
+            url = conf.get(attr)
+            if url is None:
+                url = conf.get(f"CELERY_{attr.upper()}")
+        if isinstance(url, str) and url_scheme(url) in REDIS_SCHEMES:
+            name = f"{options}_transport_options"
+            transport = conf.get(name) or conf.get(f"CELERY_{name.upper()}") or {}
+            return url, transport if isinstance(transport, Mapping) else {}
+    return None, {}
+
+
+def celery_fallback(
+    conf: Mapping[str, Any],
+    *,
+    url: str | None,
+    sentinels: object,
+    factory: object,
+    options: Mapping[str, Any] | None,
+) -> tuple[str | None, Mapping[str, Any] | None, str | None]:
+    """``idem_redis_url``'s fallback: Celery's result backend, else its broker, if Redis.
+
+    It applies only when no store address is set at all (no ``idem_redis_url``,
+    ``idem_redis_sentinels`` or ``idem_redis_client``); otherwise ``url`` and
+    ``options`` come back as they are.
+
+    Args:
+        conf: Celery's ``app.conf`` or any mapping.
+        url: ``idem_redis_url``.
+        sentinels: ``idem_redis_sentinels``.
+        factory: ``idem_redis_client``.
+        options: ``idem_redis_options``.
+
+    Returns:
+        The URL in force (None when there is none), the client options (for Celery's
+        ``sentinel://`` URL with the ``sentinel_kwargs`` of its transport options, the
+        Sentinels' own password), and the ``master_name`` of those transport options,
+        for :func:`build_endpoint`'s ``celery_master_name``.
+    """
+    if url is not None or sentinels is not None or factory is not None:
+        return url, options, None
+    url, transport = _celery_redis_url(conf)
+    sentinel_kwargs = transport.get("sentinel_kwargs")
+    if url_scheme(url or "") == "sentinel" and isinstance(sentinel_kwargs, Mapping):
+        # Celery's Sentinels' own options (their password) come along with the URL.
+        options = {"sentinel_kwargs": dict(sentinel_kwargs), **(options or {})}
+    master_name = transport.get("master_name")
+    return url, options, master_name if isinstance(master_name, str) else None
 
 
 def build_endpoint(

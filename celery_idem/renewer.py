@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from celery_idem.config import renewal_period, resolve_settings
 from celery_idem.exceptions import StoreUnavailable
 from celery_idem.store.base import Store
 
@@ -37,17 +38,18 @@ __all__ = ["Lease", "Renewer", "next_due", "renewer"]
 
 logger = logging.getLogger("celery_idem.renewer")
 
-_FIRST_PERIOD = 20.0
-"""The thread's idle period before any lease was seen (lease/3 of the default lease)."""
+_FIRST_PERIOD = resolve_settings({}).renew_every
+"""The thread's idle period before any lease was seen: that of the default lease (20 s)."""
 
 
 def next_due(now: float, lease: float, *, failed: bool = False) -> float:
     """When the next renewal of a lease is due.
 
-    Every lease/3 normally, so two renewals can fail before the lease runs out; after a
-    store error sooner (lease/10), to win back the time lost.
+    Every :func:`~celery_idem.config.renewal_period` (lease/3) normally, so two renewals
+    can fail before the lease runs out; after a store error sooner (lease/10), to win
+    back the time lost.
     """
-    return now + (lease / 10.0 if failed else lease / 3.0)
+    return now + (lease / 10.0 if failed else renewal_period(lease))
 
 
 @dataclass(eq=False)
@@ -101,9 +103,10 @@ class Renewer:
             if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork)
                 self._reset()
             self._live[id(lease)] = lease
-            shorter = lease.lease / 3.0 < self._period
+            period = renewal_period(lease.lease)
+            shorter = period < self._period
             if shorter:
-                self._period = lease.lease / 3.0
+                self._period = period
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="celery-idem-renewer", daemon=True
@@ -129,7 +132,8 @@ class Renewer:
         with self._lock:
             self._live.pop(id(lease), None)
         overdue = self._clock() - lease.due
-        if first and lease.due and overdue > lease.lease / 3.0:
+        period = renewal_period(lease.lease)
+        if first and lease.due and overdue > period:
             logger.warning(
                 "celery-idem's renewal of the lease of %s was %.1f s overdue when it stopped "
                 "(renewals are due every %.1f s): the renewal thread did not get to run, or "
@@ -140,7 +144,7 @@ class Renewer:
                 "pool, or yield at least every lease/3.",
                 lease.describe or lease.key,
                 overdue,
-                lease.lease / 3.0,
+                period,
             )
 
     def _due_now(self) -> list[Lease]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery_idem.config import SETTINGS
+from celery_idem.settings_table import TABLE
 from celery_idem.store import drop_memory_store, store_for_url
 from celery_idem.store.memory import MemoryStore
 from celery_idem.task import invalidate_settings
@@ -21,9 +21,9 @@ from celery_idem.task import invalidate_settings
 __all__ = ["MemoryStore", "use_memory_store"]
 
 _names = itertools.count(1)
-_STORE_NAMES = tuple(n for n in SETTINGS if n.startswith("idem_redis") or "replicas" in n)
+_STORE_ROWS = tuple(r for r in TABLE if r.name.startswith("idem_redis") or "replicas" in r.name)
 # Django's spellings too (CELERY_IDEM_REDIS_CLIENT, ...): either would still apply.
-_STORE_SETTINGS = (*_STORE_NAMES, *("CELERY_" + name.upper() for name in _STORE_NAMES))
+_STORE_SETTINGS = (*(r.name for r in _STORE_ROWS), *(r.django for r in _STORE_ROWS))
 
 
 @contextmanager
