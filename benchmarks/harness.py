@@ -118,10 +118,10 @@ class Monitor:
 def _script_names() -> dict[str, str]:
     """SHA1 -> name of celery-idem's Lua scripts, to tell claims from completions."""
     try:
-        from celery_idem.store.redis import _SOURCES  # noqa: PLC0415 - optional detail
+        from celery_idem.store.redis_base import SOURCES  # noqa: PLC0415 - optional detail
     except ImportError:  # the module changed shape: keep counting, without names
         return {}
-    return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in _SOURCES.items()}  # noqa: S324 - Redis names scripts by SHA1
+    return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in SOURCES.items()}  # noqa: S324 - Redis names scripts by SHA1
 
 
 def count_round_trips(

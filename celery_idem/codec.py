@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.serialization import dumps, loads, prepare_accept_content
 
-from celery_idem.store.base import RecordKind, Stored
+from celery_idem.store.base import Stored
+from celery_idem.store.record import RecordKind
 
 __all__ = [
+    "CODEC_TAGS",
+    "Codec",
     "ResultTooLarge",
     "decode_error",
     "decode_result",
@@ -29,15 +33,32 @@ __all__ = [
     "no_result_reason",
 ]
 
-# One-letter tags for the common codecs keep a record small; others store
-# "content_type;content_encoding" in full.
-_SHORT = {
-    ("application/json", "utf-8"): "j",
-    ("application/x-python-serialize", "binary"): "p",
-    ("application/x-msgpack", "binary"): "m",
-    ("application/x-yaml", "utf-8"): "y",
-}
-_LONG = {tag: pair for pair, tag in _SHORT.items()}
+
+class Codec(NamedTuple):
+    """A serializer a one-letter codec tag stands for."""
+
+    name: str
+    """Its kombu serializer name (``result_serializer``)."""
+    content_type: str
+    content_encoding: str
+
+
+CODEC_TAGS: Mapping[str, Codec] = MappingProxyType(
+    {
+        "j": Codec("json", "application/json", "utf-8"),
+        "p": Codec("pickle", "application/x-python-serialize", "binary"),
+        "m": Codec("msgpack", "application/x-msgpack", "binary"),
+        "y": Codec("yaml", "application/x-yaml", "utf-8"),
+    }
+)
+"""The one-letter codec tags of the common serializers: they keep a record small.
+
+Any other serializer's payload is stored with the tag ``content_type;content_encoding``
+in full (see :func:`untag`).
+"""
+
+_SHORT = {(c.content_type, c.content_encoding): tag for tag, c in CODEC_TAGS.items()}
+_LONG = {tag: (c.content_type, c.content_encoding) for tag, c in CODEC_TAGS.items()}
 
 
 class ResultTooLarge(ValueError):
@@ -48,7 +69,7 @@ def _tag(content_type: str, encoding: str) -> str:
     return _SHORT.get((content_type, encoding)) or f"{content_type};{encoding}"
 
 
-def _untag(codec: str) -> tuple[str, str]:
+def untag(codec: str) -> tuple[str, str]:
     pair = _LONG.get(codec)
     if pair is not None:
         return pair
@@ -87,7 +108,7 @@ def decode_result(stored: Stored, accept: frozenset[str]) -> Any:
         kombu.exceptions.ContentDisallowed: The payload's type is not accepted.
         kombu.exceptions.DecodeError: The payload is corrupt.
     """
-    content_type, encoding = _untag(stored.codec)
+    content_type, encoding = untag(stored.codec)
     return loads(stored.payload, content_type, encoding, accept=accept)
 
 

@@ -1,5 +1,9 @@
 """Idempotency keys: how one task execution is named, fingerprinted and stored.
 
+Over 400 lines on purpose: the rule, its validation against the task's signature and
+the storage name are one contract (a key means the same on every worker), kept in one
+pure module with its property tests (``tests/unit/test_keys.py``).
+
 This module owns everything that turns a task call into a key, given the canonical
 encoding of its arguments (``celery_idem.canonical``):
 

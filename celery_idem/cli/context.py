@@ -18,7 +18,7 @@ from celery_idem import codec
 from celery_idem.config import IdemSettings, resolve_settings
 from celery_idem.exceptions import IdempotencyError
 from celery_idem.keys import task_tag
-from celery_idem.store import Store, store_for
+from celery_idem.store import StoreAdmin, admin_for
 from celery_idem.task import IdempotentTask
 
 __all__ = [
@@ -63,7 +63,7 @@ class Target:
         app: The Celery app.
         task_name: The ``--task`` given, if any.
         settings: The task's settings, else the app's.
-        store: The store those settings name.
+        store: The operators' tools on the store those settings name.
         accept: Content types results may be decoded from (the app's
             ``result_accept_content``, else ``accept_content``).
         tasks_by_tag: Task tag -> the app's idempotent tasks with that tag whose records
@@ -75,7 +75,7 @@ class Target:
     app: Any
     task_name: str | None
     settings: IdemSettings
-    store: Store
+    store: StoreAdmin
     accept: frozenset[str]
     tasks_by_tag: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     elsewhere: tuple[str, ...] = ()
@@ -152,7 +152,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
         if task_name is None:
             settings = resolve_settings(app.conf)
         elif task_name in tasks:
-            settings = tasks[task_name]._idem_settings()
+            settings = tasks[task_name].idem_settings()
         elif task_name in app.tasks:
             raise click.UsageError(
                 f"task {task_name!r} is not an IdempotentTask: it keeps no records "
@@ -165,7 +165,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
                 err=True,
             )
             settings = resolve_settings(app.conf)
-        store = store_for(settings.endpoint, task_name=task_name)
+        store = admin_for(settings.endpoint, task_name=task_name)
     except IdempotencyError as exc:
         raise CliError(str(exc)) from exc
     by_tag: dict[str, list[str]] = {}
@@ -175,7 +175,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
         by_tag.setdefault(task_tag(task_name), []).append(task_name)
     for name, task in tasks.items():
         try:
-            theirs = _where(task._idem_settings())
+            theirs = _where(task.idem_settings())
         except IdempotencyError as exc:
             click.echo(f"note: task {name!r} is skipped: {exc}", err=True)
             continue

@@ -29,6 +29,7 @@ from celery_idem.cli.context import (
 from celery_idem.exceptions import InvalidIdempotencyKey
 from celery_idem.keys import KeySource, storage_key, storage_pattern, storage_task_tag, validate_key
 from celery_idem.store.base import ForgetResult, StoredRecord
+from celery_idem.store.record import RecordState
 
 __all__ = ["forget_command", "inspect_command", "list_command"]
 
@@ -189,7 +190,7 @@ def forget_command(
     if record is None:
         raise _absent(stored, key_or_none, label, as_json)
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=_PREVIEW)
-    held = record.state == "P" and (record.lease_left or 0) > 0
+    held = record.state == RecordState.IN_PROGRESS.value and (record.lease_left or 0) > 0
     if held and not force:
         raise CliError(
             f"the record of {stored} is {views.state_text(view['state'], view['substate'])} "

@@ -11,7 +11,8 @@ from typing import Any
 
 from celery_idem import codec
 from celery_idem.cli import render
-from celery_idem.store.base import RecordKind, RecordSummary, Stored, StoredRecord
+from celery_idem.store.base import RecordSummary, Stored, StoredRecord
+from celery_idem.store.record import RecordKind, RecordState
 
 __all__ = [
     "STATE_CHOICES",
@@ -27,8 +28,12 @@ __all__ = [
 STATE_CHOICES = ("in_progress", "completed", "free", "quarantined")
 """What ``--state`` filters on."""
 
-_COMPLETED = {"C": "result", "E": "error", "X": "no_result"}
-_CODEC_NAMES = {"j": "json", "p": "pickle", "m": "msgpack", "y": "yaml"}
+_KIND_NAMES = {
+    RecordKind.RESULT: "result",
+    RecordKind.ERROR: "error",
+    RecordKind.NO_RESULT: "no_result",
+}
+"""A completed record's sub-state, as ``celery idem`` names it."""
 SUMMARY_HEADERS = (
     "STORAGE KEY",
     "TASK",
@@ -51,18 +56,19 @@ def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str
     ``quarantined`` (taken over ``idem_max_takeovers`` times without completing: nothing
     runs until it is forgotten); ``not_a_record`` (something else lives under the key).
     """
-    if state == "P":
+    found = RecordState.of(state)
+    if found is RecordState.IN_PROGRESS:
         if parked:
             return "in_progress", "parked"
         if lease_left is not None and lease_left <= 0:
             return "in_progress", "lease_expired"
         return "in_progress", "running"
-    if state == "F":
+    if found is RecordState.FREE:
         return "free", None
-    if state == "Q":
+    if found is RecordState.QUARANTINED:
         return "quarantined", None
-    if state in _COMPLETED:
-        return "completed", _COMPLETED[state]
+    if found is not None and found.kind is not None:
+        return "completed", _KIND_NAMES[found.kind]
     return "not_a_record", None
 
 
@@ -72,7 +78,9 @@ def state_text(state: str, sub: str | None) -> str:
 
 
 def _codec_name(tag: str) -> str:
-    return _CODEC_NAMES.get(tag) or tag.partition(";")[0]
+    """The serializer's name for a one-letter tag, else the content type the tag holds."""
+    known = codec.CODEC_TAGS.get(tag)
+    return known.name if known else tag.partition(";")[0]
 
 
 def summary_view(summary: RecordSummary, task: str) -> dict[str, Any]:
@@ -114,9 +122,9 @@ def summary_row(view: dict[str, Any]) -> list[str]:
 
 def result_view(stored: Stored, accept: frozenset[str], *, limit: int) -> dict[str, Any]:
     """What a completed record holds, decoded only with the ``accept`` content types."""
-    content_type = codec._untag(stored.codec)[0]  # the codec tag's content type
+    content_type = codec.untag(stored.codec)[0]  # the codec tag's content type
     out: dict[str, Any] = {
-        "kind": _COMPLETED[stored.kind.value],
+        "kind": _KIND_NAMES[stored.kind],
         "content_type": content_type,
         "bytes": len(stored.payload),
     }

@@ -1,7 +1,10 @@
-"""The store contract: what a claim can answer, and the operations every store offers.
+"""The store contract: what a claim can answer, and the two protocols stores offer.
 
-Pure: imports neither celery nor redis. ``RedisStore`` and ``MemoryStore`` implement
-:class:`Store`; ``tests/contract`` runs one suite against both, so the two cannot drift.
+Pure: imports neither celery nor redis. :class:`Store` is the task's hot path (claim,
+renew, complete, ...); :class:`StoreAdmin` the operators' tools (``celery idem``, the
+worker's start-up check, tests). ``RedisStore`` and ``MemoryStore`` implement both;
+``tests/contract`` runs one suite against both, so the two cannot drift. The record
+vocabulary (state letters, kinds, claim codes) lives in :mod:`celery_idem.store.record`.
 
 Every write after the claim is a compare-and-set on the owner *token* (random per
 attempt). The *fence* is a per-key number that grows on every claim and survives a
@@ -15,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from celery_idem.store.record import ClaimState, RecordKind
+
 __all__ = [
     "ClaimOutcome",
     "ClaimState",
@@ -23,36 +28,10 @@ __all__ = [
     "RecordSummary",
     "ServerFacts",
     "Store",
+    "StoreAdmin",
     "Stored",
     "StoredRecord",
 ]
-
-
-class ClaimState(enum.Enum):
-    """What one atomic claim-or-read found."""
-
-    CLAIMED = 1
-    """The caller now owns the key (fresh, released, expired lease, or its parked retry)."""
-    COMPLETED = 2
-    """A run finished; the record holds its result (or why it has none)."""
-    IN_PROGRESS = 3
-    """Another live attempt owns the key."""
-    MISMATCH = 4
-    """The key is known with another arguments fingerprint; nothing changed."""
-    QUARANTINED = 5
-    """Taken over too many times without completing (a poison message): nothing runs
-    until an operator forgets the key."""
-
-
-class RecordKind(enum.Enum):
-    """How a completed record ends. The value is the one-byte tag kept in the store."""
-
-    RESULT = "C"
-    """The result is stored and is replayed to duplicates."""
-    ERROR = "E"
-    """A failure listed in ``idem_cache_errors`` is stored and re-raised to duplicates."""
-    NO_RESULT = "X"
-    """The body ran but its result could not be kept; the payload says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +76,7 @@ class StoredRecord:
     """Everything a record holds, for operators (``inspect``) and tests."""
 
     state: str
+    """The state byte: a :class:`~celery_idem.store.record.RecordState` value."""
     fence: int
     task_id: str
     fingerprint: str
@@ -111,12 +91,13 @@ class StoredRecord:
 
 @dataclass(frozen=True, slots=True)
 class RecordSummary:
-    """A record without its payload, for listings (:meth:`Store.summarize`).
+    """A record without its payload, for listings (:meth:`StoreAdmin.summarize`).
 
     Attributes:
         key: The storage key.
-        state: The state byte (``P``, ``F``, ``C``, ``E``, ``X``, ``Q``), or ``""`` when the key
-            holds something that is not a celery-idem record (another type, unreadable).
+        state: The state byte, a :class:`~celery_idem.store.record.RecordState` value
+            (``P``, ``F``, ``C``, ``E``, ``X``, ``Q``), or ``""`` when the key holds
+            something that is not a celery-idem record (another type, unreadable).
         fence: The record's fence (0 when not a record).
         task_id: The owner's, or the completing run's, task id.
         parked: ``P`` held for a retry of ``task_id``, no attempt running.
@@ -141,7 +122,7 @@ class RecordSummary:
 
 
 class ForgetResult(enum.Enum):
-    """What :meth:`Store.forget_if` did."""
+    """What :meth:`StoreAdmin.forget_if` did."""
 
     ABSENT = 0
     """There was no record (or only a forgotten record's tombstone): nothing changed."""
@@ -190,7 +171,7 @@ class ServerFacts:
 
 
 class Store(Protocol):
-    """Operations on one idempotency record, each atomic.
+    """The task's hot path: operations on one idempotency record, each atomic.
 
     Times are seconds (floats); a store converts them to its own clock (Redis: ``TIME``
     on the server, so workers with skewed clocks agree).
@@ -279,6 +260,13 @@ class Store(Protocol):
         """
         ...
 
+
+class StoreAdmin(Protocol):
+    """Operators' tools: ``celery idem``, the worker's start-up check, tests.
+
+    Never on a task's hot path (that is :class:`Store`). Only the forgets write.
+    """
+
     def read(self, key: str) -> StoredRecord | None:
         """The record as it stands, or None (also for a tombstone); never changes it."""
         ...
@@ -286,8 +274,6 @@ class Store(Protocol):
     def forget(self, key: str) -> bool:
         """Forget the record whatever its state (:meth:`forget_if`, forced); True if it existed."""
         ...
-
-    # -- operators' tools (``celery idem``): never on a task's path ----------------------
 
     def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
         """Delete the record unless a live attempt holds it, atomically.
@@ -333,4 +319,20 @@ class Store(Protocol):
 
     def server_facts(self) -> ServerFacts:
         """Facts about the server for ``doctor``: clock, ``INFO``, ``CONFIG``."""
+        ...
+
+    def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy``, or None where it cannot be known.
+
+        Managed Redis services often refuse CONFIG; not knowing is not an error (the
+        in-process store has none: None).
+        """
+        ...
+
+    def replica_count(self) -> int | None:
+        """Replicas connected to the primary (on Cluster: to one primary), or None.
+
+        For the worker's start-up check against ``idem_min_replicas``; not knowing
+        (INFO refused, the store down, the in-process store) is not an error there.
+        """
         ...

@@ -1,184 +1,74 @@
-"""Connect: redis-py clients for an :class:`~celery_idem.endpoint.Endpoint`.
+"""Connect: every way to get a store for an :class:`~celery_idem.endpoint.Endpoint`.
 
-This module owns how each topology's client is built (timeouts, retries, TLS
-options passed through) and the per-process cache of stores, so a prefork child
-never shares a socket with its parent.
-
-Failover is redis-py's job here: the Sentinel pool asks the Sentinels for the current
-primary on every new connection (and drops one that answers READONLY), and the
-Cluster client follows MOVED/ASK and refreshes its slot map. celery-idem only keeps
-the timeouts short, so an outage becomes a :class:`StoreUnavailable` under
-``idem_on_store_error`` quickly instead of blocking a worker.
+A task's hot path gets a :class:`~celery_idem.store.base.Store` (:func:`store_for`),
+``celery idem`` and the worker's start-up check a
+:class:`~celery_idem.store.base.StoreAdmin` (:func:`admin_for`). Both come from one
+store per process and endpoint: ``memory://NAME`` is an in-process
+:class:`~celery_idem.store.memory.MemoryStore`, anything else a
+:class:`~celery_idem.store.redis.RedisStore` whose client ``clients`` builds, kept per
+pid so a prefork child never shares a socket with its parent. One store holds one
+client and one set of registered scripts, whichever protocol it is used through.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
-from typing import Any
 
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
-from redis.exceptions import RedisClusterException
-from redis.retry import Retry
-from redis.sentinel import Sentinel
-
+from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint, Topology
-from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
+from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.store.base import Store, StoreAdmin
+from celery_idem.store.clients import client_for
+from celery_idem.store.memory import MemoryStore
 from celery_idem.store.redis import RedisStore
 
-__all__ = ["client_for", "redis_store_for"]
+__all__ = [
+    "admin_for",
+    "client_for",
+    "drop_memory_store",
+    "redis_store_for",
+    "store_for",
+    "store_for_url",
+]
 
-_TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
-_SENTINEL_TIMEOUTS: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+_memory_stores: dict[str, MemoryStore] = {}
+_redis_stores: dict[tuple[int, str], RedisStore] = {}
+_redis_stores_lock = threading.Lock()
 
 
-def _quick_retry() -> Retry:
-    """One quick retry: hides a pooled connection that went stale across a restart.
-
-    redis-py's default retries back off for seconds; a worker would rather fail fast
-    and let ``idem_on_store_error`` decide.
-    """
-    return Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
-
-
-def client_for(endpoint: Endpoint) -> Any:
-    """A new redis-py client (``decode_responses`` off) for ``endpoint``.
+def store_for(endpoint: Endpoint | None, *, task_name: str | None = None) -> Store:
+    """The process's store for an endpoint: ``memory://NAME`` in process, else Redis.
 
     Raises:
-        IdempotencyConfigError: redis-py refused the URL or an option, naming the
-            setting; or the ``idem_redis_client`` factory failed or returned no client.
-        StoreUnavailable: A client that connects when built (Cluster reads its slot
-            map; a factory may connect) could not reach Redis.
+        IdempotencyConfigError: No store could be found in the app's configuration, or
+            redis-py refused the endpoint.
     """
-    options = endpoint.option_dict()
-    timeouts = _timeouts(endpoint, options)
-    try:
-        if endpoint.topology is Topology.CUSTOM:
-            return _from_factory(endpoint)
-        if endpoint.topology is Topology.SENTINEL:
-            return _checked(_sentinel_client(endpoint, {**timeouts, **options}))
-        url = endpoint.url or ""
-        if endpoint.topology is Topology.CLUSTER:
-            _check_cluster_options(endpoint, options)
-            kwargs = {**timeouts, "retry": _quick_retry(), **options}
-            return RedisCluster.from_url(url, **kwargs)
-        kwargs = {**timeouts, "retry": _quick_retry(), **options}
-        return _checked(redis.Redis.from_url(url, **kwargs))
-    except RedisClusterException as exc:
-        if "cannot be connected" not in str(exc):  # refused before any connection
-            raise _config_error(endpoint, options, exc) from exc
-        raise _unreachable(endpoint, exc) from exc
-    except redis.RedisError as exc:
-        raise _unreachable(endpoint, exc) from exc
-    except (ValueError, TypeError) as exc:
-        raise _config_error(endpoint, options, exc) from exc
+    return _shared(endpoint, task_name)
 
 
-def _unreachable(endpoint: Endpoint, exc: Exception) -> StoreUnavailable:
-    return StoreUnavailable(
-        f"the idempotency store at {endpoint.display} could not be reached: "
-        f"{type(exc).__name__}: {exc}. Check that Redis is reachable and the store "
-        f"settings are right."
-    )
+def admin_for(endpoint: Endpoint | None, *, task_name: str | None = None) -> StoreAdmin:
+    """The operators' tools on the process's store for an endpoint (see :func:`store_for`).
 
-
-def _config_error(endpoint: Endpoint, options: dict[str, Any], exc: Exception) -> Exception:
-    return IdempotencyConfigError(
-        f"idem_redis_url {endpoint.display!r} with idem_redis_options {sorted(options)} is "
-        f"not something redis-py can connect to: {type(exc).__name__}: {exc}"
-    )
-
-
-def _timeouts(endpoint: Endpoint, options: dict[str, Any]) -> dict[str, Any]:
-    """Socket timeouts; with ``idem_min_replicas`` the read must outlast ``WAIT``.
-
-    A socket timeout shorter than the WAIT would turn every slow replica into a
-    timeout of unknown outcome instead of a clean ``ReplicasNotReached``.
+    Raises:
+        IdempotencyConfigError: As :func:`store_for`.
     """
-    timeouts = dict(_TIMEOUTS)
-    if endpoint.min_replicas:
-        timeouts["socket_timeout"] = max(5.0, endpoint.replicas_timeout + 2.0)
-        given = options.get("socket_timeout")
-        if isinstance(given, (int, float)) and given <= endpoint.replicas_timeout:
-            raise IdempotencyConfigError(
-                f"idem_redis_options socket_timeout={given} is not longer than "
-                f"idem_min_replicas_timeout={endpoint.replicas_timeout}: every WAIT for a "
-                "slow replica would time out the connection. Raise socket_timeout."
-            )
-    return timeouts
+    return _shared(endpoint, task_name)
 
 
-def _check_cluster_options(endpoint: Endpoint, options: dict[str, Any]) -> None:
-    """Refuse what redis-py's cluster client would drop silently or refuse later."""
-    known = set(REDIS_ALLOWED_KEYS) | set(inspect.signature(RedisCluster.__init__).parameters)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise IdempotencyConfigError(
-            f"idem_redis_options {unknown} are not options of redis-py's cluster client "
-            f"(for {endpoint.display}); check their spelling."
-        )
-    if options.get("db") not in (None, 0):
-        raise IdempotencyConfigError(
-            f"idem_redis_options db={options['db']!r}: Redis Cluster has database 0 only; "
-            "keep records apart with idem_key_prefix."
-        )
+def store_for_url(url: str | None, *, task_name: str | None = None) -> Store:
+    """The process's store for an ``idem_redis_url`` (any of its forms).
 
-
-def _checked(client: redis.Redis) -> redis.Redis:
-    """Build one connection object (no socket) so a misspelt option fails now.
-
-    redis-py passes ``idem_redis_options`` to the connection class only when it first
-    connects; a ``TypeError`` there would surface inside a task instead of at start.
+    Raises:
+        IdempotencyConfigError: No URL, or one that names no store.
     """
-    pool = client.connection_pool
-    pool.connection_class(**pool.connection_kwargs)
-    return client
+    conf = {"idem_redis_url": url} if url else {}
+    return store_for(resolve_settings(conf, task_name=task_name).endpoint, task_name=task_name)
 
 
-def _sentinel_client(endpoint: Endpoint, options: dict[str, Any]) -> redis.Redis:
-    sentinel_kwargs = {**_SENTINEL_TIMEOUTS, **options.pop("sentinel_kwargs", {})}
-    sentinel = Sentinel(list(endpoint.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-    kwargs: dict[str, Any] = {"retry": _quick_retry(), "db": endpoint.db}  # timeouts: options
-    if endpoint.username is not None:
-        kwargs["username"] = endpoint.username
-    if endpoint.password is not None:
-        kwargs["password"] = endpoint.password
-    kwargs.update(options)
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        endpoint.service_name, redis_class=redis.Redis, **kwargs
-    )
-    return client
-
-
-def _from_factory(endpoint: Endpoint) -> Any:
-    factory = endpoint.factory
-    assert factory is not None
-    try:
-        client = factory()
-    except (redis.RedisError, RedisClusterException):
-        raise  # unreachable, not misconfigured: client_for says so
-    except Exception as exc:
-        raise IdempotencyConfigError(
-            f"idem_redis_client {endpoint.display!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(client, (redis.Redis, RedisCluster)):
-        raise IdempotencyConfigError(
-            f"idem_redis_client {endpoint.display!r} returned {type(client).__name__}, "
-            "not a redis.Redis or redis.cluster.RedisCluster"
-        )
-    if client.get_encoder().decode_responses:
-        raise IdempotencyConfigError(
-            f"idem_redis_client {endpoint.display!r} returned a client with "
-            "decode_responses=True; records are bytes: build it with decode_responses=False"
-        )
-    return client
-
-
-_stores: dict[tuple[int, str], RedisStore] = {}
-_stores_lock = threading.Lock()
+def drop_memory_store(url: str) -> None:
+    """Forget the in-process store of a ``memory://`` URL (after a test)."""
+    _memory_stores.pop(url, None)
 
 
 def redis_store_for(endpoint: Endpoint) -> RedisStore:
@@ -187,15 +77,24 @@ def redis_store_for(endpoint: Endpoint) -> RedisStore:
     Keyed by pid, so a prefork child never shares a socket with its parent.
     """
     key = (os.getpid(), endpoint.cache_key)
-    store = _stores.get(key)
+    store = _redis_stores.get(key)
     if store is None:
-        with _stores_lock:
-            store = _stores.get(key)
+        with _redis_stores_lock:
+            store = _redis_stores.get(key)
             if store is None:
-                store = _stores[key] = RedisStore(
-                    client_for(endpoint),
-                    url=endpoint.display,
-                    min_replicas=endpoint.min_replicas,
-                    replicas_timeout=endpoint.replicas_timeout,
-                )
+                store = _redis_stores[key] = RedisStore.for_endpoint(endpoint)
     return store
+
+
+def _shared(endpoint: Endpoint | None, task_name: str | None) -> MemoryStore | RedisStore:
+    """The one store of this process for ``endpoint``: both protocols, one client."""
+    if endpoint is None:
+        raise IdempotencyConfigError(
+            "celery-idem found no Redis to keep its records in: set idem_redis_url "
+            "(e.g. 'redis://localhost:6379/1'), or use a Redis result_backend or broker_url.",
+            task_name=task_name,
+        )
+    if endpoint.topology is Topology.MEMORY:
+        url = endpoint.url or "memory://"
+        return _memory_stores.setdefault(url, MemoryStore())
+    return redis_store_for(endpoint)

@@ -1,85 +1,58 @@
-"""RedisStore: the only code that talks to Redis.
+"""RedisStore: celery-idem's records on Redis (one server, Sentinel or Cluster).
 
-Each transition of a record is one Lua script in ``store/lua`` (its contract is the
-comment at its top), run with EVALSHA through redis-py's ``Script`` objects, which
-reload a script transparently after ``NOSCRIPT`` (a restart, a failover, ``SCRIPT
-FLUSH``). This module turns the scripts' replies into typed outcomes and every
-redis-py error into :class:`~celery_idem.exceptions.StoreUnavailable`, chained.
+``RedisStore`` is the task's hot path, :class:`RedisHotPath` (this module: claim, renew,
+complete, ...), plus the operators' tools, :class:`~celery_idem.store.redis_admin.RedisAdmin`,
+on one client and one set of registered scripts (``redis_base``). Each transition of a
+record is one Lua script in ``store/lua`` (its contract is the comment at its top); this
+module turns the scripts' replies into typed outcomes (the codes are
+:class:`~celery_idem.store.record.ClaimState`'s) and every redis-py error into
+:class:`~celery_idem.exceptions.StoreUnavailable`, chained.
 
 Every script reads and writes exactly one key, so on Redis Cluster each runs on the
 node owning that key's slot and never meets CROSSSLOT; redis-py's cluster client
 follows MOVED/ASK. With ``idem_min_replicas`` a claim or a completion is pipelined
-with ``WAIT`` on the same connection: still one round trip (see :meth:`_durable`).
-The operators' tools (SCAN, summaries, INFO) live in ``redis_admin.py``.
+with ``WAIT`` on the same connection: still one round trip (see
+:meth:`RedisHotPath._durable`). The tasks' stores come from ``connect`` (one per
+process and endpoint); :meth:`RedisStore.from_url` builds a new one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from importlib import resources
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
+from redis.commands.core import Script
 
 from celery_idem.checks import check_store_durations
-from celery_idem.endpoint import sanitize_url
+from celery_idem.config import resolve_settings
+from celery_idem.endpoint import Endpoint
 from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, ClaimState, RecordKind, Stored, StoredRecord
-from celery_idem.store.redis_admin import ERRORS, RedisAdmin, is_outage
-from celery_idem.store.redis_admin import text as _text
+from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.clients import client_for
+from celery_idem.store.record import ClaimState, RecordKind
+from celery_idem.store.redis_admin import RedisAdmin
+from celery_idem.store.redis_base import ERRORS, RedisBase, Scripts, text
 
-__all__ = ["RedisStore"]
-
-_SCRIPT_NAMES = (
-    "claim", "renew", "complete", "dispatched", "release", "park", "peek", "read", "summary",
-    "forget",
-)  # fmt: skip
-_COMPLETED = {kind.value: kind for kind in RecordKind}
-
-
-def _load_sources() -> dict[str, str]:
-    """Each script with the record codec (``record.lua``) in front of it."""
-    lua = resources.files("celery_idem.store").joinpath("lua")
-    prelude = lua.joinpath("record.lua").read_text("utf-8")
-    return {
-        name: prelude + lua.joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPT_NAMES
-    }
-
-
-def _decode_record(raw: bytes) -> dict[str, Any]:
-    """Parse the format documented in ``lua/record.lua`` (the Lua ``decode``, in Python)."""
-    out: dict[str, Any] = {"s": raw[:1].decode()}
-    pos = 1
-    for name in ("f", "d", "n"):
-        colon = raw.index(b":", pos)
-        out[name], pos = int(raw[pos:colon]), colon + 1
-    for name in ("o", "a", "i", "c"):
-        colon = raw.index(b":", pos)
-        start = colon + 1
-        end = start + int(raw[pos:colon])
-        out[name], pos = raw[start:end], end
-    out["r"] = raw[pos:]
-    return out
-
-
-_SOURCES = _load_sources()
+__all__ = ["RedisHotPath", "RedisStore"]
 
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-class RedisStore(RedisAdmin):
-    """A :class:`~celery_idem.store.base.Store` on Redis: one server, Sentinel or Cluster.
+class RedisHotPath(RedisBase):
+    """A :class:`~celery_idem.store.base.Store` on Redis: the task's hot path.
 
     Args:
-        client: A redis-py client that returns bytes (``decode_responses=False``):
-            ``redis.Redis`` (standalone, or a Sentinel ``master_for`` client) or
-            ``redis.cluster.RedisCluster``.
-        url: Where the client points, for error messages only (a password is masked).
+        client: A redis-py client that returns bytes (see
+            :class:`~celery_idem.store.redis_base.RedisBase`, as for ``url`` and
+            ``scripts``).
+        url: Where the client points, for error messages only.
         min_replicas: Replicas a claim and a completion must reach before they count.
         replicas_timeout: Seconds ``WAIT`` may block for them.
+        scripts: The client's scripts, if already registered.
     """
 
     def __init__(
@@ -89,65 +62,11 @@ class RedisStore(RedisAdmin):
         url: str = "",
         min_replicas: int = 0,
         replicas_timeout: float = 1.0,
+        scripts: Scripts | None = None,
     ) -> None:
-        self.client = client
-        self.url = sanitize_url(url) if url else "Redis"  # never log a password
-        self.cluster = isinstance(client, RedisCluster)
+        super().__init__(client, url=url, scripts=scripts)
         self.min_replicas = min_replicas
         self._wait_ms = _ms(replicas_timeout)
-        self._claim = client.register_script(_SOURCES["claim"])
-        self._renew = client.register_script(_SOURCES["renew"])
-        self._complete = client.register_script(_SOURCES["complete"])
-        self._dispatched = client.register_script(_SOURCES["dispatched"])
-        self._release = client.register_script(_SOURCES["release"])
-        self._park = client.register_script(_SOURCES["park"])
-        self._peek = client.register_script(_SOURCES["peek"])
-        self._read = client.register_script(_SOURCES["read"])
-        self._summary = client.register_script(_SOURCES["summary"])
-        self._forget = client.register_script(_SOURCES["forget"])
-
-    @classmethod
-    def from_url(cls, url: str, *, min_replicas: int = 0) -> RedisStore:
-        """A new store for any ``idem_redis_url`` form (not cached, unlike the tasks' own).
-
-        Raises:
-            IdempotencyConfigError: The URL is malformed or names no Redis.
-        """
-        from celery_idem.config import resolve_settings  # noqa: PLC0415 - config is pure
-        from celery_idem.store.connect import client_for  # noqa: PLC0415 - imports this module
-
-        conf = {"idem_redis_url": url, "idem_min_replicas": min_replicas}
-        endpoint = resolve_settings(conf).endpoint
-        assert endpoint is not None
-        return cls(
-            client_for(endpoint),
-            url=endpoint.display,
-            min_replicas=endpoint.min_replicas,
-            replicas_timeout=endpoint.replicas_timeout,
-        )
-
-    def _error(self, key: str, exc: BaseException) -> IdempotencyError:
-        """An outage becomes StoreUnavailable; any other refusal a permanent error.
-
-        ``is_outage`` reads the reply's code, not only redis-py's class: Redis 6.2 wraps
-        an ``OOM`` met inside a script into a plain script error, which is an outage too.
-        """
-        if is_outage(exc) or not isinstance(exc, redis.ResponseError):
-            return self._unavailable(key, exc)
-        # Not an outage: retrying would fail the same way (a key of another type
-        # under our prefix, a damaged record, a script error).
-        return IdempotencyError(
-            f"the idempotency store at {self.url} refused record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Is another application writing under "
-            f"idem_key_prefix?",
-            key=key,
-        )
-
-    def _call(self, script: Any, key: str, args: list[Any]) -> Any:
-        try:
-            return script(keys=[key], args=args)
-        except ERRORS as exc:
-            raise self._error(key, exc) from exc
 
     def _refresh_slots(self) -> None:
         """After a failed call on Cluster, re-read the slot map (best effort).
@@ -170,7 +89,7 @@ class RedisStore(RedisAdmin):
             node = cluster.get_node_from_key(key)
         return cluster.get_redis_connection(node)
 
-    def _durable(self, script: Any, key: str, args: list[Any]) -> tuple[Any, Any]:
+    def _durable(self, script: Script, key: str, args: list[Any]) -> tuple[Any, Any]:
         """Run ``script`` and ``WAIT min_replicas`` in one pipeline: one round trip.
 
         ``WAIT`` cannot run inside a script, and counts only the writes of its own
@@ -215,7 +134,7 @@ class RedisStore(RedisAdmin):
     def _release_quietly(self, key: str, token: str) -> None:
         """Release this attempt's claim if it holds one; a failure changes nothing."""
         with contextlib.suppress(IdempotencyError):
-            self._call(self._release, key, [token])
+            self._call(self.scripts.release, key, [token])
 
     def _not_durable(self, key: str, what: str, acked: int) -> ReplicasNotReached:
         return ReplicasNotReached(
@@ -243,16 +162,16 @@ class RedisStore(RedisAdmin):
         args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease), max_takeovers]
         acked: Any = 0
         if not self.min_replicas:
-            reply = self._call(self._claim, key, args)
+            reply = self._call(self.scripts.claim, key, args)
         else:
             try:
-                reply, acked = self._durable(self._claim, key, args)
+                reply, acked = self._durable(self.scripts.claim, key, args)
             except StoreUnavailable as exc:
                 if isinstance(exc.__cause__, redis.TimeoutError):
                     self._release_quietly(key, token)  # the claim may have gone through
                 raise
-        code, fence = int(reply[0]), int(reply[1])
-        if code == 1:
+        state, fence = ClaimState(int(reply[0])), int(reply[1])
+        if state is ClaimState.CLAIMED:
             if isinstance(acked, BaseException) or acked < self.min_replicas:
                 # Not durable, so not a claim: free the key for the retry (the lease
                 # would free it too, later) and do not run the body.
@@ -260,29 +179,27 @@ class RedisStore(RedisAdmin):
                 if isinstance(acked, BaseException):
                     raise self._error(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
-            return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=bool(reply[2]))
-        owner = _text(reply[2])
-        if code == 2:
-            stored = Stored(_COMPLETED[_text(reply[3])], bytes(reply[4]), _text(reply[5]))
+            return ClaimOutcome(state, fence, task_id, took_over=bool(reply[2]))
+        owner = text(reply[2])
+        if state is ClaimState.COMPLETED:
+            stored = Stored(RecordKind(text(reply[3])), bytes(reply[4]), text(reply[5]))
             return ClaimOutcome(
-                ClaimState.COMPLETED, fence, owner, stored=stored,
-                continuation_pending=bool(int(reply[6])),
-            )  # fmt: skip
-        if code == 3:
-            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, int(reply[3]) / 1000.0)
-        if code == 5:
+                state, fence, owner, stored=stored, continuation_pending=bool(int(reply[6]))
+            )
+        if state is ClaimState.IN_PROGRESS:
+            return ClaimOutcome(state, fence, owner, int(reply[3]) / 1000.0)
+        if state is ClaimState.QUARANTINED:
             return ClaimOutcome(
-                ClaimState.QUARANTINED, fence, owner, takeovers=int(reply[3]),
-                quarantined_now=bool(int(reply[4])),
-            )  # fmt: skip
-        return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
+                state, fence, owner, takeovers=int(reply[3]), quarantined_now=bool(int(reply[4]))
+            )
+        return ClaimOutcome(state, fence, owner)  # MISMATCH
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.renew`."""
         check_store_durations(lease=lease)
         # The record must outlive the lease by the retention the claim gave it; one
         # lease of slack is enough because a renewal arrives every lease/3.
-        return bool(self._call(self._renew, key, [token, _ms(lease), _ms(2 * lease)]))
+        return bool(self._call(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
     def complete(
         self,
@@ -302,8 +219,8 @@ class RedisStore(RedisAdmin):
             "+" if continuation else "",
         ]  # fmt: skip
         if not self.min_replicas:
-            return bool(self._call(self._complete, key, args))
-        reply, acked = self._durable(self._complete, key, args)
+            return bool(self._call(self.scripts.complete, key, args))
+        reply, acked = self._durable(self.scripts.complete, key, args)
         if isinstance(acked, BaseException):
             raise self._error(key, acked) from acked
         if reply and acked < self.min_replicas:
@@ -314,45 +231,59 @@ class RedisStore(RedisAdmin):
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
-        return bool(self._call(self._dispatched, key, [task_id]))
+        return bool(self._call(self.scripts.dispatched, key, [task_id]))
 
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""
-        return bool(self._call(self._release, key, [token]))
+        return bool(self._call(self.scripts.release, key, [token]))
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.park`."""
         check_store_durations(hold=hold)
-        return bool(self._call(self._park, key, [token, _ms(hold), _ms(2 * hold)]))
+        return bool(self._call(self.scripts.park, key, [token, _ms(hold), _ms(2 * hold)]))
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
-        """See :meth:`celery_idem.store.base.Store.peek`."""
-        reply = self._call(self._peek, key, [fingerprint])
+        """See :meth:`celery_idem.store.base.Store.peek` and ``lua/peek.lua``."""
+        reply = self._call(self.scripts.peek, key, [fingerprint])
         code = int(reply[0])
-        if code == 0:
+        if code == 0:  # nothing holds the key
             return None
-        state = {2: ClaimState.COMPLETED, 3: ClaimState.IN_PROGRESS, 4: ClaimState.MISMATCH}
-        left = int(reply[3]) / 1000.0 if code == 3 else 0.0
-        return ClaimOutcome(state[code], int(reply[1]), _text(reply[2]), left)
+        state = ClaimState(code)
+        left = int(reply[3]) / 1000.0 if state is ClaimState.IN_PROGRESS else 0.0
+        return ClaimOutcome(state, int(reply[1]), text(reply[2]), left)
 
-    def read(self, key: str) -> StoredRecord | None:
-        """See :meth:`celery_idem.store.base.Store.read`."""
-        now, pttl, raw = self._call(self._read, key, [])
-        if not raw:
-            return None
-        r = _decode_record(bytes(raw))
-        state = r["s"]
-        stored = None
-        if state in _COMPLETED:
-            stored = Stored(_COMPLETED[state], bytes(r["r"]), _text(r["c"]))
-        return StoredRecord(
-            state=state,
-            fence=r["f"],
-            task_id=_text(r["i"]),
-            fingerprint=_text(r["a"]),
-            lease_left=(r["d"] - int(now)) / 1000.0 if state == "P" else None,
-            ttl=int(pttl) / 1000.0 if int(pttl) >= 0 else None,
-            stored=stored,
-            parked=state == "P" and r["o"] == b"",
-            takeovers=r["n"],
+
+class RedisStore(RedisHotPath, RedisAdmin):
+    """A :class:`~celery_idem.store.base.Store` and :class:`~celery_idem.store.base.StoreAdmin`.
+
+    The hot path and the operators' tools on one client, sharing its scripts; see
+    :class:`RedisHotPath` for the arguments. The tasks' stores are cached per process
+    and endpoint by ``celery_idem.store.connect``.
+    """
+
+    @classmethod
+    def from_url(cls, url: str, *, min_replicas: int = 0) -> RedisStore:
+        """A new store for any ``idem_redis_url`` form (not cached, unlike the tasks' own).
+
+        Raises:
+            IdempotencyConfigError: The URL is malformed or names no Redis.
+        """
+        conf = {"idem_redis_url": url, "idem_min_replicas": min_replicas}
+        endpoint = resolve_settings(conf).endpoint
+        assert endpoint is not None
+        return cls.for_endpoint(endpoint)
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint) -> RedisStore:
+        """A new store, with a new client, for ``endpoint``.
+
+        Raises:
+            IdempotencyConfigError: redis-py refused the endpoint (see ``client_for``).
+            StoreUnavailable: A client that connects when built could not reach Redis.
+        """
+        return cls(
+            client_for(endpoint),
+            url=endpoint.display,
+            min_replicas=endpoint.min_replicas,
+            replicas_timeout=endpoint.replicas_timeout,
         )

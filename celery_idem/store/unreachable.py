@@ -10,18 +10,10 @@ the task builds the real store again on its next message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NoReturn
 
 from celery_idem.exceptions import StoreUnavailable
-from celery_idem.store.base import (
-    ClaimOutcome,
-    ForgetResult,
-    RecordSummary,
-    ServerFacts,
-    Stored,
-    StoredRecord,
-)
+from celery_idem.store.base import ClaimOutcome, Stored
 
 __all__ = ["UnreachableStore"]
 
@@ -29,13 +21,15 @@ __all__ = ["UnreachableStore"]
 class UnreachableStore:
     """A :class:`~celery_idem.store.base.Store` whose every operation is an outage.
 
+    Only the hot path: operators' tools (``StoreAdmin``) build the real store or fail.
+    The worker's start-up check recognises it and logs its ``cause``.
+
     Args:
         cause: Why the real store could not be built.
     """
 
     def __init__(self, cause: StoreUnavailable) -> None:
         self.cause = cause
-        self.url = "unreachable"
 
     def _fail(self, key: str) -> NoReturn:
         raise StoreUnavailable(f"{self.cause} (record {key!r})", key=key) from self.cause
@@ -87,31 +81,3 @@ class UnreachableStore:
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """Always an outage."""
         self._fail(key)
-
-    def read(self, key: str) -> StoredRecord | None:
-        """Always an outage."""
-        self._fail(key)
-
-    def forget(self, key: str) -> bool:
-        """Always an outage."""
-        self._fail(key)
-
-    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
-        """Always an outage."""
-        self._fail(key)
-
-    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
-        """Always an outage."""
-        self._fail(match)
-
-    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
-        """Always an outage."""
-        self._fail(keys[0] if keys else "")
-
-    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
-        """Always an outage."""
-        self._fail(keys[0] if keys else "")
-
-    def server_facts(self) -> ServerFacts:
-        """Always an outage."""
-        self._fail("TIME")

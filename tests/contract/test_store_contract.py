@@ -22,7 +22,7 @@ from freezegun import freeze_time
 
 from celery_idem.checks import MAX_DURATION
 from celery_idem.exceptions import IdempotencyConfigError
-from celery_idem.store import ClaimState, MemoryStore, RecordKind, Store, Stored
+from celery_idem.store import ClaimState, MemoryStore, RecordKind, RecordState, Store, Stored
 from celery_idem.store.base import ForgetResult
 from celery_idem.store.redis import RedisStore
 from tests.redis_server import wait_for
@@ -276,7 +276,7 @@ def test_read_reports_the_record_and_forget_deletes_it(backend: Backend) -> None
     out = claim(backend, "k", lease=10.0)
     rec = backend.store.read(k)
     assert rec is not None
-    assert rec.state == "P"
+    assert rec.state == RecordState.IN_PROGRESS.value
     assert rec.fence == out.fence
     assert rec.task_id == "id-1"
     assert rec.fingerprint == "fp"
@@ -389,7 +389,7 @@ def test_takeovers_are_counted_and_the_one_past_the_cap_quarantines(backend: Bac
     assert not again.quarantined_now
     record = backend.store.read(k)
     assert record is not None
-    assert record.state == "Q"
+    assert record.state == RecordState.QUARANTINED.value
     assert record.ttl is None
     assert (
         backend.store.peek(k, fingerprint="fp") is None
@@ -577,18 +577,27 @@ def test_summarize_reports_each_state_without_the_payload(backend: Backend) -> N
     run, park, free, finished, absent = backend.store.summarize(keys)
     assert absent is None
     assert run is not None
-    assert (run.key, run.state, run.parked, run.task_id) == (keys[0], "P", False, "id-1")
+    assert (run.key, run.state, run.parked, run.task_id) == (
+        keys[0],
+        RecordState.IN_PROGRESS.value,
+        False,
+        "id-1",
+    )
     assert run.fence == running.fence
     assert run.lease_left is not None
     assert 0 < run.lease_left <= 10.0
     assert park is not None
-    assert (park.state, park.parked, park.task_id) == ("P", True, "id-p")
+    assert (park.state, park.parked, park.task_id) == (RecordState.IN_PROGRESS.value, True, "id-p")
     assert park.lease_left is not None
     assert 10.0 < park.lease_left <= 20.0
     assert free is not None
-    assert (free.state, free.lease_left, free.payload_bytes) == ("F", None, 0)
+    assert (free.state, free.lease_left, free.payload_bytes) == (RecordState.FREE.value, None, 0)
     assert finished is not None
-    assert (finished.state, finished.task_id, finished.fence) == ("C", "id-d", done.fence)
+    assert (finished.state, finished.task_id, finished.fence) == (
+        RecordState.RESULT.value,
+        "id-d",
+        done.fence,
+    )
     assert (finished.payload_bytes, finished.codec, finished.lease_left) == (42, "j", None)
     assert finished.ttl is not None
     assert 0 < finished.ttl <= TTL
@@ -600,7 +609,7 @@ def test_summarize_shows_a_lapsed_lease_as_a_negative_lease_left(backend: Backen
     backend.advance(backend.key("k"), LEASE + 0.05)
     (summary,) = backend.store.summarize([backend.key("k")])
     assert summary is not None
-    assert summary.state == "P"
+    assert summary.state == RecordState.IN_PROGRESS.value
     assert summary.lease_left is not None
     assert summary.lease_left < 0
 
@@ -612,8 +621,8 @@ def test_read_tells_a_parked_record_from_a_running_one(backend: Backend) -> None
     run, park = backend.store.read(backend.key("run")), backend.store.read(backend.key("park"))
     assert run is not None
     assert park is not None
-    assert (run.state, run.parked) == ("P", False)
-    assert (park.state, park.parked) == ("P", True)
+    assert (run.state, run.parked) == (RecordState.IN_PROGRESS.value, False)
+    assert (park.state, park.parked) == (RecordState.IN_PROGRESS.value, True)
 
 
 def test_forget_if_refuses_a_live_attempt_unless_forced(backend: Backend) -> None:

@@ -21,7 +21,7 @@ from celery import Celery
 
 from celery_idem import IdempotencyConfigError, IdempotentTask, ReplicasNotReached, StoreUnavailable
 from celery_idem.config import resolve_settings
-from celery_idem.store import ClaimState, RecordKind, Stored, StoredRecord
+from celery_idem.store import ClaimState, RecordKind, RecordState, Stored, StoredRecord
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
@@ -129,7 +129,7 @@ def test_min_replicas_on_a_cluster_without_replicas_refuses_every_claim(
         store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
     record = store.read(key)  # released: nothing holds the key
     assert record is not None
-    assert record.state == "F"
+    assert record.state == RecordState.FREE.value
 
 
 def test_a_script_flushed_on_one_node_is_reloaded_there(
@@ -236,7 +236,8 @@ def test_a_primary_failing_over_keeps_replicated_records_and_the_store_follows()
                 return None  # the cluster has not promoted the replica yet
 
         record = wait_for(answered, 30, message="the replica promoted")
-        assert record.state == "C"  # the completed record survived the failover
+        # The completed record survived the failover.
+        assert record.state == RecordState.RESULT.value
         again = plain.claim(kept, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
         assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
 

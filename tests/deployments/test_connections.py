@@ -17,7 +17,7 @@ import redis
 
 from celery_idem import IdempotencyConfigError, IdempotencyError, StoreUnavailable
 from celery_idem.config import resolve_settings
-from celery_idem.store import ClaimState, RecordKind, Store, Stored, store_for
+from celery_idem.store import ClaimState, RecordKind, RecordState, Store, Stored, store_for
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import Worker, ledger_count
@@ -179,7 +179,7 @@ def test_a_claim_whose_wait_is_refused_is_released(store_server: RedisServer) ->
     assert "pw@" not in str(info.value)
     record = store.read("idem:acl")
     assert record is not None
-    assert record.state == "F"  # released: the next attempt claims at once
+    assert record.state == RecordState.FREE.value  # released: the next attempt claims at once
 
 
 def test_a_socket_timeout_not_longer_than_the_wait_is_refused() -> None:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from celery_idem import ReplicasNotReached
-from celery_idem.store import ClaimState, RecordKind, Stored
+from celery_idem.store import ClaimState, RecordKind, RecordState, Stored
 from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
@@ -128,7 +128,7 @@ def test_min_replicas_refuses_a_claim_the_replica_did_not_confirm(
         # Released on the master, so nothing holds the key there either.
         record = s.read(KEY)
         assert record is not None
-        assert record.state == "F"
+        assert record.state == RecordState.FREE.value
         deployment.kill_master()
     deployment.wait_for_failover(("127.0.0.1", deployment.servers[0].port))
     # No replica is left to confirm anything: claims stay refused (fail closed)...
@@ -185,7 +185,7 @@ def test_min_replicas_reports_a_result_the_replica_did_not_confirm(
         # Kept on the master: a retry of the completion finds it there (same attempt).
         record = s.read(KEY)
         assert record is not None
-        assert record.state == "C"
+        assert record.state == RecordState.RESULT.value
     # The replica is back: the retry is confirmed.
     wait_for(lambda: complete(s, fence), 10.0, message="completion confirmed after reconnect")
 

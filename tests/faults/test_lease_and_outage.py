@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from celery_idem.keys import storage_key
+from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import ledger_count
 from tests.redis_server import RedisServer, wait_for
@@ -61,7 +62,11 @@ def test_paused_owner_is_taken_over_and_its_late_completion_is_refused(
     store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
     record = store.read(storage_key("idem", "t.record", key))
     assert record is not None
-    assert (record.state, record.fence, record.task_id) == ("C", entries[1]["fence"], newer.id)
+    assert (record.state, record.fence, record.task_id) == (
+        RecordState.RESULT.value,
+        entries[1]["fence"],
+        newer.id,
+    )
     # Two executions by design: the stale one had run its body before it was paused.
     fault_report(deliveries=2, executions=2, completions=1, lost=0, duplicate_effects=1)
 

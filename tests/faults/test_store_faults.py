@@ -32,6 +32,7 @@ from celery_idem import (
     StoreUnavailable,
 )
 from celery_idem.keys import storage_key
+from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import ROOT, Worker, ledger_count
 from tests.redis_server import RedisServer, wait_for
@@ -137,7 +138,7 @@ def test_store_down_mid_task_back_within_the_completion_retries(
     wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="body started")
     claimed = _read(persistent_store, "t.sf_wait_flag", key)
     assert claimed is not None
-    assert (claimed.state, claimed.task_id) == ("P", first.id)
+    assert (claimed.state, claimed.task_id) == (RecordState.IN_PROGRESS.value, first.id)
 
     persistent_store.stop()
     listener = RefusingListener(persistent_store.port)
@@ -157,7 +158,11 @@ def test_store_down_mid_task_back_within_the_completion_retries(
     assert out["name"] == uid
     record = _read(persistent_store, "t.sf_wait_flag", key)
     assert record is not None
-    assert (record.state, record.task_id, record.fence) == ("C", first.id, out["fence"])
+    assert (record.state, record.task_id, record.fence) == (
+        RecordState.RESULT.value,
+        first.id,
+        out["fence"],
+    )
     assert "could not complete" not in w.log()
 
     dup = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
@@ -210,7 +215,11 @@ def test_store_down_mid_task_past_the_retries_leaves_the_key_to_its_lease(
     # Back with its data: the key is still held by the first run, until its lease ends.
     held = _read(persistent_store, "t.sf_wait_flag", key)
     assert held is not None
-    assert (held.state, held.task_id, held.fence) == ("P", first.id, out["fence"])
+    assert (held.state, held.task_id, held.fence) == (
+        RecordState.IN_PROGRESS.value,
+        first.id,
+        out["fence"],
+    )
 
     dup = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
     again = dup.get(timeout=T)
@@ -221,7 +230,7 @@ def test_store_down_mid_task_past_the_retries_leaves_the_key_to_its_lease(
     assert "took over a key whose lease ran out" in w.log()
     record = _read(persistent_store, "t.sf_wait_flag", key)
     assert record is not None
-    assert (record.state, record.task_id) == ("C", dup.id)
+    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
     fault_report(
         deliveries=2,
         executions=len(runs),
@@ -250,7 +259,7 @@ def test_store_restart_without_persistence_reruns_the_key(
     assert first.get(timeout=T)["key"] == key
     record = _read(store_server, "t.record", key)
     assert record is not None
-    assert record.state == "C"
+    assert record.state == RecordState.RESULT.value
 
     store_server.restart()
     client = store_server.client()
@@ -266,7 +275,7 @@ def test_store_restart_without_persistence_reruns_the_key(
     assert runs[1]["fence"] > runs[0]["fence"]  # fences grow even across the lost record
     record = _read(store_server, "t.record", key)
     assert record is not None
-    assert (record.state, record.task_id) == ("C", dup.id)
+    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
     fault_report(
         deliveries=2,
         executions=len(runs),
@@ -415,10 +424,8 @@ def test_hostile_keys(
     client = store_server.client()
     try:
         stored = set(client.scan_iter(match="*"))
-        completed = sum(
-            client.get(k)[:1] == b"C"  # the record's state byte (record.lua)
-            for k in stored
-        )
+        result = RecordState.RESULT.value.encode()  # the record's state byte (record.lua)
+        completed = sum(client.get(k)[:1] == result for k in stored)
     finally:
         client.close()
     assert all(STORED_KEY.fullmatch(k) for k in stored), sorted(stored, key=len)[-1][:100]
@@ -492,7 +499,8 @@ def test_hostile_results(
     finally:
         client.close()
     # One completed-without-result record per kind, its reason kept as JSON, no pickle.
-    assert sorted(r[:1] for r in raw) == [b"X"] * len(HOSTILE_RESULTS)
+    no_result = RecordState.NO_RESULT.value.encode()
+    assert sorted(r[:1] for r in raw) == [no_result] * len(HOSTILE_RESULTS)
     assert all(b"1:j{" in r for r in raw)
     counts = {kind: ledger_count(ledger, names[kind]) for kind in HOSTILE_RESULTS}
     assert counts == dict.fromkeys(HOSTILE_RESULTS, 1)
@@ -526,7 +534,8 @@ def _bomb(tasks: ModuleType, ledger_name: str, path: Path) -> bytes:
 def _forged_record(codec: str, payload: bytes, task_id: str = "forged-task-id") -> bytes:
     """A completed record in the format of ``celery_idem/store/lua/record.lua``."""
     fields = b"".join(f"{len(v)}:{v}".encode() for v in ("", "", task_id, codec))
-    return b"C" + f"{int(time.time() * 1000)}:0:0:".encode() + fields + payload
+    state = RecordState.RESULT.value.encode()
+    return state + f"{int(time.time() * 1000)}:0:0:".encode() + fields + payload
 
 
 @pytest.mark.scenario(
@@ -561,7 +570,7 @@ def test_forged_pickle_record_is_refused_not_loaded(
             client.set(skey, forged[skey])
             record = _read(store_server, "t.record", key)
             assert record is not None  # the library reads it as a completed pickle record
-            assert (record.state, record.stored.codec) == ("C", codec)
+            assert (record.state, record.stored.codec) == (RecordState.RESULT.value, codec)
             res = tasks.record.apply_async((uid, codec), idempotency_key=key, queue=w.queue)
             results.append(res)
             with pytest.raises(IdempotencyError, match="content types") as info:
@@ -715,7 +724,7 @@ def test_evicting_store_is_warned_about_at_worker_start(
     assert [r["task_id"] for r in runs] == [first.id, dup.id]
     record = _read(store_server, "t.record", key)
     assert record is not None
-    assert (record.state, record.task_id) == ("C", dup.id)
+    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
     fault_report(
         deliveries=2,
         executions=len(runs),

@@ -22,6 +22,7 @@ import redis
 from celery import Celery
 
 from celery_idem.keys import storage_key
+from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
 from tests.faults.harness import (
     SUCCESS,
@@ -289,7 +290,7 @@ def test_body_ten_times_its_lease_is_never_taken_over(
     store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
     record = store.read(storage_key("idem", "t.wf_long", key))
     assert record is not None
-    assert (record.state, record.fence) == ("C", runs[0]["fence"])
+    assert (record.state, record.fence) == (RecordState.RESULT.value, runs[0]["fence"])
     fault_report(
         deliveries=delivery_count(ledger, uid),
         executions=len(runs),

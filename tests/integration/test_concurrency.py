@@ -16,6 +16,7 @@ import redis
 
 from celery_idem import DuplicateInProgress
 from celery_idem.keys import storage_key
+from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
 from tests.integration.conftest import Worker, ledger_count
 from tests.redis_server import wait_for
@@ -137,7 +138,11 @@ def test_a_body_three_leases_long_runs_once_on_every_pool(
         wait_leases_after(store, fence, leases)
         record = store.read(record_key)
         assert record is not None
-        assert (record.state, record.fence, record.task_id) == ("P", fence, first.id)
+        assert (record.state, record.fence, record.task_id) == (
+            RecordState.IN_PROGRESS.value,
+            fence,
+            first.id,
+        )
         assert record.lease_left is not None
         assert record.lease_left > 0, "the lease was not renewed"
         dups.append(send(w.queue))

@@ -1,0 +1,245 @@
+"""MemoryAdmin: ``MemoryStore``'s record table, and the operators' tools on it.
+
+:class:`~celery_idem.store.base.StoreAdmin` in process: each tool does under the
+store's lock what the Lua script of the same name does in Redis (see ``store/lua``).
+The hot path (claim, renew, ...) is ``memory.py``'s, on the same table and lock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
+from celery_idem.store.record import RecordState
+
+__all__ = ["MemoryAdmin", "MemoryRecord"]
+
+_TOMBSTONE_MAX_MS = 86_400_000
+"""The longest a tombstone keeps a fence (as in ``lua/forget.lua``): one day."""
+
+
+@dataclass
+class MemoryRecord:
+    """One record: the fields of ``lua/record.lua``, times in seconds (``time.time()``).
+
+    ``owner`` is None once no attempt can own the record (completed, free, quarantined),
+    ``""`` while it is parked for a retry.
+    """
+
+    state: RecordState
+    fence: int
+    expires_at: float
+    owner: str | None = None
+    deadline: float = 0.0
+    fingerprint: str = ""
+    task_id: str = ""
+    stored: Stored | None = None
+    takeovers: int = 0
+    continuation: bool = False
+
+    @property
+    def parked(self) -> bool:
+        """In progress with no owner: held for a retry of ``task_id``."""
+        return self.state is RecordState.IN_PROGRESS and self.owner == ""
+
+    def lease_left(self, now: float) -> float | None:
+        """Seconds to the lease deadline while in progress (negative once it passed)."""
+        return self.deadline - now if self.state is RecordState.IN_PROGRESS else None
+
+
+class MemoryAdmin:
+    """A :class:`~celery_idem.store.base.StoreAdmin` on an in-process record table.
+
+    ``MemoryStore`` is one, with the hot path on the same table and lock.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, MemoryRecord] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, key: str, now: float) -> MemoryRecord | None:
+        record = self._records.get(key)
+        if record is not None and record.expires_at <= now:
+            del self._records[key]
+            return None
+        return record
+
+    def _visible(self, key: str, now: float) -> MemoryRecord | None:
+        """The record as operators see it: a tombstone (see :meth:`forget_if`) is absent."""
+        record = self._live(key, now)
+        return None if record is None or _forgotten(record) else record
+
+    def read(self, key: str) -> StoredRecord | None:
+        """See ``lua/read.lua``."""
+        with self._lock:
+            now = time.time()
+            record = self._visible(key, now)
+            if record is None:
+                return None
+            return StoredRecord(
+                state=record.state.value,
+                fence=record.fence,
+                task_id=record.task_id,
+                fingerprint=record.fingerprint,
+                lease_left=record.lease_left(now),
+                ttl=_ttl(record, now),
+                stored=record.stored,
+                parked=record.parked,
+                takeovers=record.takeovers,
+            )
+
+    def forget(self, key: str) -> bool:
+        """Forget the record whatever its state (:meth:`forget_if`, forced)."""
+        return self.forget_if(key, force=True) is ForgetResult.DELETED
+
+    def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
+        """See ``lua/forget.lua``.
+
+        A record whose fence the clock has not passed is replaced by a tombstone (free,
+        same fence, ``deadline`` = now) until it has, so the next claim still gets a
+        higher fence; readers treat the tombstone as absent.
+        """
+        with self._lock:
+            now = time.time()
+            record = self._visible(key, now)
+            if record is None:
+                return ForgetResult.ABSENT
+            if fence is not None and record.fence != fence:
+                return ForgetResult.CHANGED
+            if record.state is RecordState.IN_PROGRESS and record.deadline > now and not force:
+                return ForgetResult.HELD
+            now_ms = int(now * 1000)
+            if record.fence < now_ms:
+                del self._records[key]
+            else:
+                keep_ms = min(record.fence - now_ms + 2, _TOMBSTONE_MAX_MS)
+                self._records[key] = MemoryRecord(
+                    state=RecordState.FREE,
+                    fence=record.fence,
+                    expires_at=now + keep_ms / 1000,
+                    deadline=now,
+                )
+            return ForgetResult.DELETED
+
+    def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """SCAN's guarantee, in process: a key present throughout is returned.
+
+        Keys are visited in the order of a hash of their name and the cursor is the
+        next hash to visit, so records added or deleted meanwhile move no other key.
+        """
+        pattern = _glob_regex(match)
+        with self._lock:
+            now = time.time()
+            for key in [k for k, r in self._records.items() if r.expires_at <= now]:
+                del self._records[key]
+            ordered = sorted((_scan_hash(k), k) for k in self._records if pattern.fullmatch(k))
+        page = [(h, k) for h, k in ordered if h >= cursor]
+        if len(page) <= count:
+            return 0, [k for _, k in page]
+        last = page[count - 1][0]
+        keys = [k for h, k in page if h <= last]  # a hash is never split across steps
+        return last + 1, keys
+
+    def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
+        """See ``lua/summary.lua``."""
+        out: list[RecordSummary | None] = []
+        with self._lock:
+            now = time.time()
+            for key in keys:
+                record = self._visible(key, now)
+                if record is None:
+                    out.append(None)
+                    continue
+                stored = record.stored
+                out.append(
+                    RecordSummary(
+                        key=key,
+                        state=record.state.value,
+                        fence=record.fence,
+                        task_id=record.task_id,
+                        parked=record.parked,
+                        lease_left=record.lease_left(now),
+                        ttl=_ttl(record, now),
+                        payload_bytes=len(stored.payload) if stored else 0,
+                        codec=stored.codec if stored else "",
+                        takeovers=record.takeovers,
+                    )
+                )
+        return out
+
+    def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
+        """An estimate of what Redis would take: key, record fields and ~70 bytes overhead."""
+        out: list[int | None] = []
+        with self._lock:
+            now = time.time()
+            for key in keys:
+                record = self._live(key, now)
+                if record is None:
+                    out.append(None)
+                    continue
+                stored = record.stored
+                fields = len(record.fingerprint) + len(record.task_id) + 40
+                body = len(stored.payload) + len(stored.codec) if stored else 0
+                out.append(len(key.encode("utf-8", "surrogatepass")) + fields + body + 70)
+        return out
+
+    def server_facts(self) -> ServerFacts:
+        """Nothing to tell: the records live in this process."""
+        return ServerFacts(kind="memory", url="memory://")
+
+    def eviction_policy(self) -> str | None:
+        """None: the records live in this process, nothing evicts them."""
+        return None
+
+    def replica_count(self) -> int | None:
+        """None: the in-process store has no replicas to count."""
+        return None
+
+
+def _forgotten(record: MemoryRecord) -> bool:
+    """A tombstone: free, with the time of the forget as its deadline (a release sets 0)."""
+    return record.state is RecordState.FREE and record.deadline > 0
+
+
+def _ttl(record: MemoryRecord, now: float) -> float | None:
+    """Seconds until the record expires; None for one kept until forgotten (Redis: -1)."""
+    return None if math.isinf(record.expires_at) else record.expires_at - now
+
+
+def _scan_hash(key: str) -> int:
+    """Where ``key`` comes in a scan: 1 to 2**32 (0 is the start and end cursor)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) + 1
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    r"""Redis' glob (``*``, ``?``, ``[...]``, ``[^...]``, ``\`` escapes) as a regex."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            out.append(("[^" if negate else "[") + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)

@@ -1,0 +1,149 @@
+"""The record vocabulary, owned here once: state letters, completed kinds, claim codes.
+
+Pure: imports neither celery nor redis. The record format itself is documented once,
+in ``lua/record.lua`` (prepended to every script); this module is its Python side:
+what each state byte means (:class:`RecordState`), how a completed record ends
+(:class:`RecordKind`), what a claim's reply code means (:class:`ClaimState`), and the
+Python ``decode`` (:func:`decode_record`). ``MemoryStore``, ``RedisStore``, the CLI and
+the tests read the letters and codes from here, never as literals.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ClaimState", "RecordFields", "RecordKind", "RecordState", "decode_record"]
+
+
+class RecordState(enum.Enum):
+    """A record's state. The value is its one-byte tag, the first byte of the record."""
+
+    IN_PROGRESS = "P"
+    """An attempt holds the key (its lease runs), or it is parked for a retry (no owner)."""
+    FREE = "F"
+    """Released after a failure, keeping its fence; or a forgotten record's tombstone."""
+    RESULT = "C"
+    """Completed: the result is stored (:attr:`RecordKind.RESULT`)."""
+    ERROR = "E"
+    """Completed: a cached failure is stored (:attr:`RecordKind.ERROR`)."""
+    NO_RESULT = "X"
+    """Completed: the result could not be kept (:attr:`RecordKind.NO_RESULT`)."""
+    QUARANTINED = "Q"
+    """Taken over too many times without completing: nothing runs until it is forgotten."""
+
+    @classmethod
+    def of(cls, letter: str) -> RecordState | None:
+        """The state a record's state byte names; None for a byte no record has."""
+        try:
+            return cls(letter)
+        except ValueError:
+            return None
+
+    @property
+    def completed(self) -> bool:
+        """A run finished: ``C``, ``E`` or ``X`` (see :attr:`kind`)."""
+        return self in _KINDS
+
+    @property
+    def kind(self) -> RecordKind | None:
+        """How a completed record ends; None for any other state."""
+        return _KINDS.get(self)
+
+
+class RecordKind(enum.Enum):
+    """How a completed record ends. The value is the one-byte tag kept in the store.
+
+    The completed :class:`RecordState` letters, so ``RecordKind(letter)`` decodes the
+    state byte of a completed record.
+    """
+
+    RESULT = RecordState.RESULT.value
+    """The result is stored and is replayed to duplicates."""
+    ERROR = RecordState.ERROR.value
+    """A failure listed in ``idem_cache_errors`` is stored and re-raised to duplicates."""
+    NO_RESULT = RecordState.NO_RESULT.value
+    """The body ran but its result could not be kept; the payload says why."""
+
+    @property
+    def state(self) -> RecordState:
+        """The state of a record completed this way."""
+        return RecordState(self.value)
+
+
+_KINDS: Mapping[RecordState, RecordKind] = {RecordState(kind.value): kind for kind in RecordKind}
+
+
+class ClaimState(enum.Enum):
+    """What one atomic claim-or-read found.
+
+    The value is the code ``lua/claim.lua`` replies first (``lua/peek.lua`` answers with
+    the same codes, and 0 when nothing holds the key): ``RedisStore`` decodes a reply
+    with ``ClaimState(code)``, so a new state needs its code here and in the scripts.
+    """
+
+    CLAIMED = 1
+    """The caller now owns the key (fresh, released, expired lease, or its parked retry)."""
+    COMPLETED = 2
+    """A run finished; the record holds its result (or why it has none)."""
+    IN_PROGRESS = 3
+    """Another live attempt owns the key."""
+    MISMATCH = 4
+    """The key is known with another arguments fingerprint; nothing changed."""
+    QUARANTINED = 5
+    """Taken over too many times without completing (a poison message): nothing runs
+    until an operator forgets the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFields:
+    """A record's fields, named as in ``lua/record.lua`` (its one-letter Lua name).
+
+    Attributes:
+        state: ``s``: the state byte, as text (see :class:`RecordState`).
+        fence: ``f``.
+        deadline: ``d``: ms on the server's clock.
+        takeovers: ``n``.
+        owner: ``o``.
+        fingerprint: ``a``.
+        task_id: ``i``.
+        codec: ``c``.
+        payload: ``r``: the rest of the record.
+    """
+
+    state: str
+    fence: int
+    deadline: int
+    takeovers: int
+    owner: bytes
+    fingerprint: bytes
+    task_id: bytes
+    codec: bytes
+    payload: bytes
+
+
+def decode_record(raw: bytes) -> RecordFields:
+    """Parse the format documented in ``lua/record.lua`` (its ``decode``, in Python).
+
+    Raises:
+        ValueError: ``raw`` is not in that format.
+    """
+    state, pos = raw[:1].decode(), 1
+    numbers: list[int] = []
+    for _ in range(3):  # fence, deadline, takeovers: "<number>:"
+        colon = raw.index(b":", pos)
+        numbers.append(int(raw[pos:colon]))
+        pos = colon + 1
+    fields: list[bytes] = []
+    for _ in range(4):  # owner, fingerprint, task id, codec: "<length>:<bytes>"
+        colon = raw.index(b":", pos)
+        start = colon + 1
+        end = start + int(raw[pos:colon])
+        fields.append(raw[start:end])
+        pos = end
+    fence, deadline, takeovers = numbers
+    owner, fingerprint, task_id, codec = fields
+    return RecordFields(
+        state, fence, deadline, takeovers, owner, fingerprint, task_id, codec, raw[pos:]
+    )

@@ -1,0 +1,115 @@
+"""The record vocabulary of ``celery_idem.store.record`` against the Lua scripts.
+
+The scripts are the format's other owner: the letters, the completed kinds and the
+claim codes must stay the ones ``lua/*.lua`` write and reply, and the Python decoder
+must read what ``record.lua``'s ``encode`` writes.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import pytest
+import redis
+
+from celery_idem.store import ClaimState, RecordKind, RecordState, Stored
+from celery_idem.store.record import RecordFields, decode_record
+from celery_idem.store.redis import RedisStore
+
+LUA = resources.files("celery_idem.store").joinpath("lua")
+
+
+def lua(name: str) -> str:
+    return LUA.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+REPLY = re.compile(r"^--\s+\{([1-9]), fence[^}]*\}\s+([A-Z_]+)", re.M)
+"""A documented reply of a script: ``{code, fence, ...}  STATE ...``."""
+
+
+def test_claim_states_are_the_codes_claim_lua_replies() -> None:
+    documented = REPLY.findall(lua("claim"))
+    assert {int(code): name for code, name in documented} == {s.value: s.name for s in ClaimState}
+
+
+def test_peek_replies_the_claim_codes_or_zero() -> None:
+    documented = REPLY.findall(lua("peek"))
+    assert [ClaimState(int(code)).name for code, _ in documented] == [n for _, n in documented]
+    assert len(documented) == 3
+    assert re.search(r"^--\s+\{0\}\s+nothing holds the key", lua("peek"), re.M)
+
+
+def test_the_completed_states_are_those_record_lua_calls_completed() -> None:
+    body = re.search(r"local function completed\(r\)(.*?)\nend", lua("record"), re.S)
+    assert body is not None
+    letters = set(re.findall(r"r\.s == '(\w)'", body.group(1)))
+    assert letters == {state.value for state in RecordState if state.completed}
+    assert letters == {kind.value for kind in RecordKind}
+
+
+def test_every_state_letter_is_one_record_lua_documents() -> None:
+    doc = re.search(r"--\s+state\s+one byte:(.*?)--\s+fence", lua("record"), re.S)
+    assert doc is not None
+    assert set(re.findall(r"\b([A-Z])\b", doc.group(1))) == {s.value for s in RecordState}
+
+
+@pytest.mark.parametrize("kind", list(RecordKind))
+def test_a_kind_and_its_state_name_each_other(kind: RecordKind) -> None:
+    assert kind.state.completed
+    assert kind.state.kind is kind
+    assert RecordKind(kind.state.value) is kind
+
+
+def test_states_that_are_not_completed_have_no_kind() -> None:
+    others = {RecordState.IN_PROGRESS, RecordState.FREE, RecordState.QUARANTINED}
+    assert {s for s in RecordState if not s.completed} == others
+    assert all(s.kind is None for s in others)
+
+
+def test_of_reads_a_state_byte_and_refuses_others() -> None:
+    assert RecordState.of("P") is RecordState.IN_PROGRESS
+    assert RecordState.of("Z") is None
+    assert RecordState.of("") is None
+
+
+def test_decode_record_reads_every_field() -> None:
+    raw = b"C1700000000123:0:2:1:+2:fp3:tid1:j" + b'{"a": "1:2:3"}'
+    assert decode_record(raw) == RecordFields(
+        state="C",
+        fence=1700000000123,
+        deadline=0,
+        takeovers=2,
+        owner=b"+",
+        fingerprint=b"fp",
+        task_id=b"tid",
+        codec=b"j",
+        payload=b'{"a": "1:2:3"}',
+    )
+
+
+def test_decode_record_refuses_what_is_not_a_record() -> None:
+    with pytest.raises(ValueError, match="invalid literal"):
+        decode_record(b"Cnot:a:record")
+
+
+def test_decode_record_reads_what_the_lua_encode_wrote(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_url)
+    key = f"{key_prefix}:k"
+    out = store.claim(key, token="t", task_id="id-1", fingerprint="fp", lease=30, ttl=60)
+    payload = b"\x00bytes:with:colons\xff"
+    stored = Stored(RecordKind.ERROR, payload, "application/x-custom;binary")
+    assert store.complete(
+        key, token="t", fence=out.fence, task_id="id-1", stored=stored, ttl=60, continuation=True
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.get(key)
+    finally:
+        client.close()
+    assert isinstance(raw, bytes)
+    fields = decode_record(raw)
+    assert RecordState.of(fields.state) is RecordState.ERROR
+    assert (fields.fence, fields.takeovers, fields.owner) == (out.fence, 0, b"+")
+    assert (fields.fingerprint, fields.task_id) == (b"fp", b"id-1")
+    assert (fields.codec, fields.payload) == (b"application/x-custom;binary", payload)
