@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_prerun
 
 from celery_idem import IdempotentTask
 from tests.worker_settings import redelivering_worker
@@ -32,6 +33,7 @@ LEASE = float(os.environ.get("CHAOS_LEASE", "2"))
 VISIBILITY = 10.0
 """Seconds before the Redis broker hands a killed worker's unacked messages out again."""
 LEDGER_LIST = "chaos:ledger"
+DELIVERIES_LIST = "chaos:deliveries"
 
 app = Celery("chaos", broker=BROKER, backend=BACKEND)
 app.conf.update(
@@ -80,8 +82,14 @@ def ledger() -> redis.Redis:
     return _ledger
 
 
-def effect(task: IdempotentTask, key: str, tag: str, step: str | None = None) -> None:
-    """Append this run's effect to the ledger (the checker's ``Effect``)."""
+def effect(
+    task: IdempotentTask, key: str, tag: str, step: str | None = None, *, fails: bool = False
+) -> None:
+    """Append this run's effect to the ledger (the checker's ``Effect``).
+
+    ``fails``: the body raises after this effect by design (a retry task's first
+    attempt), so the key is not completed by this run.
+    """
     entry = {
         "key": key,
         "task": task.name,
@@ -92,8 +100,17 @@ def effect(task: IdempotentTask, key: str, tag: str, step: str | None = None) ->
         "args_tag": tag,
         "pid": os.getpid(),
         "t": time.time(),
+        "fails": fails,
     }
     ledger().rpush(LEDGER_LIST, json.dumps(entry))
+
+
+@task_prerun.connect
+def _delivered(task_id: str | None = None, **_: Any) -> None:
+    """Note every message a worker process hands to a task (the checker's ``Delivery``):
+    a call whose message never shows up here was lost before any task saw it."""
+    entry = {"task_id": task_id, "t": time.time(), "pid": os.getpid()}
+    ledger().rpush(DELIVERIES_LIST, json.dumps(entry))
 
 
 class Transient(Exception):
@@ -112,7 +129,7 @@ def op(self: IdempotentTask, key: str, tag: str, work: float = 0.0) -> dict[str,
 @app.task(base=IdempotentTask, bind=True, name="chaos.retry_op", max_retries=8)
 def retry_op(self: IdempotentTask, key: str, tag: str) -> dict[str, Any]:
     """``self.retry()`` on its first attempt: the retry must find the key parked."""
-    effect(self, key, tag)
+    effect(self, key, tag, fails=self.request.retries == 0)
     if self.request.retries == 0:
         raise self.retry(countdown=0.2)
     return {"key": key, "tag": tag, "fence": self.idempotency_fence}
@@ -128,7 +145,7 @@ def retry_op(self: IdempotentTask, key: str, tag: str) -> dict[str, Any]:
 )
 def auto_op(self: IdempotentTask, key: str, tag: str) -> dict[str, Any]:
     """``autoretry_for`` on its first attempt."""
-    effect(self, key, tag)
+    effect(self, key, tag, fails=self.request.retries == 0)
     if self.request.retries == 0:
         raise Transient(key)
     return {"key": key, "tag": tag, "fence": self.idempotency_fence}

@@ -48,6 +48,7 @@ __all__ = [
     "Anomaly",
     "Answer",
     "Call",
+    "Delivery",
     "Effect",
     "Fault",
     "HistoryError",
@@ -173,6 +174,9 @@ class Effect:
     args_tag: str
     pid: int
     t: float
+    fails: bool = False
+    """The run raises by design (a retry task's first attempt): the key is not completed,
+    so the next run of it, by any task id, is the one that completes it."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> Effect:
@@ -187,7 +191,22 @@ class Effect:
             args_tag=_str(record, "args_tag"),
             pid=_int(record, "pid"),
             t=_float(record, "t"),
+            fails=bool(record.get("fails", False)),
         )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message handed to a task in a worker process (Celery's ``task_prerun``)."""
+
+    task_id: str
+    t: float
+    pid: int
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Delivery:
+        """Build from one deliveries line."""
+        return cls(task_id=_str(record, "task_id"), t=_float(record, "t"), pid=_int(record, "pid"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +287,7 @@ def check(
     effects: Iterable[Effect],
     faults: Iterable[Fault],
     *,
+    deliveries: Iterable[Delivery] = (),
     lease: float = DEFAULT_LEASE,
     grace: float | None = None,
     allowed_errors: frozenset[str] = DEFAULT_ALLOWED_ERRORS,
@@ -286,9 +306,10 @@ def check(
     calls, answers = list(calls), list(answers)
     _validate(calls, answers)
     run = Run(
-        calls, answers, effects, faults, grace=grace, slack=slack, allowed_errors=allowed_errors
-    )
-    answer_anomalies, lost, wrong = check_answers(run)
+        calls, answers, effects, faults, grace=grace, slack=slack,
+        allowed_errors=allowed_errors, deliveries=deliveries,
+    )  # fmt: skip
+    answer_anomalies, lost, wrong, by_broker = check_answers(run)
     extra_anomalies, explained = check_extra(run)
     fence_anomalies, stale = check_fences(run)
     reruns = [effect for effect, _ in explained + stale]
@@ -313,6 +334,7 @@ def check(
         faults=Counter(f.kind for f in run.faults),
         answers=sum(a.state is not None for a in answers),
         lost=lost,
+        lost_by_broker=by_broker,
         wrong=wrong,
         disagreeing_keys=differ,
         disagreeing_unexplained=len(disagreeing),

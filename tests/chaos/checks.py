@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .figures import Anomaly, at, call_text, effect_text, fault_text, value_text
 
 if TYPE_CHECKING:
-    from .checker import Answer, Call, Effect, Fault
+    from .checker import Answer, Call, Delivery, Effect, Fault
 
 #: The refusal a mismatch call must get, and only a mismatch call.
 MISMATCH_ERROR = "IdempotencyKeyMismatch"
@@ -27,6 +27,11 @@ STORE_FAULTS = frozenset({"store_restart", "proxy_latency", "proxy_drop", "proxy
 FAULT_KINDS = PROCESS_FAULTS | STORE_FAULTS | {"script_flush"}
 #: How many related calls, effects or faults a description lists before it only counts.
 LISTED = 6
+#: Seconds after a call was sent in which a whole worker's death explains the call's
+#: message never reaching any task: kombu's Redis transport pops a message (BRPOP) and
+#: only then records it as unacked, so a worker SIGKILLed in between loses it
+#: (celery/celery#7950): a broker's loss before any delivery, outside celery-idem.
+BROKER_WINDOW = 2.0
 
 Unit = tuple[str, str | None]
 
@@ -67,8 +72,11 @@ class Run:
         grace: float,
         slack: float,
         allowed_errors: frozenset[str],
+        deliveries: Iterable[Delivery] = (),
     ) -> None:
         self.calls = sorted(calls, key=lambda c: c.call)
+        self.delivered = {d.task_id for d in deliveries}
+        self.broker_lost: set[int] = set()  # calls the broker lost (check 1 fills it)
         self.answers = {answer.call: answer for answer in answers}
         self.faults = sorted(faults, key=lambda f: (f.start, f.end, f.kind))
         self.effects = sorted(effects, key=lambda e: (e.t, e.fence, e.task_id, e.attempt, e.pid))
@@ -205,13 +213,34 @@ def explain_rerun(run: Run, previous: Effect, effect: Effect) -> Fault | None:
 # --------------------------------------------------------------------------- checks
 
 
-def check_answers(run: Run) -> tuple[list[Anomaly], int, int]:
-    """Check 1: every call answered, with a documented outcome. Returns (anomalies, lost, wrong)."""
+def lost_by_broker(run: Run, call: Call) -> Fault | None:
+    """The whole-worker kill that explains a call whose message no task ever received."""
+    if not run.delivered or any(i in run.delivered for i in call.task_id.split(",")):
+        return None
+    for fault in run.faults:
+        if fault.kind == "kill_worker" and call.sent - run.slack <= fault.start <= (
+            call.sent + BROKER_WINDOW
+        ):
+            return fault
+    return None
+
+
+def check_answers(run: Run) -> tuple[list[Anomaly], int, int, list[tuple[Call, Fault]]]:
+    """Check 1: every call answered, with a documented outcome.
+
+    Returns (anomalies, lost, wrong, and the calls the broker lost before any delivery,
+    each with the worker kill that explains it: those are not celery-idem's to answer).
+    """
     anomalies: list[Anomaly] = []
     lost = wrong = 0
+    by_broker: list[tuple[Call, Fault]] = []
     for call in run.calls:
         answer = run.answers.get(call.call)
         if answer is None or answer.state is None:
+            if (fault := lost_by_broker(run, call)) is not None:
+                by_broker.append((call, fault))
+                run.broker_lost.add(call.call)
+                continue
             lost += 1
             name, text = "lost call", run.call(call)
         elif (reason := run.wrong(call, answer)) is not None:
@@ -225,7 +254,7 @@ def check_answers(run: Run) -> tuple[list[Anomaly], int, int]:
             f"{len(run.key_effects[call.key])} effects of the key"
         )
         anomalies.append(Anomaly(1, name, call.key, call.sent, text))
-    return anomalies, lost, wrong
+    return anomalies, lost, wrong, by_broker
 
 
 def check_agreement(run: Run, reruns: Iterable[Effect]) -> tuple[list[Anomaly], int]:
@@ -277,7 +306,10 @@ def check_extra(run: Run) -> tuple[list[Anomaly], list[tuple[Effect, Fault]]]:
 
     The first effect's task id owns the unit; each of its attempts (``request.retries``)
     is a run by design, so effects are de-duplicated by (task id, attempt). An effect of
-    another task id, or a second one of the same (task id, attempt), is extra.
+    another task id, or a second one of the same (task id, attempt), is extra, unless the
+    run before it failed by design (``fails``): that run completed nothing, so whichever
+    message claims the key next (its retry, or a duplicate once the parked hold ran out)
+    is the run that completes it.
     """
     anomalies: list[Anomaly] = []
     explained: list[tuple[Effect, Fault]] = []
@@ -286,6 +318,8 @@ def check_extra(run: Run) -> tuple[list[Anomaly], list[tuple[Effect, Fault]]]:
         seen: set[tuple[str, int]] = set()
         for i, effect in enumerate(effects):
             attempt = (effect.task_id, effect.attempt)
+            if i > 0 and effects[i - 1].fails and attempt not in seen:
+                owner = effect.task_id  # the completing run may be any task id's
             expected = effect.task_id == owner and attempt not in seen
             seen.add(attempt)
             if expected:
@@ -371,7 +405,8 @@ def check_stuck(run: Run) -> list[Anomaly]:
     """
     anomalies: list[Anomaly] = []
     for key, calls in run.by_key.items():
-        own = [c for c in calls if c.expect == "value"]
+        # A call the broker lost before any delivery never reached celery-idem (check 1).
+        own = [c for c in calls if c.expect == "value" and c.call not in run.broker_lost]
         if not own or any(run.accepted(c) for c in own):
             continue
         every_lost = all((a := run.answers.get(c.call)) is None or a.state is None for c in own)

@@ -161,6 +161,7 @@ class Report:
     faults: Counter[str]
     answers: int
     lost: int
+    lost_by_broker: list[tuple[Call, Fault]]
     wrong: int
     disagreeing_keys: int
     disagreeing_unexplained: int
@@ -212,6 +213,11 @@ def render_markdown(report: Report, *, seed: int | str, title: str) -> str:
         ("faults", str(sum(report.faults.values()))),
         ("answers", str(report.answers)),
         ("lost calls", str(report.lost)),
+        (
+            "calls the Redis broker lost before any delivery (a whole worker killed as it "
+            "popped them: kombu's pop-then-record window, not celery-idem's)",
+            str(len(report.lost_by_broker)),
+        ),
         ("wrong answers", str(report.wrong)),
         ("keys whose answers differ", str(report.disagreeing_keys)),
         ("... more than the key's explained re-runs allow", str(report.disagreeing_unexplained)),
@@ -252,6 +258,14 @@ def render_markdown(report: Report, *, seed: int | str, title: str) -> str:
             lines.append(f"- ... and {len(explained) - LISTED_EXPLAINED} more")
     else:
         lines.append("None: every body ran once.")
+    if report.lost_by_broker:
+        lines += ["", "### Calls the broker lost before any delivery", ""]
+        for call, fault in report.lost_by_broker[:LISTED_EXPLAINED]:
+            lines.append(
+                f"- {call_text(call, None, t0)}: no task ever received it; {fault_text(fault, t0)}"
+            )
+        if len(report.lost_by_broker) > LISTED_EXPLAINED:
+            lines.append(f"- ... and {len(report.lost_by_broker) - LISTED_EXPLAINED} more")
     lines += ["", "### First anomaly", ""]
     if report.first_anomaly is None:
         lines.append("None.")

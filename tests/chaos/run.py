@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> tuple[checker.Report, Counter[str]]:
             raise RuntimeError(f"the publisher exited with {publisher.returncode}")
         ledger = safe.client(3).lrange("chaos:ledger", 0, -1)
         (workdir / "ledger.jsonl").write_text(b"\n".join(ledger).decode() + "\n")
+        delivered = safe.client(3).lrange("chaos:deliveries", 0, -1)
+        (workdir / "deliveries.jsonl").write_text(b"\n".join(delivered).decode() + "\n")
         report = checker.check(
             [checker.Call.from_json(x) for x in checker.load_jsonl(history)],
             [checker.Answer.from_json(x) for x in checker.load_jsonl(answers)],
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> tuple[checker.Report, Counter[str]]:
             [checker.Fault.from_json(x) for x in checker.load_jsonl(faults_log)]
             if faults_log.exists()
             else [],
+            deliveries=[checker.Delivery.from_json(json.loads(x)) for x in delivered],
             lease=LEASE,
         )
         print(f"chaos: {time.time() - started:.0f} s, files in {workdir}", flush=True)

@@ -13,6 +13,7 @@ import pytest
 from tests.chaos.checker import (
     Answer,
     Call,
+    Delivery,
     Effect,
     Fault,
     HistoryError,
@@ -420,3 +421,56 @@ def test_histories_the_checks_cannot_judge_are_refused(
 ) -> None:
     with pytest.raises(HistoryError, match=message):
         judge(calls, answers, [])
+
+
+# --------------------------------------------------------------------------- by design
+
+
+def test_a_run_that_fails_by_design_is_followed_by_any_task_ids_run() -> None:
+    # A retry task's first attempt raised; its retry came late, the parked hold ran out
+    # and a duplicate claimed the key: the duplicate's first attempt is the completing run.
+    calls = [call(1, "r", kind="retry"), call(2, "r", kind="dup", sent=0.5)]
+    first = Effect.from_json({
+        "key": "r", "task": "chaos.retry_op", "task_id": "id-1", "fence": 10, "attempt": 0,
+        "step": None, "args_tag": "a", "pid": 100, "t": T + 1.0, "fails": True,
+    })  # fmt: skip
+    dup = [
+        Effect(**{**eff("r", "id-2", 20, 3.5, pid=200).__dict__, "fails": True}),
+        eff("r", "id-2", 30, 3.7, pid=200, attempt=1),
+    ]
+    assert judge(calls, [ok(1, done=6.0), ok(2, done=6.0)], [first, *dup]).ok
+    # The same history without the mark is a second run no fault explains.
+    plain = eff("r", "id-1", 10, 1.0, pid=100)
+    report = judge(calls, [ok(1, done=6.0), ok(2, done=6.0)], [plain, *dup])
+    assert (3, "unexplained extra effect") in checks_failed(report)
+
+
+def delivered(task_id: str, t: float) -> Delivery:
+    return Delivery.from_json({"task_id": task_id, "t": T + t, "pid": 100})
+
+
+def test_a_call_never_delivered_while_a_worker_was_killed_is_the_brokers_loss() -> None:
+    calls = [call(1, "a"), call(2, "b", sent=1.0)]
+    answers = [ok(1), lost(2)]
+    effects = [eff("a", "id-1", 10, 0.5)]
+    kill = fault("kill_worker", 1.05, 1.5, pids=(300, 301))
+    report = judge(calls, answers, effects, [kill], deliveries=[delivered("id-1", 0.4)])
+    assert report.ok
+    assert [(c.call, f.kind) for c, f in report.lost_by_broker] == [(2, "kill_worker")]
+    assert "before any delivery" in render_markdown(report, seed=1, title="t")
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "was_delivered"), [(1.05, True), (4.0, False), (0.5, False)],
+    ids=["delivered", "kill-too-late", "kill-before-the-send"],
+)  # fmt: skip
+def test_a_lost_call_is_celery_idems_unless_the_broker_window_explains_it(
+    kill_at: float, was_delivered: bool
+) -> None:
+    calls = [call(1, "a"), call(2, "b", sent=1.0)]
+    effects = [eff("a", "id-1", 10, 0.5)]
+    deliveries = [delivered("id-1", 0.4), *([delivered("id-2", 1.1)] if was_delivered else [])]
+    kill = fault("kill_worker", kill_at, kill_at + 0.5, pids=(300,))
+    report = judge(calls, [ok(1), lost(2)], effects, [kill], deliveries=deliveries)
+    assert checks_failed(report) == [(1, "lost call"), (6, "stuck key")]
+    assert report.lost_by_broker == []
