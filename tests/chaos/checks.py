@@ -27,11 +27,12 @@ STORE_FAULTS = frozenset({"store_restart", "proxy_latency", "proxy_drop", "proxy
 FAULT_KINDS = PROCESS_FAULTS | STORE_FAULTS | {"script_flush"}
 #: How many related calls, effects or faults a description lists before it only counts.
 LISTED = 6
-#: Seconds after a call was sent in which a whole worker's death explains the call's
-#: message never reaching any task: kombu's Redis transport pops a message (BRPOP) and
-#: only then records it as unacked, so a worker SIGKILLed in between loses it
-#: (celery/celery#7950): a broker's loss before any delivery, outside celery-idem.
-BROKER_WINDOW = 2.0
+#: Seconds after a call's message was last sent (the call itself, or a retry or deferral
+#: its last delivery sent) in which a whole worker's death explains that message never
+#: reaching any task: kombu's Redis transport pops a message (BRPOP) and only then records
+#: it as unacked, so a worker SIGKILLed in between loses it (celery/celery#7950). A
+#: message may wait in the queue while every process is busy, hence seconds, not a blink.
+BROKER_WINDOW = 15.0
 
 Unit = tuple[str, str | None]
 
@@ -75,7 +76,9 @@ class Run:
         deliveries: Iterable[Delivery] = (),
     ) -> None:
         self.calls = sorted(calls, key=lambda c: c.call)
-        self.delivered = {d.task_id for d in deliveries}
+        self.delivered: dict[str, float] = {}  # task id -> its last delivery
+        for d in deliveries:
+            self.delivered[d.task_id] = max(d.t, self.delivered.get(d.task_id, d.t))
         self.broker_lost: set[int] = set()  # calls the broker lost (check 1 fills it)
         self.answers = {answer.call: answer for answer in answers}
         self.faults = sorted(faults, key=lambda f: (f.start, f.end, f.kind))
@@ -214,13 +217,18 @@ def explain_rerun(run: Run, previous: Effect, effect: Effect) -> Fault | None:
 
 
 def lost_by_broker(run: Run, call: Call) -> Fault | None:
-    """The whole-worker kill that explains a call whose message no task ever received."""
-    if not run.delivered or any(i in run.delivered for i in call.task_id.split(",")):
-        return None
+    """The whole-worker kill that explains a lost call's message never reaching a task.
+
+    The message last sent for the call is the call itself or, when a task of it was
+    delivered, the retry or deferral that delivery sent (same task id). Nothing after
+    that was delivered; a worker killed soon after it was sent explains the loss.
+    """
+    if not run.delivered:
+        return None  # no delivery log: nothing tells a broker's loss from ours
+    ids = call.task_id.split(",")
+    last = max([call.sent, *(run.delivered[i] for i in ids if i in run.delivered)])
     for fault in run.faults:
-        if fault.kind == "kill_worker" and call.sent - run.slack <= fault.start <= (
-            call.sent + BROKER_WINDOW
-        ):
+        if fault.kind == "kill_worker" and last - run.slack <= fault.start <= last + BROKER_WINDOW:
             return fault
     return None
 

@@ -262,7 +262,8 @@ def render_markdown(report: Report, *, seed: int | str, title: str) -> str:
         lines += ["", "### Calls the broker lost before any delivery", ""]
         for call, fault in report.lost_by_broker[:LISTED_EXPLAINED]:
             lines.append(
-                f"- {call_text(call, None, t0)}: no task ever received it; {fault_text(fault, t0)}"
+                f"- {call_text(call, None, t0)}: no task received its last message (the call, "
+                f"or the retry it sent); {fault_text(fault, t0)}"
             )
         if len(report.lost_by_broker) > LISTED_EXPLAINED:
             lines.append(f"- ... and {len(report.lost_by_broker) - LISTED_EXPLAINED} more")

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kombu import Connection
 
@@ -162,18 +163,31 @@ def run(args: argparse.Namespace) -> tuple[checker.Report, Counter[str]]:
         (workdir / "ledger.jsonl").write_text(b"\n".join(ledger).decode() + "\n")
         delivered = safe.client(3).lrange("chaos:deliveries", 0, -1)
         (workdir / "deliveries.jsonl").write_text(b"\n".join(delivered).decode() + "\n")
-        report = checker.check(
-            [checker.Call.from_json(x) for x in checker.load_jsonl(history)],
-            [checker.Answer.from_json(x) for x in checker.load_jsonl(answers)],
-            [checker.Effect.from_json(json.loads(x)) for x in ledger],
-            [checker.Fault.from_json(x) for x in checker.load_jsonl(faults_log)]
-            if faults_log.exists()
-            else [],
-            deliveries=[checker.Delivery.from_json(json.loads(x)) for x in delivered],
-            lease=LEASE,
-        )
+        counts = nemesis.counts()
+        (workdir / "injected.json").write_text(json.dumps(counts))
         print(f"chaos: {time.time() - started:.0f} s, files in {workdir}", flush=True)
-        return report, nemesis.counts()
+        return judge(workdir), counts
+
+
+def judge(workdir: Path) -> checker.Report:
+    """The checker's verdict on a run's files (history, answers, ledger, deliveries, faults).
+
+    Reads only what the run left in ``workdir``, so a run can be judged again later
+    (``--judge``) with the same files.
+    """
+
+    def lines(name: str) -> list[dict[str, Any]]:
+        path = workdir / name
+        return checker.load_jsonl(path) if path.exists() else []
+
+    return checker.check(
+        [checker.Call.from_json(x) for x in lines("history.jsonl")],
+        [checker.Answer.from_json(x) for x in lines("answers.jsonl")],
+        [checker.Effect.from_json(x) for x in lines("ledger.jsonl")],
+        [checker.Fault.from_json(x) for x in lines("faults.jsonl")],
+        deliveries=[checker.Delivery.from_json(x) for x in lines("deliveries.jsonl")],
+        lease=LEASE,
+    )
 
 
 def delete_queue(broker: str, queue: str) -> None:
@@ -187,7 +201,8 @@ def method(args: argparse.Namespace) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     faults = args.kinds or ", ".join(ALL_KINDS)
     return (
-        f"Written by `make chaos` from the run it reports ({when}; replay it with "
+        f"Written by `make chaos` from the run it reports ({when}"
+        f"{', judged again from its saved files' if args.judge else ''}; replay it with "
         f"`CHAOS_SECONDS={args.seconds:g} CHAOS_SEED={args.seed} make chaos`). Jepsen's "
         f"method: a workload, a nemesis, an independent history, a checker. A publisher "
         f"process sent {args.rate:g} operations a second for {args.seconds:g} s (unique keys, "
@@ -245,6 +260,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--min-each", type=int, default=0, help="fail unless each fault kind ran this often"
     )
+    parser.add_argument(
+        "--judge", action="store_true", help="judge the saved files of --seed again, run nothing"
+    )
     parser.add_argument("--broken", default="", help=argparse.SUPPRESS)  # checker self-test
     args = parser.parse_args(argv)
     if args.seed is None:
@@ -256,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     print(f"chaos: seed {args.seed} (replay with CHAOS_SEED={args.seed}), {args.seconds:.0f} s")
     try:
-        report, injected = run(args)
+        if args.judge:
+            workdir = args.out / str(args.seed)
+            report = judge(workdir)
+            saved = workdir / "injected.json"
+            injected = Counter(json.loads(saved.read_text()) if saved.exists() else report.faults)
+        else:
+            report, injected = run(args)
     except Exception as exc:  # the run itself failed: no verdict
         print(f"chaos: the run could not be carried out: {type(exc).__name__}: {exc}")
         return 2

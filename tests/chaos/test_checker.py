@@ -460,16 +460,27 @@ def test_a_call_never_delivered_while_a_worker_was_killed_is_the_brokers_loss() 
     assert "before any delivery" in render_markdown(report, seed=1, title="t")
 
 
+def test_a_retry_lost_by_the_broker_after_its_first_delivery_is_the_brokers_loss() -> None:
+    # The first attempt ran (and sent its retry, same task id); the retry never arrived.
+    calls = [call(1, "r", kind="retry")]
+    first = Effect(**{**eff("r", "id-1", 10, 1.1).__dict__, "fails": True})
+    kill = fault("kill_worker", 1.2, 1.6, pids=(300,))
+    report = judge(calls, [lost(1)], [first], [kill], deliveries=[delivered("id-1", 1.0)])
+    assert report.ok
+    assert len(report.lost_by_broker) == 1
+
+
 @pytest.mark.parametrize(
-    ("kill_at", "was_delivered"), [(1.05, True), (4.0, False), (0.5, False)],
-    ids=["delivered", "kill-too-late", "kill-before-the-send"],
+    ("kill_at", "was_delivered"), [(1.05, True), (20.0, False), (0.5, False)],
+    ids=["delivered-after-the-kill", "kill-too-late", "kill-before-the-send"],
 )  # fmt: skip
 def test_a_lost_call_is_celery_idems_unless_the_broker_window_explains_it(
     kill_at: float, was_delivered: bool
 ) -> None:
     calls = [call(1, "a"), call(2, "b", sent=1.0)]
     effects = [eff("a", "id-1", 10, 0.5)]
-    deliveries = [delivered("id-1", 0.4), *([delivered("id-2", 1.1)] if was_delivered else [])]
+    later = [delivered("id-2", kill_at + 0.6)] if was_delivered else []
+    deliveries = [delivered("id-1", 0.4), *later]
     kill = fault("kill_worker", kill_at, kill_at + 0.5, pids=(300,))
     report = judge(calls, [ok(1), lost(2)], effects, [kill], deliveries=deliveries)
     assert checks_failed(report) == [(1, "lost call"), (6, "stuck key")]
