@@ -140,9 +140,9 @@ def test_a_script_flushed_on_one_node_is_reloaded_there(
     run_once(store, f"{key}-warm")
     node = redis_cluster.node_for_key(key)
     node.client().script_flush()
-    assert node.client().script_exists(store._claim.sha) == [False]
+    assert node.client().script_exists(store.scripts.claim.sha) == [False]
     run_once(store, key)  # NOSCRIPT on that node, answered by loading it there
-    assert node.client().script_exists(store._claim.sha) == [True]
+    assert node.client().script_exists(store.scripts.claim.sha) == [True]
 
 
 def test_a_worker_warns_at_start_and_runs_nothing_when_replicas_are_missing(
