@@ -133,7 +133,7 @@ def inspect_command(
     unpickled unless the app accepts pickle. Exit status 3 when there is no record.
 
     --json prints an object: task, key, storage_key, store, state, substate,
-    task_id, fence, fingerprint, claimed_at and stored_at (ISO 8601, UTC, or null),
+    task_id, fence, fingerprint, takeovers, claimed_at and stored_at (ISO 8601, UTC, or null),
     claimed_ago, lease_left and expires_in (seconds, or null), result (null, or kind,
     content_type, bytes, and decoded + preview, or note, error or reason);
     {"state": "absent", ...} with exit status 3 when there is no record.

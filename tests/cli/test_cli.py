@@ -329,6 +329,42 @@ def test_stats_counts_by_task_and_state(cli: Cli, cli_app: ModuleType, via: str)
     assert re.search(r"^oldest in progress:\s+" + re.escape(oldest), table.stdout, re.M)
 
 
+def test_a_quarantined_key_is_counted_listed_inspected_and_released_by_forget(
+    cli: Cli,
+) -> None:
+    # Two attempts that stopped renewing (their leases ran out): the claim that would be
+    # the second takeover, past idem_max_takeovers=1, quarantines the key.
+    stored = cli.key("cli.send", "9:poison")
+
+    def claim(token: str) -> Any:
+        return cli.store.claim(
+            stored, token=token, task_id="id-p", fingerprint="", lease=0.05, ttl=3600,
+            max_takeovers=1,
+        )  # fmt: skip
+
+    def lease_ran_out() -> bool:
+        record = cli.store.read(stored)
+        return record is not None and (record.lease_left or 0) <= 0
+
+    claim("t1")
+    wait_for(lease_ran_out, timeout=10, message="first lease")
+    assert claim("t2").took_over
+    wait_for(lease_ran_out, timeout=10, message="second lease")
+    assert claim("t3").quarantined_now
+
+    stats = cli.json("stats", "--sample", "0")
+    assert stats["by_task"]["cli.send"]["quarantined"] == 1
+    listed = cli.json("list", "--state", "quarantined")
+    assert [(r["storage_key"], r["takeovers"]) for r in listed["records"]] == [(stored, 2)]
+    view = cli.json("inspect", "9:poison", "--task", "cli.send")
+    assert (view["state"], view["takeovers"], view["expires_in"]) == ("quarantined", 2, None)
+    table = cli.run("inspect", "9:poison", "--task", "cli.send")
+    assert re.search(r"^takeovers:\s+2$", table.stdout, re.M), table.stdout
+    forgot = cli.run("forget", "9:poison", "--task", "cli.send", "--yes")  # no --force needed
+    assert forgot.returncode == 0, forgot.stderr
+    assert cli.store.read(stored) is None
+
+
 # --------------------------------------------------------------------------- doctor
 
 

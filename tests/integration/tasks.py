@@ -360,13 +360,23 @@ def cp_plain_target(self: Any, name: str, n: int, pause: float = 0.0) -> int:
     return n * 10
 
 
+@app.task(bind=True, name="t.cp_fragile_target")
+def cp_fragile_target(self: Any, name: str, n: int, pause: float = 0.0) -> int:
+    """A plain replacement that fails its first run and succeeds after."""
+    if effect(name, n=n, task_id=self.request.id) == 1:
+        raise ValueError(f"{name}: the replacement failed")
+    return n * 10
+
+
+_TARGETS = {"idem": cp_target, "plain": cp_plain_target, "fragile": cp_fragile_target}
+
+
 @app.task(base=IdempotentTask, bind=True, name="t.cp_replacer")
-def cp_replacer(self: IdempotentTask, name: str, n: int, plain: bool = False) -> Any:
-    """Runs once, then replaces itself with ``cp_target`` (or ``cp_plain_target``)."""
+def cp_replacer(self: IdempotentTask, name: str, n: int, target: str = "idem") -> Any:
+    """Runs once, then replaces itself with ``cp_target`` (or another of ``_TARGETS``)."""
     effect(name, task_id=self.request.id)
-    target = cp_plain_target if plain else cp_target
     queue = (self.request.delivery_info or {}).get("routing_key")  # the test's own queue
-    return self.replace(target.s(f"{name}:target", n, 1.0).set(queue=queue))
+    return self.replace(_TARGETS[target].s(f"{name}:target", n, 1.0).set(queue=queue))
 
 
 @app.task(base=IdempotentTask, bind=True, name="t.cp_reject")

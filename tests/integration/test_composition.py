@@ -70,21 +70,35 @@ def test_dedupe_on_publish_sends_a_call_it_cannot_bind_as_celery_would(
 # -- self.replace() ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plain", [False, True], ids=["idempotent-target", "plain-target"])
+@pytest.mark.parametrize("target", ["idem", "plain"], ids=["idempotent-target", "plain-target"])
 def test_replace_keeps_the_key_and_duplicates_get_the_replacements_result(
-    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str, plain: bool
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str, target: str
 ) -> None:
-    key = f"replace-{uid}"
-    first = tasks.cp_replacer.apply_async((uid, 4, plain), idempotency_key=key, queue=worker.queue)
+    key, q = f"replace-{uid}", worker.queue
+    first = tasks.cp_replacer.apply_async((uid, 4, target), idempotency_key=key, queue=q)
     # A duplicate while the replacement still runs (it sleeps 1 s), one after.
     wait_for(lambda: ledger_count(ledger, f"{uid}:target") == 1, timeout=T, message="target")
-    during = tasks.cp_replacer.apply_async((uid, 4, plain), idempotency_key=key, queue=worker.queue)
+    during = tasks.cp_replacer.apply_async((uid, 4, target), idempotency_key=key, queue=q)
     assert first.get(timeout=T) == 40
     assert during.get(timeout=T) == 40
-    after = tasks.cp_replacer.apply_async((uid, 4, plain), idempotency_key=key, queue=worker.queue)
+    after = tasks.cp_replacer.apply_async((uid, 4, target), idempotency_key=key, queue=q)
     assert after.get(timeout=T) == 40
     assert ledger_count(ledger, uid) == 1  # the replaced body ran once
     assert ledger_count(ledger, f"{uid}:target") == 1  # and so did the replacement
+
+
+def test_a_replacement_that_fails_releases_the_key_for_the_next_call(
+    worker: Worker, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> None:
+    key, q = f"replace-{uid}", worker.queue
+    first = tasks.cp_replacer.apply_async((uid, 4, "fragile"), idempotency_key=key, queue=q)
+    with pytest.raises(ValueError, match="the replacement failed"):
+        first.get(timeout=T)
+    # The failure released the key, as any failure does: the next call runs both again.
+    again = tasks.cp_replacer.apply_async((uid, 4, "fragile"), idempotency_key=key, queue=q)
+    assert again.get(timeout=T) == 40
+    assert ledger_count(ledger, uid) == 2
+    assert ledger_count(ledger, f"{uid}:target") == 2
 
 
 def test_a_body_rejected_back_to_the_queue_runs_again_on_the_requeued_message(
