@@ -21,7 +21,7 @@ from freezegun import freeze_time
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.renewer import Lease, Renewer, next_due
 from celery_idem.store import ClaimOutcome, ClaimState, MemoryStore, RecordKind, Stored
-from tests.redis_server import wait_for
+from devtools.processes import wait_for
 
 LEASE = 1.0
 """The shortest lease the settings accept, so a test sees several renewals quickly."""
