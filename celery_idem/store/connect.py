@@ -8,6 +8,12 @@ store per process and endpoint: ``memory://NAME`` is an in-process
 :class:`~celery_idem.store.redis.RedisStore` whose client ``clients`` builds, kept per
 pid so a prefork child never shares a socket with its parent. One store holds one
 client and one set of registered scripts, whichever protocol it is used through.
+
+While a test holds an override (:func:`override_store`, behind
+``celery_idem.testing.use_memory_store`` and the ``idem_store`` fixture), every store of
+the process is that one :class:`~celery_idem.store.memory.MemoryStore`, whatever the
+endpoint. Every task (of any app, with its own store settings or not), the CLI and the
+worker's start-up check get their store here, so none of them reaches Redis meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ __all__ = [
     "admin_for",
     "client_for",
     "drop_memory_store",
+    "end_store_override",
+    "override_store",
     "redis_store_for",
     "store_for",
     "store_for_url",
@@ -37,8 +45,35 @@ _redis_stores: dict[tuple[int, str], RedisStore] = {}
 _redis_stores_lock = threading.Lock()
 
 
+_overrides: tuple[MemoryStore, ...] = ()
+"""Active overrides, innermost last; replaced (never mutated) under the lock, so a
+reader in another thread sees one consistent tuple without taking it."""
+_overrides_lock = threading.Lock()
+
+
+def override_store(store: MemoryStore) -> None:
+    """Until :func:`end_store_override`, every store of this process is ``store``.
+
+    Overrides nest: the innermost wins, and ending one (in any order) uncovers the one
+    below. Callers must then invalidate the tasks' cached specs
+    (``celery_idem.task.invalidate_settings``): a task keeps the store it resolved.
+    """
+    global _overrides  # noqa: PLW0603 - process-wide by design
+    with _overrides_lock:
+        _overrides = (*_overrides, store)
+
+
+def end_store_override(store: MemoryStore) -> None:
+    """Remove the override of ``store`` (nothing if it is not installed)."""
+    global _overrides  # noqa: PLW0603 - process-wide by design
+    with _overrides_lock:
+        _overrides = tuple(o for o in _overrides if o is not store)
+
+
 def store_for(endpoint: Endpoint | None, *, task_name: str | None = None) -> Store:
     """The process's store for an endpoint: ``memory://NAME`` in process, else Redis.
+
+    Under :func:`override_store`, the override's store, whatever the endpoint.
 
     Raises:
         IdempotencyConfigError: No store could be found in the app's configuration, or
@@ -88,6 +123,9 @@ def redis_store_for(endpoint: Endpoint) -> RedisStore:
 
 def _shared(endpoint: Endpoint | None, task_name: str | None) -> MemoryStore | RedisStore:
     """The one store of this process for ``endpoint``: both protocols, one client."""
+    overrides = _overrides
+    if overrides:
+        return overrides[-1]
     if endpoint is None:
         raise IdempotencyConfigError(
             "celery-idem found no Redis to keep its records in: set idem_redis_url "

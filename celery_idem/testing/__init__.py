@@ -1,59 +1,49 @@
-"""Helpers for users' own tests: the in-memory store, installed on an app.
+"""Helpers for users' own tests: the in-memory store, installed for the whole process.
 
-``use_memory_store(app)`` points every IdempotentTask of ``app`` at a fresh
-:class:`~celery_idem.store.memory.MemoryStore` (the same semantics as Redis, in the
-process), which pairs with ``task_always_eager`` or ``.apply()``. The pytest plugin in
-``celery_idem.testing.plugin`` wraps it as the ``idem_store`` fixture.
+``use_memory_store()`` points every IdempotentTask in the process, of every app, at a
+fresh :class:`~celery_idem.store.memory.MemoryStore` (the same semantics as Redis, in
+the process), whatever store the app or the task is configured with; it pairs with
+``task_always_eager``, ``.apply()`` or a worker running in the test's process. The
+pytest plugin in ``celery_idem.testing.plugin`` wraps it as the ``idem_store`` fixture.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery_idem.settings_table import TABLE
-from celery_idem.store import drop_memory_store, store_for_url
+from celery_idem.store.connect import end_store_override, override_store
 from celery_idem.store.memory import MemoryStore
 from celery_idem.task import invalidate_settings
 
 __all__ = ["MemoryStore", "use_memory_store"]
 
-_names = itertools.count(1)
-_STORE_ROWS = tuple(r for r in TABLE if r.name.startswith("idem_redis") or "replicas" in r.name)
-# Django's spellings too (CELERY_IDEM_REDIS_CLIENT, ...): either would still apply.
-_STORE_SETTINGS = (*(r.name for r in _STORE_ROWS), *(r.django for r in _STORE_ROWS))
-
 
 @contextmanager
-def use_memory_store(app: Any) -> Iterator[MemoryStore]:
-    """Run ``app``'s idempotent tasks against a fresh in-memory store, then restore.
+def use_memory_store(app: Any = None) -> Iterator[MemoryStore]:
+    """Run every idempotent task of the process against a fresh in-memory store.
+
+    Every task of every app uses the store while the block runs: the app given, the app
+    a task was declared on (with Celery's pytest plugin, ``celery_app`` is another app
+    object), and a task with its own ``idem_redis_url`` or other store options. The
+    apps' configuration is not changed; nothing reaches their Redis. Blocks nest (the
+    innermost store wins until its block ends).
 
     Args:
-        app: The Celery app whose ``idem_redis_url`` is replaced for the duration.
+        app: Accepted for compatibility with earlier versions, which covered only this
+            app; it changes nothing.
 
     Yields:
         The store, so a test can read records (``store.read(...)``) or ``clear()`` it.
     """
-    url = f"memory://celery-idem-test-{next(_names)}"
-    # The other store settings would contradict the memory URL (Sentinels, Cluster,
-    # a client factory): unset them for the duration too.
-    saved = {name: (name in app.conf, app.conf.get(name)) for name in _STORE_SETTINGS}
-    for name in _STORE_SETTINGS:
-        app.conf[name] = None
-    app.conf.idem_redis_url = url
-    invalidate_settings()
-    store = store_for_url(url)
-    assert isinstance(store, MemoryStore)
+    del app  # every app is covered
+    store = MemoryStore()
+    override_store(store)
+    invalidate_settings()  # a task keeps the store it resolved: resolve again
     try:
         yield store
     finally:
+        end_store_override(store)
         store.clear()
-        drop_memory_store(url)
-        for name, (had, previous) in saved.items():
-            if had:
-                app.conf[name] = previous
-            else:
-                app.conf.pop(name, None)
         invalidate_settings()

@@ -19,7 +19,7 @@ import redis
 from celery import Celery
 
 from celery_idem import IdempotentTask
-from celery_idem.store import MemoryStore
+from celery_idem.store import MemoryStore, admin_for, store_for_url
 from celery_idem.testing import use_memory_store
 from devtools.redis_server import RedisServer
 
@@ -95,7 +95,6 @@ def test_pinned(celery_app, idem_store):
 """
 
 
-@pytest.mark.xfail(reason="issue #14 items 2 and 13: the records reach the real Redis", strict=True)
 def test_celery_contrib_pytest_user_app_never_reaches_the_users_redis(
     pytester: pytest.Pytester, user_redis: RedisServer
 ) -> None:
@@ -130,7 +129,6 @@ def make_app() -> Celery:
     return app
 
 
-@pytest.mark.xfail(reason="issue #14 items 2 and 13: the records reach the real Redis", strict=True)
 def test_a_task_with_its_own_store_url_uses_the_memory_store(user_redis: RedisServer) -> None:
     app = make_app()
     runs: list[int] = []
@@ -155,3 +153,16 @@ def test_a_task_with_its_own_store_url_uses_the_memory_store(user_redis: RedisSe
         assert pinned.apply((1,)).get() == 1
     assert runs == [1, 1]
     assert keyspace(user_redis) == before
+
+
+def test_every_way_to_a_store_leads_to_the_memory_store(user_redis: RedisServer) -> None:
+    # Any endpoint, any app or none (the CLI and the worker's start-up check ask for
+    # stores this way too): the one store the block installed, nested blocks included.
+    with use_memory_store() as outer:
+        assert store_for_url(user_redis.url(6)) is outer
+        assert admin_for(None) is outer  # even an app with no store configured at all
+        with use_memory_store(make_app()) as inner:
+            assert inner is not outer
+            assert store_for_url(user_redis.url(6)) is inner
+        assert store_for_url("memory://named") is outer
+    assert store_for_url(user_redis.url(6)) is not outer

@@ -1,9 +1,9 @@
 """The pytest plugin (entry point ``celery_idem.testing.plugin``): the ``idem_store`` fixture.
 
 The first tests use the fixture exactly as a user would, with a ``celery_app`` fixture
-defined here. Restoring the app's ``idem_redis_url`` happens in the fixture's teardown,
-after the test that used it, so that part runs an inner pytest session (``pytester``)
-whose last test inspects the apps once the earlier tests are torn down.
+defined here. Removing the store happens in the fixture's teardown, after the test that
+used it, so that part runs an inner pytest session (``pytester``) whose last test
+inspects the tasks once the earlier tests are torn down.
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def celery_app(runs: list[int]) -> Celery:
     return app
 
 
-def test_idem_store_is_a_fresh_memory_store_installed_on_the_app(
+def test_idem_store_is_a_fresh_memory_store_used_by_the_apps_tasks(
     celery_app: Celery, idem_store: MemoryStore
 ) -> None:
     assert isinstance(idem_store, MemoryStore)
-    assert celery_app.conf.idem_redis_url.startswith("memory://")
+    assert celery_app.tasks[TASK].idem_spec().store is idem_store
+    assert celery_app.conf.idem_redis_url == UNUSED_URL  # the app's configuration is kept
     prefix = DEFAULTS["idem_key_prefix"]
     assert isinstance(prefix, str)
     assert idem_store.read(storage_key(prefix, TASK, "K-fresh")) is None
@@ -100,10 +101,24 @@ from __future__ import annotations
 import pytest
 from celery import Celery
 
+from celery_idem import IdempotentTask
+from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.store import MemoryStore
+
 ORIGINAL = "redis://127.0.0.1:1/7"
 WITH_URL = Celery("inner-with-url", set_as_current=False)
 WITH_URL.conf.idem_redis_url = ORIGINAL
 WITHOUT_URL = Celery("inner-without-url", set_as_current=False)
+
+
+def noop():
+    return None
+
+
+TASKS = {
+    app.main: app.task(noop, base=IdempotentTask, shared=False, name="inner.noop")
+    for app in (WITH_URL, WITHOUT_URL)
+}
 SEEN = []
 
 
@@ -113,26 +128,33 @@ def celery_app(request):
 
 
 def test_a_installs_a_memory_store(celery_app, idem_store):
-    SEEN.append(celery_app.conf.idem_redis_url)
-    assert celery_app.conf.idem_redis_url.startswith("memory://")
+    SEEN.append(idem_store)
+    assert TASKS[celery_app.main].idem_spec().store is idem_store
+    assert TASKS[celery_app.main].apply().get() is None
+    assert len(idem_store.scan("*")[1]) == 1, "the record is in idem_store"
 
 
 def test_b_failing_test_still_restores(celery_app, idem_store):
-    SEEN.append(celery_app.conf.idem_redis_url)
+    SEEN.append(idem_store)
+    assert TASKS[celery_app.main].idem_spec().store is idem_store
+    assert not idem_store.scan("*")[1], "each test starts with an empty store"
     raise RuntimeError("this test fails on purpose")
 
 
 def test_c_restored_after_the_fixture():
     assert len(SEEN) == 4
-    assert all(url.startswith("memory://") for url in SEEN)
-    assert len(set(SEEN)) == 4, "each test gets a fresh store"
+    assert len({id(store) for store in SEEN}) == 4, "each test gets a fresh store"
+    assert not any(store.scan("*")[1] for store in SEEN), "emptied at the end of its test"
+    # The tasks are back on their own configuration: the app's URL, or none at all.
+    assert not isinstance(TASKS["inner-with-url"].idem_spec().store, MemoryStore)
+    with pytest.raises(IdempotencyConfigError, match="found no Redis"):
+        TASKS["inner-without-url"].idem_spec()
     assert WITH_URL.conf.idem_redis_url == ORIGINAL
     assert "idem_redis_url" not in WITHOUT_URL.conf
-    assert WITHOUT_URL.conf.get("idem_redis_url") is None
 """
 
 
-def test_idem_store_restores_the_apps_idem_redis_url_afterwards(
+def test_idem_store_is_removed_after_each_test_even_a_failing_one(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(test_inner=INNER)
