@@ -165,7 +165,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
                 err=True,
             )
             settings = resolve_settings(app.conf)
-        store = admin_for(settings.endpoint, task_name=task_name)
+        store = admin_for(settings.endpoint, task_name=task_name, app_name=app.main)
     except IdempotencyError as exc:
         raise CliError(str(exc)) from exc
     by_tag: dict[str, list[str]] = {}

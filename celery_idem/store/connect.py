@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint, Topology
@@ -45,7 +46,14 @@ _redis_stores: dict[tuple[int, str], RedisStore] = {}
 _redis_stores_lock = threading.Lock()
 
 
-_overrides: tuple[MemoryStore, ...] = ()
+@dataclass(frozen=True, slots=True)
+class _Override:
+    store: MemoryStore
+    pid: int
+    """The process that installed it: a forked child has only a copy of its records."""
+
+
+_overrides: tuple[_Override, ...] = ()
 """Active overrides, innermost last; replaced (never mutated) under the lock, so a
 reader in another thread sees one consistent tuple without taking it."""
 _overrides_lock = threading.Lock()
@@ -60,35 +68,40 @@ def override_store(store: MemoryStore) -> None:
     """
     global _overrides  # noqa: PLW0603 - process-wide by design
     with _overrides_lock:
-        _overrides = (*_overrides, store)
+        _overrides = (*_overrides, _Override(store, os.getpid()))
 
 
 def end_store_override(store: MemoryStore) -> None:
     """Remove the override of ``store`` (nothing if it is not installed)."""
     global _overrides  # noqa: PLW0603 - process-wide by design
     with _overrides_lock:
-        _overrides = tuple(o for o in _overrides if o is not store)
+        _overrides = tuple(o for o in _overrides if o.store is not store)
 
 
-def store_for(endpoint: Endpoint | None, *, task_name: str | None = None) -> Store:
+def store_for(
+    endpoint: Endpoint | None, *, task_name: str | None = None, app_name: str | None = None
+) -> Store:
     """The process's store for an endpoint: ``memory://NAME`` in process, else Redis.
 
     Under :func:`override_store`, the override's store, whatever the endpoint.
 
     Raises:
         IdempotencyConfigError: No store could be found in the app's configuration, or
-            redis-py refused the endpoint.
+            redis-py refused the endpoint; or an override is active in the process this
+            one was forked from (its store cannot be shared with a child).
     """
-    return _shared(endpoint, task_name)
+    return _shared(endpoint, task_name, app_name)
 
 
-def admin_for(endpoint: Endpoint | None, *, task_name: str | None = None) -> StoreAdmin:
+def admin_for(
+    endpoint: Endpoint | None, *, task_name: str | None = None, app_name: str | None = None
+) -> StoreAdmin:
     """The operators' tools on the process's store for an endpoint (see :func:`store_for`).
 
     Raises:
         IdempotencyConfigError: As :func:`store_for`.
     """
-    return _shared(endpoint, task_name)
+    return _shared(endpoint, task_name, app_name)
 
 
 def store_for_url(url: str | None, *, task_name: str | None = None) -> Store:
@@ -121,11 +134,34 @@ def redis_store_for(endpoint: Endpoint) -> RedisStore:
     return store
 
 
-def _shared(endpoint: Endpoint | None, task_name: str | None) -> MemoryStore | RedisStore:
-    """The one store of this process for ``endpoint``: both protocols, one client."""
+def _overridden(task_name: str | None, app_name: str | None) -> MemoryStore | None:
+    """The override's store, if one is active; refused in a child forked under it."""
     overrides = _overrides
-    if overrides:
-        return overrides[-1]
+    if not overrides:
+        return None
+    override = overrides[-1]
+    if override.pid != os.getpid():
+        whose = f"task {task_name!r}" if task_name else "the store"
+        if app_name:
+            whose += f" of app {app_name!r}"
+        raise IdempotencyConfigError(
+            f"celery_idem.testing's in-memory store (use_memory_store / the idem_store "
+            f"fixture) cannot cover {whose} in process {os.getpid()}: the store lives in "
+            f"process {override.pid}, which this one was forked from (a prefork pool "
+            f"child?), and a copy would not share its records. Run the task in the "
+            f"test's process: eagerly, or on a worker with the solo or threads pool.",
+            task_name=task_name,
+        )
+    return override.store
+
+
+def _shared(
+    endpoint: Endpoint | None, task_name: str | None, app_name: str | None = None
+) -> MemoryStore | RedisStore:
+    """The one store of this process for ``endpoint``: both protocols, one client."""
+    overridden = _overridden(task_name, app_name)
+    if overridden is not None:
+        return overridden
     if endpoint is None:
         raise IdempotencyConfigError(
             "celery-idem found no Redis to keep its records in: set idem_redis_url "

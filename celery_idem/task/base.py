@@ -231,7 +231,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         visibility = (conf.broker_transport_options or {}).get("visibility_timeout")
         store: Store
         try:
-            store = store_for(settings.endpoint, task_name=self.name)
+            store = store_for(settings.endpoint, task_name=self.name, app_name=self.app.main)
         except StoreUnavailable as exc:
             # No client at all (a Cluster with no node answering): each operation is an
             # outage under idem_on_store_error, and the next message tries again.

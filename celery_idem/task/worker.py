@@ -48,7 +48,8 @@ def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any
             )
             continue
         endpoint = spec.settings.endpoint
-        admin = admin_for(endpoint, task_name=task.name)  # the same store, as StoreAdmin
+        # The same store, as StoreAdmin.
+        admin = admin_for(endpoint, task_name=task.name, app_name=app.main)
         if endpoint is not None and id(admin) not in checked:
             checked.add(id(admin))
             _warn_if_evicting(admin, endpoint.display)

@@ -28,7 +28,9 @@ def use_memory_store(app: Any = None) -> Iterator[MemoryStore]:
     a task was declared on (with Celery's pytest plugin, ``celery_app`` is another app
     object), and a task with its own ``idem_redis_url`` or other store options. The
     apps' configuration is not changed; nothing reaches their Redis. Blocks nest (the
-    innermost store wins until its block ends).
+    innermost store wins until its block ends). A process forked inside the block (a
+    prefork pool child) refuses to run idempotent tasks, naming the task and its app,
+    rather than keep a copy of the store that the test cannot see.
 
     Args:
         app: Accepted for compatibility with earlier versions, which covered only this

@@ -10,6 +10,8 @@ starts and that nothing may write to.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -166,3 +168,42 @@ def test_every_way_to_a_store_leads_to_the_memory_store(user_redis: RedisServer)
             assert store_for_url(user_redis.url(6)) is inner
         assert store_for_url("memory://named") is outer
     assert store_for_url(user_redis.url(6)) is not outer
+
+
+def _run_in_forked_child(task: Any, answers: Any) -> None:
+    try:
+        answers.put(("ran", task.apply((2,)).get()))
+    except Exception as exc:
+        answers.put((type(exc).__name__, str(exc)))
+
+
+def test_a_process_forked_under_the_store_fails_loudly_naming_the_app(
+    user_redis: RedisServer,
+) -> None:
+    # A prefork pool child forked inside the block would get a copy of the store that
+    # the test never sees; it must refuse, not fall back to the app's Redis.
+    app = make_app()
+    runs: list[int] = []
+
+    @app.task(
+        base=IdempotentTask, shared=False, name="iso.forked", idem_redis_url=user_redis.url(4)
+    )
+    def forked(x: int) -> int:
+        runs.append(x)
+        return x
+
+    fork = multiprocessing.get_context("fork")
+    answers = fork.SimpleQueue()
+    before = keyspace(user_redis)
+    with use_memory_store(app):
+        child = fork.Process(target=_run_in_forked_child, args=(forked, answers))
+        child.start()
+        child.join(60)
+        assert forked.apply((2,)).get() == 2  # the test's own process is covered
+    assert child.exitcode == 0
+    kind, message = answers.get()
+    assert kind == "IdempotencyConfigError", message
+    assert "task 'iso.forked' of app 'isolation'" in message
+    assert f"lives in process {os.getpid()}" in message
+    assert runs == [2]
+    assert keyspace(user_redis) == before
