@@ -16,7 +16,7 @@ import math
 import time
 
 from celery_idem.checks import check_store_durations
-from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
 from celery_idem.store.memory_admin import MemoryAdmin, MemoryRecord
 from celery_idem.store.record import ClaimState, RecordKind, RecordState
 
@@ -36,18 +36,10 @@ class MemoryStore(MemoryAdmin):
             return None
         return record
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
+        key, token, task_id = request.key, request.token, request.task_id
+        fingerprint, lease, ttl = request.fingerprint, request.lease, request.ttl
         check_store_durations(lease=lease, ttl=ttl)
         with self._lock:
             now = time.time()
@@ -84,7 +76,7 @@ class MemoryStore(MemoryAdmin):
                         took_over = True
                         if record.owner:
                             takeovers += 1
-                            if 0 < max_takeovers < takeovers:
+                            if 0 < request.max_takeovers < takeovers:
                                 record.state, record.takeovers = RecordState.QUARANTINED, takeovers
                                 record.owner, record.deadline = None, 0.0
                                 record.expires_at = math.inf
@@ -133,35 +125,25 @@ class MemoryStore(MemoryAdmin):
             record.expires_at = max(record.expires_at, now + 2 * lease)
             return True
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+    def complete(self, request: CompleteRequest) -> bool:
         """See ``lua/complete.lua``."""
-        check_store_durations(ttl=ttl)
+        check_store_durations(ttl=request.ttl)
         with self._lock:
             now = time.time()
-            record = self._live(key, now)
-            if record is None or record.owner != token:
+            record = self._live(request.key, now)
+            if record is None or record.owner != request.token:
                 return bool(
                     record
                     and record.stored is not None
-                    and record.fence == fence
-                    and record.task_id == task_id
+                    and record.fence == request.fence
+                    and record.task_id == request.task_id
                 )
-            record.state = stored.kind.state
-            record.stored = stored
+            record.state = request.stored.kind.state
+            record.stored = request.stored
             record.owner = None
-            record.continuation = continuation
+            record.continuation = request.continuation
             record.deadline = 0.0
-            record.expires_at = now + ttl
+            record.expires_at = now + request.ttl
             return True
 
     def dispatched(self, key: str, *, task_id: str) -> bool:

@@ -29,7 +29,7 @@ from celery_idem.checks import check_store_durations
 from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint
 from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, Stored
 from celery_idem.store.clients import client_for
 from celery_idem.store.record import ClaimState, RecordKind
 from celery_idem.store.redis_admin import RedisAdmin
@@ -146,20 +146,14 @@ class RedisHotPath(RedisBase):
             key=key,
         )
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim`."""
-        check_store_durations(lease=lease, ttl=ttl)
-        args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease), max_takeovers]
+        key, token, lease = request.key, request.token, request.lease
+        check_store_durations(lease=lease, ttl=request.ttl)
+        args = [
+            token, request.task_id, request.fingerprint, _ms(lease), _ms(request.ttl + lease),
+            request.max_takeovers,
+        ]  # fmt: skip
         acked: Any = 0
         if not self.min_replicas:
             reply = self._call(self.scripts.claim, key, args)
@@ -179,7 +173,7 @@ class RedisHotPath(RedisBase):
                 if isinstance(acked, BaseException):
                     raise self._error(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
-            return ClaimOutcome(state, fence, task_id, took_over=bool(reply[2]))
+            return ClaimOutcome(state, fence, request.task_id, took_over=bool(reply[2]))
         owner = text(reply[2])
         if state is ClaimState.COMPLETED:
             stored = Stored(RecordKind(text(reply[3])), bytes(reply[4]), text(reply[5]))
@@ -201,22 +195,13 @@ class RedisHotPath(RedisBase):
         # lease of slack is enough because a renewal arrives every lease/3.
         return bool(self._call(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+    def complete(self, request: CompleteRequest) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
-        check_store_durations(ttl=ttl)
+        key, stored = request.key, request.stored
+        check_store_durations(ttl=request.ttl)
         args = [
-            token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id,
-            "+" if continuation else "",
+            request.token, request.fence, stored.kind.value, stored.payload, stored.codec,
+            _ms(request.ttl), request.task_id, "+" if request.continuation else "",
         ]  # fmt: skip
         if not self.min_replicas:
             return bool(self._call(self.scripts.complete, key, args))

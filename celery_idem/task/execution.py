@@ -40,7 +40,14 @@ from celery_idem.exceptions import (
 )
 from celery_idem.keys import KeySource, storage_key
 from celery_idem.renewer import Lease, renewer
-from celery_idem.store import ClaimOutcome, ClaimState, RecordKind, Stored
+from celery_idem.store import (
+    ClaimOutcome,
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    Stored,
+)
 from celery_idem.task.headers import (
     DEFERRALS,
     GROUP_INDEX,
@@ -173,17 +180,18 @@ class Execution:
     def claim(self) -> ClaimOutcome | None:
         """Claim the key; under ``wait``, poll while another run holds it (up to a lease)."""
         settings, deadline = self.settings, 0.0
+        request = ClaimRequest(
+            self.storage,
+            token=self.token,
+            task_id=self.task_id,
+            fingerprint=self.fingerprint,
+            lease=settings.lease,
+            ttl=settings.ttl,
+            max_takeovers=settings.max_takeovers,
+        )
         while True:
             try:
-                outcome = self.spec.store.claim(
-                    self.storage,
-                    token=self.token,
-                    task_id=self.task_id,
-                    fingerprint=self.fingerprint,
-                    lease=settings.lease,
-                    ttl=settings.ttl,
-                    max_takeovers=settings.max_takeovers,
-                )
+                outcome = self.spec.store.claim(request)
             except StoreUnavailable as exc:
                 self.store_down(exc)
                 return None
@@ -497,13 +505,15 @@ class Execution:
     def store_outcome(self, stored: Stored, *, continuation: bool = False) -> bool:
         """Complete the key with ``stored``, fenced by this run's token; False if lost."""
         owned = self.spec.store.complete(
-            self.storage,
-            token=self.token,
-            fence=self.fence,
-            task_id=self.task_id,
-            stored=stored,
-            ttl=self.settings.ttl,
-            continuation=continuation,
+            CompleteRequest(
+                self.storage,
+                token=self.token,
+                fence=self.fence,
+                task_id=self.task_id,
+                stored=stored,
+                ttl=self.settings.ttl,
+                continuation=continuation,
+            )
         )
         if not owned:
             self.report_lost("complete")
