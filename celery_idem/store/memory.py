@@ -31,7 +31,7 @@ class MemoryStore(MemoryAdmin):
     """
 
     def _owned(self, key: str, token: str, now: float) -> MemoryRecord | None:
-        record = self._live(key, now)
+        record = self.live(key, now)
         if record is None or record.owner != token:
             return None
         return record
@@ -41,9 +41,9 @@ class MemoryStore(MemoryAdmin):
         key, token, task_id = request.key, request.token, request.task_id
         fingerprint, lease, ttl = request.fingerprint, request.lease, request.ttl
         check_store_durations(lease=lease, ttl=ttl)
-        with self._lock:
+        with self.lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self.live(key, now)
             fence = record.fence if record else 0
             takeovers = record.takeovers if record else 0
             took_over = False
@@ -85,7 +85,7 @@ class MemoryStore(MemoryAdmin):
                                     takeovers=takeovers, quarantined_now=True,
                                 )  # fmt: skip
             fence = max(fence + 1, int(now * 1000))
-            self._records[key] = MemoryRecord(
+            self.records[key] = MemoryRecord(
                 state=RecordState.IN_PROGRESS,
                 fence=fence,
                 expires_at=now + ttl + lease,
@@ -99,9 +99,9 @@ class MemoryStore(MemoryAdmin):
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See ``lua/peek.lua``."""
-        with self._lock:
+        with self.lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self.live(key, now)
             if record is None or record.state in (RecordState.FREE, RecordState.QUARANTINED):
                 return None
             fence, owner = record.fence, record.task_id
@@ -116,7 +116,7 @@ class MemoryStore(MemoryAdmin):
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
         check_store_durations(lease=lease)
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._owned(key, token, now)
             if record is None:
@@ -128,9 +128,9 @@ class MemoryStore(MemoryAdmin):
     def complete(self, request: CompleteRequest) -> bool:
         """See ``lua/complete.lua``."""
         check_store_durations(ttl=request.ttl)
-        with self._lock:
+        with self.lock:
             now = time.time()
-            record = self._live(request.key, now)
+            record = self.live(request.key, now)
             if record is None or record.owner != request.token:
                 return bool(
                     record
@@ -148,8 +148,8 @@ class MemoryStore(MemoryAdmin):
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See ``lua/dispatched.lua``."""
-        with self._lock:
-            record = self._live(key, time.time())
+        with self.lock:
+            record = self.live(key, time.time())
             if record is None or record.stored is None or record.task_id != task_id:
                 return False
             record.continuation = False
@@ -157,7 +157,7 @@ class MemoryStore(MemoryAdmin):
 
     def release(self, key: str, *, token: str) -> bool:
         """See ``lua/release.lua``."""
-        with self._lock:
+        with self.lock:
             record = self._owned(key, token, time.time())
             if record is None:
                 return False
@@ -171,7 +171,7 @@ class MemoryStore(MemoryAdmin):
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""
         check_store_durations(hold=hold)
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._owned(key, token, now)
             if record is None:
@@ -183,8 +183,8 @@ class MemoryStore(MemoryAdmin):
 
     def clear(self) -> None:
         """Drop every record (between users' tests)."""
-        with self._lock:
-            self._records.clear()
+        with self.lock:
+            self.records.clear()
 
 
 # Kinds a completed record may have, for readers that test ``state``.

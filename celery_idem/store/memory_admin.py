@@ -60,24 +60,27 @@ class MemoryAdmin:
     """
 
     def __init__(self) -> None:
-        self._records: dict[str, MemoryRecord] = {}
-        self._lock = threading.Lock()
+        self.records: dict[str, MemoryRecord] = {}
+        """The record table, by storage key; read and written under :attr:`lock` only."""
+        self.lock = threading.Lock()
+        """Held for each operation, as a Lua script runs alone in Redis."""
 
-    def _live(self, key: str, now: float) -> MemoryRecord | None:
-        record = self._records.get(key)
+    def live(self, key: str, now: float) -> MemoryRecord | None:
+        """The record of ``key``, or None once it expired (then it is dropped); hold the lock."""
+        record = self.records.get(key)
         if record is not None and record.expires_at <= now:
-            del self._records[key]
+            del self.records[key]
             return None
         return record
 
     def _visible(self, key: str, now: float) -> MemoryRecord | None:
         """The record as operators see it: a tombstone (see :meth:`forget_if`) is absent."""
-        record = self._live(key, now)
+        record = self.live(key, now)
         return None if record is None or _forgotten(record) else record
 
     def read(self, key: str) -> StoredRecord | None:
         """See ``lua/read.lua``."""
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._visible(key, now)
             if record is None:
@@ -105,7 +108,7 @@ class MemoryAdmin:
         same fence, ``deadline`` = now) until it has, so the next claim still gets a
         higher fence; readers treat the tombstone as absent.
         """
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._visible(key, now)
             if record is None:
@@ -116,10 +119,10 @@ class MemoryAdmin:
                 return ForgetResult.HELD
             now_ms = int(now * 1000)
             if record.fence < now_ms:
-                del self._records[key]
+                del self.records[key]
             else:
                 keep_ms = min(record.fence - now_ms + 2, _TOMBSTONE_MAX_MS)
-                self._records[key] = MemoryRecord(
+                self.records[key] = MemoryRecord(
                     state=RecordState.FREE,
                     fence=record.fence,
                     expires_at=now + keep_ms / 1000,
@@ -134,11 +137,11 @@ class MemoryAdmin:
         next hash to visit, so records added or deleted meanwhile move no other key.
         """
         pattern = _glob_regex(match)
-        with self._lock:
+        with self.lock:
             now = time.time()
-            for key in [k for k, r in self._records.items() if r.expires_at <= now]:
-                del self._records[key]
-            ordered = sorted((_scan_hash(k), k) for k in self._records if pattern.fullmatch(k))
+            for key in [k for k, r in self.records.items() if r.expires_at <= now]:
+                del self.records[key]
+            ordered = sorted((_scan_hash(k), k) for k in self.records if pattern.fullmatch(k))
         page = [(h, k) for h, k in ordered if h >= cursor]
         if len(page) <= count:
             return 0, [k for _, k in page]
@@ -149,7 +152,7 @@ class MemoryAdmin:
     def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
         """See ``lua/summary.lua``."""
         out: list[RecordSummary | None] = []
-        with self._lock:
+        with self.lock:
             now = time.time()
             for key in keys:
                 record = self._visible(key, now)
@@ -176,10 +179,10 @@ class MemoryAdmin:
     def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
         """An estimate of what Redis would take: key, record fields and ~70 bytes overhead."""
         out: list[int | None] = []
-        with self._lock:
+        with self.lock:
             now = time.time()
             for key in keys:
-                record = self._live(key, now)
+                record = self.live(key, now)
                 if record is None:
                     out.append(None)
                     continue

@@ -118,7 +118,7 @@ class RedisHotPath(RedisBase):
                     continue
             except ERRORS as exc:
                 self._refresh_slots()
-                raise self._error(key, exc) from exc
+                raise self.error_for(key, exc) from exc
             if attempt < 3 and self.cluster and isinstance(reply, redis.exceptions.AskError):
                 if isinstance(reply, redis.exceptions.MovedError):
                     self._refresh_slots()
@@ -127,14 +127,14 @@ class RedisHotPath(RedisBase):
                     asked = (reply.host, int(reply.port))
                 continue
             if isinstance(reply, ERRORS):
-                raise self._error(key, reply) from reply
+                raise self.error_for(key, reply) from reply
             return reply, acked if isinstance(acked, ERRORS) else int(acked)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _release_quietly(self, key: str, token: str) -> None:
         """Release this attempt's claim if it holds one; a failure changes nothing."""
         with contextlib.suppress(IdempotencyError):
-            self._call(self.scripts.release, key, [token])
+            self.run_script(self.scripts.release, key, [token])
 
     def _not_durable(self, key: str, what: str, acked: int) -> ReplicasNotReached:
         return ReplicasNotReached(
@@ -156,7 +156,7 @@ class RedisHotPath(RedisBase):
         ]  # fmt: skip
         acked: Any = 0
         if not self.min_replicas:
-            reply = self._call(self.scripts.claim, key, args)
+            reply = self.run_script(self.scripts.claim, key, args)
         else:
             try:
                 reply, acked = self._durable(self.scripts.claim, key, args)
@@ -171,7 +171,7 @@ class RedisHotPath(RedisBase):
                 # would free it too, later) and do not run the body.
                 self._release_quietly(key, token)
                 if isinstance(acked, BaseException):
-                    raise self._error(key, acked) from acked
+                    raise self.error_for(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
             return ClaimOutcome(state, fence, request.task_id, took_over=bool(reply[2]))
         owner = text(reply[2])
@@ -193,7 +193,7 @@ class RedisHotPath(RedisBase):
         check_store_durations(lease=lease)
         # The record must outlive the lease by the retention the claim gave it; one
         # lease of slack is enough because a renewal arrives every lease/3.
-        return bool(self._call(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
+        return bool(self.run_script(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
     def complete(self, request: CompleteRequest) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
@@ -204,10 +204,10 @@ class RedisHotPath(RedisBase):
             _ms(request.ttl), request.task_id, "+" if request.continuation else "",
         ]  # fmt: skip
         if not self.min_replicas:
-            return bool(self._call(self.scripts.complete, key, args))
+            return bool(self.run_script(self.scripts.complete, key, args))
         reply, acked = self._durable(self.scripts.complete, key, args)
         if isinstance(acked, BaseException):
-            raise self._error(key, acked) from acked
+            raise self.error_for(key, acked) from acked
         if reply and acked < self.min_replicas:
             # Stored on the primary; a retry finds it there (complete.lua answers 1 to
             # the same attempt) and waits for the replicas again.
@@ -216,20 +216,20 @@ class RedisHotPath(RedisBase):
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
-        return bool(self._call(self.scripts.dispatched, key, [task_id]))
+        return bool(self.run_script(self.scripts.dispatched, key, [task_id]))
 
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""
-        return bool(self._call(self.scripts.release, key, [token]))
+        return bool(self.run_script(self.scripts.release, key, [token]))
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.park`."""
         check_store_durations(hold=hold)
-        return bool(self._call(self.scripts.park, key, [token, _ms(hold), _ms(2 * hold)]))
+        return bool(self.run_script(self.scripts.park, key, [token, _ms(hold), _ms(2 * hold)]))
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See :meth:`celery_idem.store.base.Store.peek` and ``lua/peek.lua``."""
-        reply = self._call(self.scripts.peek, key, [fingerprint])
+        reply = self.run_script(self.scripts.peek, key, [fingerprint])
         code = int(reply[0])
         if code == 0:  # nothing holds the key
             return None

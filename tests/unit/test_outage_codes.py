@@ -126,5 +126,5 @@ def test_other_refusals_stay_refusals(reply: str) -> None:
     error = redis.ResponseError(reply)
     assert not is_outage(error)
     failing = RedisStore(redis.Redis(), url="redis://h/0")
-    refusal = failing._error("k", error)
+    refusal = failing.error_for("k", error)
     assert type(refusal) is IdempotencyError
