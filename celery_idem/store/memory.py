@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from celery_idem.checks import check_store_durations
 from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
@@ -30,11 +31,20 @@ class MemoryStore(MemoryAdmin):
     :class:`~celery_idem.store.base.StoreAdmin`.
     """
 
-    def _owned(self, key: str, token: str, now: float) -> MemoryRecord | None:
-        record = self.live(key, now)
-        if record is None or record.owner != token:
-            return None
-        return record
+    def _change_owned(
+        self, key: str, token: str, change: Callable[[MemoryRecord, float], None]
+    ) -> bool:
+        """Under the lock, ``change(record, now)`` if ``token`` owns ``key``; else False.
+
+        What renew, release and park share (as their scripts share the owner check).
+        """
+        with self.lock:
+            now = time.time()
+            record = self.live(key, now)
+            if record is None or record.owner != token:
+                return False
+            change(record, now)
+            return True
 
     def claim(self, request: ClaimRequest) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
@@ -116,14 +126,12 @@ class MemoryStore(MemoryAdmin):
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
         check_store_durations(lease=lease)
-        with self.lock:
-            now = time.time()
-            record = self._owned(key, token, now)
-            if record is None:
-                return False
+
+        def push(record: MemoryRecord, now: float) -> None:
             record.deadline = max(record.deadline, now + lease)
             record.expires_at = max(record.expires_at, now + 2 * lease)
-            return True
+
+        return self._change_owned(key, token, push)
 
     def complete(self, request: CompleteRequest) -> bool:
         """See ``lua/complete.lua``."""
@@ -157,29 +165,26 @@ class MemoryStore(MemoryAdmin):
 
     def release(self, key: str, *, token: str) -> bool:
         """See ``lua/release.lua``."""
-        with self.lock:
-            record = self._owned(key, token, time.time())
-            if record is None:
-                return False
+
+        def free(record: MemoryRecord, _now: float) -> None:
             record.state = RecordState.FREE
             record.owner = None
             record.deadline = 0.0
             record.fingerprint = ""
             record.task_id = ""
-            return True
+
+        return self._change_owned(key, token, free)
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""
         check_store_durations(hold=hold)
-        with self.lock:
-            now = time.time()
-            record = self._owned(key, token, now)
-            if record is None:
-                return False
+
+        def hold_for_retry(record: MemoryRecord, now: float) -> None:
             record.owner = ""
             record.deadline = now + hold
             record.expires_at = max(record.expires_at, now + 2 * hold)
-            return True
+
+        return self._change_owned(key, token, hold_for_retry)
 
     def clear(self) -> None:
         """Drop every record (between users' tests)."""
