@@ -28,7 +28,7 @@ EXAMPLE_STAMP := $(VENV)/.example-installed
 PYTEST_ARGS ?=
 
 # Only directories that exist (example_project may be added later).
-LINT_DIRS := $(wildcard celery_idem tests example_project benchmarks docs/examples docs/hooks)
+LINT_DIRS := $(wildcard celery_idem devtools tests example_project benchmarks docs/examples docs/hooks)
 
 .DEFAULT_GOAL := test
 .PHONY: all $(VENV) venv install lint format typecheck test demo docs faults bench-topologies test-celery-compat chaos clean distclean

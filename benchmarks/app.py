@@ -32,15 +32,13 @@ from celery_singleton import Singleton
 
 from celery_idem import IdempotentTask
 
-__all__ = ["CONTENDERS", "COUNTER_KEY", "QUEUE", "RETRIES_KEY", "app", "body", "task_for"]
+__all__ = ["COUNTER_KEY", "QUEUE", "RETRIES_KEY", "app", "body", "task_for"]
 
 QUEUE = "bench"
 COUNTER_KEY = "bench:done"
 RETRIES_KEY = "bench:retries"
 LONG_LEASE = 3.0
 """``idem_lease`` of the long-task scenario: a 1.8 s body passes lease/3 once."""
-
-CONTENDERS = ("plain", "idem", "once", "singleton", "idem_pub")
 
 _env = os.environ.get
 app = Celery("bench")

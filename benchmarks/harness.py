@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.servers import RedisServer, find_redis_cli
+from benchmarks.contenders import CONTENDERS, MEASURED, STORES
+from devtools.processes import Process
+from devtools.redis_server import RedisServer, find_redis_cli, server_version
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("plain", "idem", "once", "singleton")
-STORES = ("idem", "once", "singleton")
 BROKER_DB, BACKEND_DB, COUNTER_DB = 0, 1, 2
 HANDSHAKE = {"echo", "ping", "client", "hello", "select", "auth", "info", "config", "command"}
 """Commands that open a connection or mark a run: not round trips of the protocol."""
@@ -153,8 +152,8 @@ class Bench:
     def __init__(self, workdir: Path, concurrency: int) -> None:
         self.workdir = workdir
         self.concurrency = concurrency
-        self.broker = RedisServer("broker").start()
-        self.stores = {name: RedisServer(f"store-{name}").start() for name in STORES}
+        self.broker = RedisServer().start()
+        self.stores = {name: RedisServer().start() for name in STORES}
         self.cli = find_redis_cli(self.broker.executable)
         self.env = {
             **os.environ,
@@ -164,7 +163,7 @@ class Bench:
             **{f"BENCH_STORE_{n.upper()}": s.url(0) for n, s in self.stores.items()},
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: Process | None = None
         self.worker_log = workdir / "worker.log"
 
     # -- worker ---------------------------------------------------------------------
@@ -176,30 +175,18 @@ class Bench:
             "-P", "prefork", "-c", str(self.concurrency), "-Q", "bench", "-n", "bench@%h",
             "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        with self.worker_log.open("ab") as log:
-            self.worker = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-                cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+        self.worker = Process("the bench worker", cmd, self.worker_log, self.env, ROOT).start()
 
     def stop_worker(self) -> None:
         """Warm shutdown of the worker's process group; SIGKILL if it hangs."""
-        proc, self.worker = self.worker, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.stop(timeout=20)
 
     def warm_up(self) -> None:
         """Some tasks of every contender: connections, scripts, imports in both children."""
         for scenario in WARM_UP:
-            for contender in (*CONTENDERS, "idem_pub") if scenario.sleep_ms == 0 else ("idem",):
+            for contender in CONTENDERS if scenario.sleep_ms == 0 else ("idem",):
                 out = self.publish(contender, scenario)
                 if out.get("timeout") or out.get("error"):
                     raise RuntimeError(
@@ -244,7 +231,7 @@ class Bench:
         assert self.worker is not None
         run_id = uuid.uuid4().hex[:8]
         store = self.store_of(contender)
-        servers = [s.proc.pid for s in (self.broker, *self.stores.values()) if s.proc]
+        servers = [s.pid for s in (self.broker, *self.stores.values()) if s.pid]
         spec = {
             "contender": contender, "run_id": run_id, "n": scenario.n, "keys": scenario.keys,
             "sleep_ms": scenario.sleep_ms, "long": scenario.long, "seed": seed,
@@ -320,12 +307,12 @@ class Bench:
         """Stop the worker and every server."""
         self.stop_worker()
         for server in (self.broker, *self.stores.values()):
-            server.stop()
+            server.close()
 
 
 def _order(scenario: Scenario, round_no: int) -> list[str]:
     """The contenders' turn order in a round: rotated, so none always goes first."""
-    everyone = CONTENDERS + scenario.extra
+    everyone = MEASURED + scenario.extra
     shift = (round_no - 1) % len(everyone)
     return list(everyone[shift:] + everyone[:shift])
 
@@ -407,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  round {round_no} {contender:9s} {_describe(run)}", flush=True)
                         if "error" in run or run.get("timeout"):
                             bench.recover()
-            meta = report.environment(bench.broker.version(), args.concurrency)
+            meta = report.environment(server_version(bench.broker.executable), args.concurrency)
         finally:
             bench.close()
     meta["runtime_seconds"] = time.monotonic() - started

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.report import LABELS
+from benchmarks.contenders import LABELS
 
 __all__ = ["render"]
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.servers import RedisServer
+from devtools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 WARM = 200
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(Path(args.worker), args.contender, args.n, args.pyinstrument)
         return 0
 
-    broker, store = RedisServer("profile-broker").start(), RedisServer("profile-store").start()
+    broker, store = RedisServer().start(), RedisServer().start()
     env = {
         **os.environ,
         "BENCH_BROKER": broker.url(0),
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             if worker.poll() is None:
                 os.killpg(worker.pid, 9)
             log.close()
-            broker.stop()
-            store.stop()
+            broker.close()
+            store.close()
     return 0
 
 

@@ -11,16 +11,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.contenders import CHART_ORDER, COLORS, CONTENDERS, LABELS
+from benchmarks.page import render as render_page
+
 __all__ = ["build", "environment", "stdout_table", "write_page"]
 
-CONTENDERS = ("plain", "idem", "once", "singleton", "idem_pub")
-LABELS = {
-    "plain": "plain Celery",
-    "idem": "celery-idem",
-    "once": "celery-once",
-    "singleton": "celery-singleton",
-    "idem_pub": "celery-idem + idem_dedupe_on_publish",
-}
 MANY_RECORDS = 1000
 """Runs leaving fewer records on the store give no used_memory-per-record figure."""
 PACKAGES = ("celery", "kombu", "redis", "celery-once", "celery-singleton", "celery-idem")
@@ -368,8 +363,7 @@ def _chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     names = list(result["scenarios"])
-    others = ("idem", "idem_pub", "once", "singleton")
-    colors = {"idem": "#2f6fb0", "idem_pub": "#8fb7e0", "once": "#d98b2b", "singleton": "#6a9f4b"}
+    others = [c.name for c in CHART_ORDER]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     panels = (
         (axes[0], "rate_ratio", "end-to-end tasks/s vs plain Celery (higher is better)"),
@@ -388,7 +382,7 @@ def _chart(result: dict[str, Any], path: Path) -> None:
             xs = [j + (i - 1.5) * width for j, _ in here]
             bars = ax.bar(
                 xs, [v or 0.0 for _, v in here], width, label=LABELS[contender],
-                color=colors[contender],
+                color=COLORS[contender],
             )  # fmt: skip
             labels = ["n/a" if v is None else f"{v:.2f}" for _, v in here]
             ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
@@ -424,6 +418,4 @@ def write_page(result: dict[str, Any], page: Path, chart: Path) -> None:
 
 def render_markdown(result: dict[str, Any], chart_name: str) -> str:
     """The page's markdown (built by ``make bench``; do not edit by hand)."""
-    from benchmarks import page  # noqa: PLC0415 - the long prose lives there
-
-    return page.render(result, chart_name, HEADER, _rows(result))
+    return render_page(result, chart_name, HEADER, _rows(result))

@@ -1,6 +1,6 @@
 """What each deployment costs per key: ``make bench-topologies``.
 
-Starts each deployment the test suite uses (``tests/topologies.py``: one server, a
+Starts each deployment the test suite uses (``devtools/topologies.py``: one server, a
 Sentinel deployment with one replica, a 3-master Cluster with and without a replica per
 master) from the same redis-server binary, and times the store's two paths from one
 client thread: a first run (claim + complete, two round trips) and a duplicate (one
@@ -20,8 +20,8 @@ from contextlib import AbstractContextManager, contextmanager
 
 from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
-from tests.redis_server import RedisServer
-from tests.topologies import RedisCluster, SentinelDeployment
+from devtools.redis_server import RedisServer
+from devtools.topologies import RedisCluster, SentinelDeployment
 
 TOKEN, LATER = "t", "u"  # owner tokens of the first run and of its duplicate
 RESULT = Stored(RecordKind.RESULT, b'"' + b"x" * 98 + b'"', "j")

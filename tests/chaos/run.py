@@ -37,13 +37,14 @@ from typing import Any
 
 from kombu import Connection
 
+from devtools.processes import free_port, wait_for
+from devtools.redis_server import RedisServer
 from tests.chaos import checker
 from tests.chaos.nemesis import ALL_KINDS, Nemesis, NemesisTargets
 from tests.chaos.proxy import FaultProxy
 from tests.faults.harness import amqp_url
 from tests.faults.report import CHAOS_BEGIN
 from tests.integration.conftest import ROOT, Worker
-from tests.redis_server import RedisServer, free_port, wait_for
 
 LEASE = 2.0
 BROKERS = ("redis", "rabbitmq")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from devtools.processes import wait_for
 from tests.chaos.nemesis import (
     ALL_KINDS,
     INSTANT,
@@ -27,7 +28,6 @@ from tests.chaos.nemesis import (
     PlannedFault,
     plan_faults,
 )
-from tests.redis_server import wait_for
 
 KEYS = {"kind", "start", "end", "pids", "detail"}
 

@@ -16,8 +16,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devtools.processes import wait_for
+from devtools.redis_server import RedisServer
 from tests.chaos.proxy import FaultProxy
-from tests.redis_server import RedisServer, wait_for
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 PONG = b"+PONG\r\n"

@@ -26,7 +26,7 @@ from celery_idem.keys import storage_key
 from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
-from tests.redis_server import RedisServer
+from devtools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60

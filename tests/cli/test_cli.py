@@ -20,8 +20,9 @@ import pytest
 
 from celery_idem.keys import storage_key, task_tag
 from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
+from devtools.processes import free_port, wait_for
+from devtools.redis_server import RedisServer
 from tests.cli.conftest import Cli
-from tests.redis_server import RedisServer, free_port, wait_for
 
 VIAS = ["module", "celery"]
 

@@ -34,7 +34,7 @@ from celery_idem.store import (
 )
 from celery_idem.store.base import ForgetResult
 from celery_idem.store.redis import RedisStore
-from tests.redis_server import wait_for
+from devtools.processes import wait_for
 
 LEASE = 0.3
 TTL = 30.0

@@ -33,9 +33,10 @@ from celery_idem.store import (
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
+from devtools.processes import free_port, wait_for
+from devtools.redis_server import RedisServer
+from devtools.topologies import RedisCluster
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import RedisServer, free_port, wait_for
-from tests.topologies import RedisCluster
 
 pytestmark = pytest.mark.cluster
 

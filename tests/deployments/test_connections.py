@@ -29,9 +29,8 @@ from celery_idem.store import (
 )
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
-from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import RedisServer
-from tests.server_variants import (
+from devtools.redis_server import RedisServer
+from devtools.server_variants import (
     TlsFiles,
     TlsRedisServer,
     UnixRedisServer,
@@ -40,6 +39,7 @@ from tests.server_variants import (
     tls_supported,
     unix_server,
 )
+from tests.integration.conftest import Worker, ledger_count
 
 RESULT = Stored(RecordKind.RESULT, b'{"ok": 1}', "j")
 T = 30

@@ -13,7 +13,7 @@ import pytest
 
 from celery_idem.store import ClaimRequest, ClaimState, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
-from tests.topologies import RedisCluster
+from devtools.topologies import RedisCluster
 
 RESULT = Stored(RecordKind.RESULT, b'"ok"', "j")
 

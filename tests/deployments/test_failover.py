@@ -29,9 +29,9 @@ from celery_idem.store import (
     Stored,
 )
 from celery_idem.store.redis import RedisStore
+from devtools.processes import wait_for
+from devtools.topologies import SentinelDeployment
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
-from tests.topologies import SentinelDeployment
 
 pytestmark = [pytest.mark.sentinel, pytest.mark.slow]
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.redis_server import find_redis_server
+from devtools.redis_server import find_redis_server
 
 
 @dataclass

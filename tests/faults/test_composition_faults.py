@@ -19,9 +19,9 @@ import redis
 from celery import chain
 
 from celery_idem import KeyQuarantined
+from devtools.processes import wait_for
 from tests.faults.harness import delivery_count, entries
 from tests.integration.conftest import ROOT
-from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 60

@@ -15,8 +15,9 @@ import redis
 from celery_idem.keys import storage_key
 from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
+from devtools.processes import wait_for
+from devtools.redis_server import RedisServer
 from tests.integration.conftest import ledger_count
-from tests.redis_server import RedisServer, wait_for
 
 pytestmark = pytest.mark.integration
 T = 60

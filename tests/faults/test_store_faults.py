@@ -9,6 +9,7 @@ which keeps the broker, the result backend and the effect ledger.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pickle
 import re
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,8 +35,9 @@ from celery_idem import (
 from celery_idem.keys import storage_key
 from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
+from devtools.processes import wait_for
+from devtools.redis_server import RedisServer
 from tests.integration.conftest import ROOT, Worker, ledger_count
-from tests.redis_server import RedisServer, wait_for
 
 pytestmark = pytest.mark.integration
 T = 60
@@ -64,6 +66,104 @@ def _read(server: RedisServer, task_name: str, key: str) -> Any:
         store.client.close()
 
 
+def _refusals(results: Iterable[Any], match: str) -> list[IdempotencyError]:
+    """Each delivery fails with an :class:`IdempotencyError` matching ``match``."""
+    errors = []
+    for res in results:
+        with pytest.raises(IdempotencyError, match=match) as info:
+            res.get(timeout=T)
+        errors.append(info.value)
+    return errors
+
+
+def _report(
+    fault_report: Any, results: list[Any], runs_per_key: Iterable[int], completions: int
+) -> None:
+    """Report a scenario's figures: deliveries and lost tasks from ``results``, executions
+    from the ledger's count of each key (the runs beyond a key's first are counted)."""
+    runs = list(runs_per_key)
+    fault_report(
+        deliveries=len(results),
+        executions=sum(runs),
+        completions=completions,
+        lost=_lost(results),
+        duplicate_effects=sum(max(n - 1, 0) for n in runs),
+    )
+
+
+@dataclasses.dataclass
+class Scene:
+    """What every store scenario works with: the store's Redis under test, the test
+    tasks, the effect ledger, the test's uid and, once :meth:`start` ran, a worker whose
+    idempotency store is that Redis.
+
+    Its methods are the steps the scenarios share, each measuring from the ledger or
+    from the store's own record, never from what the library says.
+    """
+
+    server: RedisServer
+    tasks: ModuleType
+    ledger: redis.Redis
+    uid: str
+    start_worker: Callable[..., Worker]
+    w: Worker = dataclasses.field(init=False)
+
+    def start(self, **kwargs: Any) -> Worker:
+        """Start a worker whose idempotency store is ``server`` (``start_worker``'s
+        arguments; ``extra_env`` adds to the store's)."""
+        env = {**_store_env(self.server), **kwargs.pop("extra_env", {})}
+        self.w = self.start_worker(extra_env=env, **kwargs)
+        return self.w
+
+    def record_is(
+        self, task_name: str, key: str, state: RecordState, task_id: str, fence: int | None = None
+    ) -> None:
+        """The store holds a record of ``key`` in ``state``, written by ``task_id`` (and
+        ``fence``, where given)."""
+        record = _read(self.server, task_name, key)
+        assert record is not None
+        assert (record.state, record.task_id) == (state.value, task_id)
+        if fence is not None:
+            assert record.fence == fence
+
+    def ran_again(self, task_name: str, key: str, first: Any, dup: Any) -> list[dict[str, Any]]:
+        """The duplicate ran the body again (counted): the ledger has one run of each
+        delivery, in order, and the record is now the duplicate's. Returns the runs."""
+        runs = _entries(self.ledger, self.uid)
+        assert [r["task_id"] for r in runs] == [first.id, dup.id]
+        self.record_is(task_name, key, RecordState.RESULT, dup.id)
+        return runs
+
+    def send_records(self, keys: dict[str, str]) -> dict[str, Any]:
+        """One ``t.record`` per label under its key, each writing ``ledger:<uid>-<label>``."""
+        return {
+            label: self.tasks.record.apply_async(
+                (f"{self.uid}-{label}", label), idempotency_key=key, queue=self.w.queue
+            )
+            for label, key in keys.items()
+        }
+
+    def runs_per_label(self, labels: Iterable[str]) -> dict[str, int]:
+        """How many times the body ran for each label (``ledger:<uid>-<label>``)."""
+        return {label: ledger_count(self.ledger, f"{self.uid}-{label}") for label in labels}
+
+    def later_task_runs(self) -> Any:
+        """No crash: the worker is alive and a task sent after the others still runs."""
+        later = self.tasks.record.apply_async((f"{self.uid}-later",), queue=self.w.queue)
+        assert later.get(timeout=T)["name"] == f"{self.uid}-later"
+        assert self.w.proc is not None
+        assert self.w.proc.poll() is None
+        return later
+
+
+@pytest.fixture
+def scene(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, ledger: redis.Redis, uid: str
+) -> Scene:
+    """A scene on a fresh store Redis of this test's own (``store_server``)."""
+    return Scene(store_server, tasks, ledger, uid, start_worker)
+
+
 @pytest.fixture
 def persistent_store(tmp_path: Path) -> Iterator[RedisServer]:
     """A store Redis with AOF (fsync always) in a fixed dir: it comes back with its data."""
@@ -75,6 +175,12 @@ def persistent_store(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def persistent_scene(scene: Scene, persistent_store: RedisServer) -> Scene:
+    """A scene on :func:`persistent_store` (``store_server`` stays unused)."""
+    return dataclasses.replace(scene, server=persistent_store)
 
 
 class RefusingListener:
@@ -118,6 +224,24 @@ class RefusingListener:
 # --------------------------------------------------------------------------- outages
 
 
+def _store_down_mid_task(scene: Scene, key: str, **env: str) -> tuple[Any, str]:
+    """A worker on the scene's store runs a ``t.sf_wait_flag`` under ``key``; once its body
+    runs and holds the key, the store's Redis stops. The body returns once the test sets
+    ``flag:<flag>`` in the ledger.
+
+    Returns the task's result and its flag.
+    """
+    w = scene.start(extra_env=env)
+    flag = f"go-{scene.uid}"
+    first = scene.tasks.sf_wait_flag.apply_async(
+        (scene.uid, flag), idempotency_key=key, queue=w.queue
+    )
+    wait_for(lambda: ledger_count(scene.ledger, scene.uid) == 1, timeout=T, message="body started")
+    scene.record_is("t.sf_wait_flag", key, RecordState.IN_PROGRESS, first.id)
+    scene.server.stop()
+    return first, flag
+
+
 @pytest.mark.scenario(
     "store down mid-task",
     inject="stop the store's Redis (AOF) while the body runs; start it again during the "
@@ -125,23 +249,13 @@ class RefusingListener:
     expect="completion retried and stored; the duplicate is replayed, no re-run",
 )
 def test_store_down_mid_task_back_within_the_completion_retries(
-    start_worker: Any,
-    persistent_store: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
+    persistent_scene: Scene, fault_report: Any
 ) -> None:
-    w = start_worker(extra_env=_store_env(persistent_store))
-    key, flag = f"down-mid-{uid}", f"go-{uid}"
-    first = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
-    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="body started")
-    claimed = _read(persistent_store, "t.sf_wait_flag", key)
-    assert claimed is not None
-    assert (claimed.state, claimed.task_id) == (RecordState.IN_PROGRESS.value, first.id)
-
-    persistent_store.stop()
-    listener = RefusingListener(persistent_store.port)
+    scene = persistent_scene  # its Redis comes back with its data
+    tasks, ledger, uid = scene.tasks, scene.ledger, scene.uid
+    key = f"down-mid-{uid}"
+    first, flag = _store_down_mid_task(scene, key)
+    listener = RefusingListener(scene.server.port)
     try:
         ledger.set(f"flag:{flag}", 1)  # the body returns while the store is down
         # One completion attempt of the library connects at most four times (redis-py's
@@ -152,29 +266,17 @@ def test_store_down_mid_task_back_within_the_completion_retries(
         assert not first.ready()  # still retrying the completion, not given up
     finally:
         listener.close()
-    persistent_store.start()
+    scene.server.start()
 
     out = first.get(timeout=T)
     assert out["name"] == uid
-    record = _read(persistent_store, "t.sf_wait_flag", key)
-    assert record is not None
-    assert (record.state, record.task_id, record.fence) == (
-        RecordState.RESULT.value,
-        first.id,
-        out["fence"],
-    )
-    assert "could not complete" not in w.log()
+    scene.record_is("t.sf_wait_flag", key, RecordState.RESULT, first.id, out["fence"])
+    assert "could not complete" not in scene.w.log()
 
-    dup = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
+    dup = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=scene.w.queue)
     assert dup.get(timeout=T) == out
     assert ledger_count(ledger, uid) == 1
-    fault_report(
-        deliveries=2,
-        executions=ledger_count(ledger, uid),
-        completions=1,
-        lost=_lost([first, dup]),
-        duplicate_effects=ledger_count(ledger, uid) - 1,
-    )
+    _report(fault_report, [first, dup], [ledger_count(ledger, uid)], completions=1)
 
 
 @pytest.mark.scenario(
@@ -185,59 +287,59 @@ def test_store_down_mid_task_back_within_the_completion_retries(
     "lease runs out, then a duplicate re-runs (counted)",
 )
 def test_store_down_mid_task_past_the_retries_leaves_the_key_to_its_lease(
-    start_worker: Any,
-    persistent_store: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
+    persistent_scene: Scene, fault_report: Any
 ) -> None:
-    w = start_worker(extra_env={**_store_env(persistent_store), "IDEM_TEST_LEASE": "4"})
-    key, flag = f"down-long-{uid}", f"go-{uid}"
-    first = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
-    wait_for(lambda: ledger_count(ledger, uid) == 1, timeout=T, message="body started")
-
-    persistent_store.stop()
-    ledger.set(f"flag:{flag}", 1)
+    scene = persistent_scene  # its Redis comes back with its data
+    key = f"down-long-{scene.uid}"
+    first, flag = _store_down_mid_task(scene, key, IDEM_TEST_LEASE="4")
+    scene.ledger.set(f"flag:{flag}", 1)
     # The task itself succeeds: its side effect happened, only the record is missing.
     out = first.get(timeout=T)
-    assert out["name"] == uid
+    assert out["name"] == scene.uid
     error = wait_for(
-        lambda: next((x for x in w.log().splitlines() if "could not complete" in x), None),
+        lambda: next((x for x in scene.w.log().splitlines() if "could not complete" in x), None),
         timeout=T,
         message="the completion error in the worker log",
     )
     assert "ERROR" in error
     assert first.id in error
     assert key in error
-    persistent_store.start()
+    scene.server.start()
 
     # Back with its data: the key is still held by the first run, until its lease ends.
-    held = _read(persistent_store, "t.sf_wait_flag", key)
-    assert held is not None
-    assert (held.state, held.task_id, held.fence) == (
-        RecordState.IN_PROGRESS.value,
-        first.id,
-        out["fence"],
-    )
+    scene.record_is("t.sf_wait_flag", key, RecordState.IN_PROGRESS, first.id, out["fence"])
 
-    dup = tasks.sf_wait_flag.apply_async((uid, flag), idempotency_key=key, queue=w.queue)
-    again = dup.get(timeout=T)
-    runs = _entries(ledger, uid)
-    assert len(runs) == 2  # the documented re-run
-    assert runs[1]["task_id"] == dup.id
-    assert again["fence"] > out["fence"]
-    assert "took over a key whose lease ran out" in w.log()
-    record = _read(persistent_store, "t.sf_wait_flag", key)
-    assert record is not None
-    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
-    fault_report(
-        deliveries=2,
-        executions=len(runs),
-        completions=1,
-        lost=_lost([first, dup]),
-        duplicate_effects=len(runs) - 1,
+    dup = scene.tasks.sf_wait_flag.apply_async(
+        (scene.uid, flag), idempotency_key=key, queue=scene.w.queue
     )
+    again = dup.get(timeout=T)
+    runs = scene.ran_again("t.sf_wait_flag", key, first, dup)  # the documented re-run
+    assert again["fence"] > out["fence"]
+    assert "took over a key whose lease ran out" in scene.w.log()
+    _report(fault_report, [first, dup], [len(runs)], completions=1)
+
+
+def _record_lost_between_deliveries(
+    scene: Scene, key: str, lose: Callable[[], None]
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Two deliveries of ``t.record`` under ``key``; between them ``lose`` makes the store
+    lose the first's completed record, so the second runs the body again (counted).
+
+    Returns the two results and the ledger's runs.
+    """
+
+    def deliver() -> Any:
+        res = scene.tasks.record.apply_async(
+            (scene.uid, 1), idempotency_key=key, queue=scene.w.queue
+        )
+        assert res.get(timeout=T)["key"] == key
+        return res
+
+    first = deliver()
+    scene.record_is("t.record", key, RecordState.RESULT, first.id)
+    lose()
+    dup = deliver()
+    return [first, dup], scene.ran_again("t.record", key, first, dup)
 
 
 @pytest.mark.scenario(
@@ -245,44 +347,20 @@ def test_store_down_mid_task_past_the_retries_leaves_the_key_to_its_lease(
     inject="restart the store's Redis empty between two deliveries of one key",
     expect="the record is gone: the second delivery runs again (counted), with a higher fence",
 )
-def test_store_restart_without_persistence_reruns_the_key(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
-) -> None:
-    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
-    key = f"restart-{uid}"
-    first = tasks.record.apply_async((uid, 1), idempotency_key=key, queue=w.queue)
-    assert first.get(timeout=T)["key"] == key
-    record = _read(store_server, "t.record", key)
-    assert record is not None
-    assert record.state == RecordState.RESULT.value
+def test_store_restart_without_persistence_reruns_the_key(scene: Scene, fault_report: Any) -> None:
+    scene.start(pool="solo", concurrency=1)
 
-    store_server.restart()
-    client = store_server.client()
-    try:
-        assert client.dbsize() == 0
-    finally:
-        client.close()
+    def restart_empty() -> None:
+        scene.server.restart()
+        client = scene.server.client()
+        try:
+            assert client.dbsize() == 0
+        finally:
+            client.close()
 
-    dup = tasks.record.apply_async((uid, 1), idempotency_key=key, queue=w.queue)
-    assert dup.get(timeout=T)["key"] == key
-    runs = _entries(ledger, uid)
-    assert [r["task_id"] for r in runs] == [first.id, dup.id]
+    results, runs = _record_lost_between_deliveries(scene, f"restart-{scene.uid}", restart_empty)
     assert runs[1]["fence"] > runs[0]["fence"]  # fences grow even across the lost record
-    record = _read(store_server, "t.record", key)
-    assert record is not None
-    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
-    fault_report(
-        deliveries=2,
-        executions=len(runs),
-        completions=2,
-        lost=_lost([first, dup]),
-        duplicate_effects=len(runs) - 1,
-    )
+    _report(fault_report, results, [len(runs)], completions=2)
 
 
 @pytest.mark.scenario(
@@ -290,16 +368,10 @@ def test_store_restart_without_persistence_reruns_the_key(
     inject="SCRIPT FLUSH on the store between a task and its duplicate (twice)",
     expect="scripts reload transparently; duplicates replayed, one execution per key",
 )
-def test_script_flush_reloads_scripts_and_still_replays(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
-) -> None:
-    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
-    client = store_server.client()
+def test_script_flush_reloads_scripts_and_still_replays(scene: Scene, fault_report: Any) -> None:
+    tasks, ledger, uid = scene.tasks, scene.ledger, scene.uid
+    w = scene.start(pool="solo", concurrency=1)
+    client = scene.server.client()
     results = []
 
     def scripts() -> int:
@@ -326,14 +398,7 @@ def test_script_flush_reloads_scripts_and_still_replays(
         assert noscript_errors() >= 3  # the worker really met NOSCRIPT, and got over it
     finally:
         client.close()
-    counts = [ledger_count(ledger, f"{uid}-{s}") for s in "ab"]
-    fault_report(
-        deliveries=len(results),
-        executions=sum(counts),
-        completions=2,
-        lost=_lost(results),
-        duplicate_effects=sum(c - 1 for c in counts),
-    )
+    _report(fault_report, results, scene.runs_per_label("ab").values(), completions=2)
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -358,16 +423,9 @@ VALID_KEYS = {
     expect="bounded Redis keys (idem:<6>:<22>); invalid ones refused at the call site, nothing "
     "sent (or refused by the worker, nothing run); valid ones run once and replay",
 )
-def test_hostile_keys(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    celery_env: dict[str, str],
-    uid: str,
-    fault_report: Any,
-) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
+def test_hostile_keys(scene: Scene, celery_env: dict[str, str], fault_report: Any) -> None:
+    tasks, ledger, uid = scene.tasks, scene.ledger, scene.uid
+    w = scene.start()
     huge = "k" * (10 * 1024 * 1024)
 
     # Invalid at the call site: refused before anything is published.
@@ -401,27 +459,16 @@ def test_hostile_keys(
             res.get(timeout=T)
 
     # Valid ones: each runs once, its duplicate replays, the key comes back intact.
-    firsts = {
-        label: tasks.record.apply_async((f"{uid}-{label}", label), idempotency_key=key,
-                                        queue=w.queue)
-        for label, key in VALID_KEYS.items()
-    }  # fmt: skip
+    firsts = scene.send_records(VALID_KEYS)
     outs = {label: res.get(timeout=T) for label, res in firsts.items()}
-    dups = {
-        label: tasks.record.apply_async((f"{uid}-{label}", label), idempotency_key=key,
-                                        queue=w.queue)
-        for label, key in VALID_KEYS.items()
-    }  # fmt: skip
+    dups = scene.send_records(VALID_KEYS)
     for label, key in VALID_KEYS.items():
         assert outs[label]["key"] == key
         assert dups[label].get(timeout=T) == outs[label]
 
-    # No crash: the worker is alive and a later task still runs.
-    later = tasks.record.apply_async((f"{uid}-later",), queue=w.queue)
-    assert later.get(timeout=T)["name"] == f"{uid}-later"
-    assert w.proc.poll() is None
+    later = scene.later_task_runs()
 
-    client = store_server.client()
+    client = scene.server.client()
     try:
         stored = set(client.scan_iter(match="*"))
         result = RecordState.RESULT.value.encode()  # the record's state byte (record.lua)
@@ -433,19 +480,13 @@ def test_hostile_keys(
     assert expected <= stored
     assert len(stored) == len(VALID_KEYS) + 1  # plus the later task's derived key
 
-    counts = {label: ledger_count(ledger, f"{uid}-{label}") for label in VALID_KEYS}
+    counts = scene.runs_per_label(VALID_KEYS)
     assert counts == dict.fromkeys(VALID_KEYS, 1)
     assert ledger_count(ledger, f"{uid}-bad") == 0
     assert ledger_count(ledger, f"{uid}-raw") == 0
-    executions = sum(counts.values()) + ledger_count(ledger, f"{uid}-later")
     results = [*raw, *firsts.values(), *dups.values(), later]
-    fault_report(
-        deliveries=len(results),
-        executions=executions,
-        completions=completed,
-        lost=_lost(results),
-        duplicate_effects=sum(c - 1 for c in counts.values()),
-    )
+    runs = [*counts.values(), ledger_count(ledger, f"{uid}-later")]
+    _report(fault_report, results, runs, completions=completed)
 
 
 HOSTILE_RESULTS = {  # kind -> the reason a duplicate must be given
@@ -463,20 +504,17 @@ HOSTILE_RESULTS = {  # kind -> the reason a duplicate must be given
     expect="key completed without a result; duplicates get ResultNotStored naming the "
     "reason; one execution each; pickle never used",
 )
-def test_hostile_results(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
-) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
-    names = {kind: f"{uid}-{kind}" for kind in HOSTILE_RESULTS}
-    firsts = {
-        kind: tasks.sf_hostile_result.apply_async((names[kind], kind), queue=w.queue)
-        for kind in HOSTILE_RESULTS
-    }
+def test_hostile_results(scene: Scene, fault_report: Any) -> None:
+    tasks, ledger, uid = scene.tasks, scene.ledger, scene.uid
+    w = scene.start()
+
+    def send_each() -> dict[str, Any]:  # ``ledger:<uid>-<kind>``, as runs_per_label reads
+        return {
+            kind: tasks.sf_hostile_result.apply_async((f"{uid}-{kind}", kind), queue=w.queue)
+            for kind in HOSTILE_RESULTS
+        }
+
+    firsts = send_each()
     for kind, res in firsts.items():
         if kind == "huge":
             # Celery's own Redis result backend keeps 50 MB without trouble.
@@ -484,16 +522,13 @@ def test_hostile_results(
         else:  # nor can Celery's JSON result backend encode these
             with pytest.raises(Exception, match="not JSON serializable"):
                 res.get(timeout=T)
-    dups = {
-        kind: tasks.sf_hostile_result.apply_async((names[kind], kind), queue=w.queue)
-        for kind in HOSTILE_RESULTS
-    }
+    dups = send_each()
     for kind, reason in HOSTILE_RESULTS.items():
         with pytest.raises(ResultNotStored, match=reason) as info:
             dups[kind].get(timeout=T)
         assert "will not run again" in str(info.value)
 
-    client = store_server.client()
+    client = scene.server.client()
     try:
         raw = [client.get(k) for k in client.scan_iter(match="idem:*")]
     finally:
@@ -502,18 +537,11 @@ def test_hostile_results(
     no_result = RecordState.NO_RESULT.value.encode()
     assert sorted(r[:1] for r in raw) == [no_result] * len(HOSTILE_RESULTS)
     assert all(b"1:j{" in r for r in raw)
-    counts = {kind: ledger_count(ledger, names[kind]) for kind in HOSTILE_RESULTS}
+    counts = scene.runs_per_label(HOSTILE_RESULTS)
     assert counts == dict.fromkeys(HOSTILE_RESULTS, 1)
-    assert ledger_count(ledger, f"unpickled:{names['armed']}") == 0  # never unpickled
+    assert ledger_count(ledger, f"unpickled:{uid}-armed") == 0  # never unpickled
     assert "could not complete" not in w.log()
-    results = [*firsts.values(), *dups.values()]
-    fault_report(
-        deliveries=len(results),
-        executions=sum(counts.values()),
-        completions=len(raw),
-        lost=_lost(results),
-        duplicate_effects=sum(c - 1 for c in counts.values()),
-    )
+    _report(fault_report, [*firsts.values(), *dups.values()], counts.values(), len(raw))
 
 
 class _Payload:
@@ -546,52 +574,39 @@ def _forged_record(codec: str, payload: bytes, task_id: str = "forged-task-id") 
     "never loaded",
 )
 def test_forged_pickle_record_is_refused_not_loaded(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    tmp_path: Path,
-    fault_report: Any,
+    scene: Scene, tmp_path: Path, fault_report: Any
 ) -> None:
-    w = start_worker(pool="solo", concurrency=1, extra_env=_store_env(store_server))
+    tasks, ledger, uid = scene.tasks, scene.ledger, scene.uid
+    scene.start(pool="solo", concurrency=1)
     # The bomb is live: loading it here has both side effects.
     pickle.loads(_bomb(tasks, f"armed-{uid}", tmp_path / "armed"))[1].close()
     assert ledger_count(ledger, f"armed-{uid}") == 1
     assert (tmp_path / "armed").exists()
 
-    client = store_server.client()
-    results, forged = [], {}
+    client = scene.server.client()
+    keys, forged = {}, {}
     try:
         for codec in ("p", "application/x-python-serialize;binary"):
-            key = f"forged-{codec[:1]}-{uid}"
-            skey = storage_key(PREFIX, "t.record", key)
+            keys[codec] = f"forged-{codec[:1]}-{uid}"
+            skey = storage_key(PREFIX, "t.record", keys[codec])
             forged[skey] = _forged_record(codec, _bomb(tasks, f"forged-{uid}", tmp_path / "pwn"))
             client.set(skey, forged[skey])
-            record = _read(store_server, "t.record", key)
+            record = _read(scene.server, "t.record", keys[codec])
             assert record is not None  # the library reads it as a completed pickle record
             assert (record.state, record.stored.codec) == (RecordState.RESULT.value, codec)
-            res = tasks.record.apply_async((uid, codec), idempotency_key=key, queue=w.queue)
-            results.append(res)
-            with pytest.raises(IdempotencyError, match="content types") as info:
-                res.get(timeout=T)
-            assert "the body was not run" in str(info.value)
+        results = list(scene.send_records(keys).values())
+        for error in _refusals(results, "content types"):
+            assert "the body was not run" in str(error)
         assert {k: client.get(k) for k in forged} == forged  # left as it was
     finally:
         client.close()
 
-    assert ledger_count(ledger, uid) == 0  # the body never ran
+    counts = scene.runs_per_label(keys)
+    assert counts == dict.fromkeys(keys, 0)  # the body never ran
     assert ledger_count(ledger, f"forged-{uid}") == 0  # the pickle was never loaded
     assert not (tmp_path / "pwn").exists()
-    later = tasks.record.apply_async((f"{uid}-later",), queue=w.queue)
-    assert later.get(timeout=T)["name"] == f"{uid}-later"
-    fault_report(
-        deliveries=len(results),
-        executions=ledger_count(ledger, uid),
-        completions=0,
-        lost=_lost(results),
-        duplicate_effects=0,
-    )
+    scene.later_task_runs()
+    _report(fault_report, results, counts.values(), completions=0)
 
 
 def _plant_damaged(client: redis.Redis, uid: str) -> dict[str, str]:
@@ -615,55 +630,34 @@ def _plant_damaged(client: redis.Redis, uid: str) -> dict[str, str]:
     expect="refused with an IdempotencyError, not taken for an outage (no retry loop); body "
     "not run; the record left as it is",
 )
-def test_damaged_records_are_refused_not_run(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
-) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
-    client = store_server.client()
-    results = []
+def test_damaged_records_are_refused_not_run(scene: Scene, fault_report: Any) -> None:
+    w = scene.start()
+    client = scene.server.client()
     try:
-        keys = _plant_damaged(client, uid)
+        keys = _plant_damaged(client, scene.uid)
         before = {k: client.dump(k) for k in client.scan_iter(match="idem:*")}
-        for label, key in keys.items():
-            res = tasks.record.apply_async((f"{uid}-{label}", label), idempotency_key=key,
-                                           queue=w.queue)  # fmt: skip
-            results.append(res)
-            with pytest.raises(IdempotencyError, match="refused record") as info:
-                res.get(timeout=T)
-            assert not isinstance(info.value, StoreUnavailable)
-            assert "idem_key_prefix" in str(info.value)  # points at the likely cause
+        results = list(scene.send_records(keys).values())
+        for error in _refusals(results, "refused record"):
+            assert not isinstance(error, StoreUnavailable)
+            assert "idem_key_prefix" in str(error)  # points at the likely cause
         assert {k: client.dump(k) for k in before} == before
     finally:
         client.close()
     assert "store unavailable" not in w.log()  # no deferral loop: not an outage
-    counts = [ledger_count(ledger, f"{uid}-{label}") for label in keys]
-    assert counts == [0] * len(keys)
-    later = tasks.record.apply_async((f"{uid}-later",), queue=w.queue)
-    assert later.get(timeout=T)["name"] == f"{uid}-later"
-    fault_report(
-        deliveries=len(results),
-        executions=sum(counts),
-        completions=0,
-        lost=_lost(results),
-        duplicate_effects=0,
-    )
+    counts = scene.runs_per_label(keys)
+    assert counts == dict.fromkeys(keys, 0)
+    scene.later_task_runs()
+    _report(fault_report, results, counts.values(), completions=0)
 
 
-def test_damaged_record_error_names_the_task_and_key(
-    start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
-) -> None:
-    w = start_worker(extra_env=_store_env(store_server))
-    client = store_server.client()
+def test_damaged_record_error_names_the_task_and_key(scene: Scene) -> None:
+    w = scene.start()
+    client = scene.server.client()
     try:
-        key = _plant_damaged(client, uid)["garbage"]
+        key = _plant_damaged(client, scene.uid)["garbage"]
     finally:
         client.close()
-    res = tasks.record.apply_async((uid,), idempotency_key=key, queue=w.queue)
+    res = scene.tasks.record.apply_async((scene.uid,), idempotency_key=key, queue=w.queue)
     with pytest.raises(IdempotencyError) as info:
         res.get(timeout=T)
     assert (info.value.task_name, info.value.key) == ("t.record", key)
@@ -679,18 +673,11 @@ def test_damaged_record_error_names_the_task_and_key(
     "completed record",
     expect="a warning at worker start naming the risk; an evicted key runs again (counted)",
 )
-def test_evicting_store_is_warned_about_at_worker_start(
-    start_worker: Any,
-    store_server: RedisServer,
-    tasks: ModuleType,
-    ledger: redis.Redis,
-    uid: str,
-    fault_report: Any,
-) -> None:
-    client = store_server.client()
+def test_evicting_store_is_warned_about_at_worker_start(scene: Scene, fault_report: Any) -> None:
+    client = scene.server.client()
     try:
         client.config_set("maxmemory-policy", "allkeys-lru")
-        w = start_worker(extra_env=_store_env(store_server))
+        w = scene.start()
         log = w.log()
         warning = next((x for x in log.splitlines() if "maxmemory-policy" in x), "")
         assert "'allkeys-lru'" in warning
@@ -700,12 +687,8 @@ def test_evicting_store_is_warned_about_at_worker_start(
         assert log.index(warning) < log.index(" ready.")  # at start, before any task
 
         # The risk, for real: a completed record evicted under memory pressure.
-        key = f"evict-{uid}"
-        first = tasks.record.apply_async((uid, 1), idempotency_key=key, queue=w.queue)
-        first.get(timeout=T)
+        key = f"evict-{scene.uid}"
         skey = storage_key(PREFIX, "t.record", key)
-        used = int(client.info("memory")["used_memory"])
-        client.config_set("maxmemory", used + 512 * 1024)
         filler = iter(range(100_000))
 
         def evicted() -> bool:
@@ -715,23 +698,15 @@ def test_evicting_store_is_warned_about_at_worker_start(
             pipe.execute()
             return not client.exists(skey)
 
-        wait_for(evicted, timeout=T, interval=0, message="the record evicted")
-        dup = tasks.record.apply_async((uid, 1), idempotency_key=key, queue=w.queue)
-        dup.get(timeout=T)
+        def evict() -> None:
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory", used + 512 * 1024)
+            wait_for(evicted, timeout=T, interval=0, message="the record evicted")
+
+        results, runs = _record_lost_between_deliveries(scene, key, evict)
     finally:
         client.close()
-    runs = _entries(ledger, uid)
-    assert [r["task_id"] for r in runs] == [first.id, dup.id]
-    record = _read(store_server, "t.record", key)
-    assert record is not None
-    assert (record.state, record.task_id) == (RecordState.RESULT.value, dup.id)
-    fault_report(
-        deliveries=2,
-        executions=len(runs),
-        completions=2,
-        lost=_lost([first, dup]),
-        duplicate_effects=len(runs) - 1,
-    )
+    _report(fault_report, results, [len(runs)], completions=2)
 
 
 def test_eviction_warning_reaches_the_worker_logfile(

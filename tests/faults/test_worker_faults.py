@@ -24,6 +24,7 @@ from celery import Celery
 from celery_idem.keys import storage_key
 from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
+from devtools.processes import wait_for
 from tests.faults.harness import (
     SUCCESS,
     ChildKiller,
@@ -35,7 +36,6 @@ from tests.faults.harness import (
     wait_for_results,
 )
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 60

@@ -30,7 +30,7 @@ import pytest
 import redis
 
 from celery_idem.task import invalidate_settings
-from tests.redis_server import wait_for
+from devtools.processes import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DB, BACKEND_DB, STORE_DB, LEDGER_DB = 1, 2, 3, 4

@@ -15,8 +15,8 @@ import redis
 from celery import chain
 
 from celery_idem import IdempotencyKeyMismatch
+from devtools.processes import wait_for
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 60

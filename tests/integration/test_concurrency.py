@@ -18,8 +18,8 @@ from celery_idem import DuplicateInProgress
 from celery_idem.keys import storage_key
 from celery_idem.store import RecordState
 from celery_idem.store.redis import RedisStore
+from devtools.processes import wait_for
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 60

@@ -11,8 +11,8 @@ import redis
 
 from celery_idem import IdempotencyConfigError, ResultNotStored
 from celery_idem.checks import MAX_DURATION
+from devtools.processes import wait_for
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import wait_for
 
 pytestmark = pytest.mark.integration
 T = 30

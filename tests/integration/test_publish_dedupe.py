@@ -9,8 +9,8 @@ import redis
 from celery import Celery
 
 from celery_idem import IdempotentTask
+from devtools.processes import free_port, wait_for
 from tests.integration.conftest import Worker, ledger_count
-from tests.redis_server import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 T = 30

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import RedisServer, wait_for
+from devtools.processes import wait_for
+from devtools.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 T = 30

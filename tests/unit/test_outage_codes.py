@@ -21,7 +21,8 @@ from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store import ClaimRequest
 from celery_idem.store.redis import RedisStore
 from celery_idem.store.redis_admin import OUTAGE_CODES, is_outage, outage_code
-from tests.redis_server import RedisServer, free_port, wait_for
+from devtools.processes import free_port, wait_for
+from devtools.redis_server import RedisServer
 
 WRAPPER = "Error running script (call to f_5e1c): @user_script:146: @user_script: 146: -"
 """How Redis 6.2 passes on a refusal met inside a script (``f_`` + the script's sha)."""

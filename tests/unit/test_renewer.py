@@ -29,7 +29,7 @@ from celery_idem.store import (
     RecordKind,
     Stored,
 )
-from tests.redis_server import wait_for
+from devtools.processes import wait_for
 
 LEASE = 1.0
 """The shortest lease the settings accept, so a test sees several renewals quickly."""

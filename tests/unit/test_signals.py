@@ -30,7 +30,7 @@ from celery_idem import (
 )
 from celery_idem.store import ClaimRequest, ClaimState
 from celery_idem.task import invalidate_settings
-from tests.redis_server import free_port, wait_for
+from devtools.processes import free_port, wait_for
 from tests.unit.conftest import Env, make_app
 
 LOGGER = "celery_idem"

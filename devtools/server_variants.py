@@ -1,6 +1,6 @@
 """Single redis-servers reached another way: over TLS, or over a unix socket.
 
-Importable without pytest. Each is a :class:`~tests.redis_server.RedisServer` (free
+Importable without pytest. Each is a :class:`~devtools.redis_server.RedisServer` (free
 port on 127.0.0.1, private temp dir, no persistence, killed at exit) with a few config
 lines more; the plain port stays open for the readiness probe.
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import redis
 
-from tests.redis_server import RedisServerError, find_redis_server, free_port
-from tests.topologies import HOST, _ConfiguredServer
+from devtools.processes import free_port
+from devtools.redis_server import ConfiguredServer, RedisServerError, find_redis_server
+from devtools.topologies import HOST
 
 __all__ = [
     "TlsFiles",
@@ -86,7 +87,7 @@ def tls_supported(executable: str | None = None) -> bool:
     return _tls_supported(os.path.abspath(executable or find_redis_server()))
 
 
-class TlsRedisServer(_ConfiguredServer):
+class TlsRedisServer(ConfiguredServer):
     """A RedisServer that also serves TLS on :attr:`tls_port`.
 
     The plain ``port`` stays open: RedisServer probes readiness over it, and
@@ -158,7 +159,7 @@ def tls_server(
 # --------------------------------------------------------------------------- unix socket
 
 
-class UnixRedisServer(_ConfiguredServer):
+class UnixRedisServer(ConfiguredServer):
     """A RedisServer that also listens on ``<tmpdir>/redis.sock`` (mode 700)."""
 
     @property

