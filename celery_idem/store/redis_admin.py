@@ -90,7 +90,7 @@ class RedisAdmin(RedisBase):
 
     def read(self, key: str) -> StoredRecord | None:
         """See :meth:`celery_idem.store.base.StoreAdmin.read` and ``lua/read.lua``."""
-        now, pttl, raw = self._call(self.scripts.read, key, [])
+        now, pttl, raw = self.run_script(self.scripts.read, key, [])
         if not raw:
             return None
         r = decode_record(bytes(raw))
@@ -121,7 +121,7 @@ class RedisAdmin(RedisBase):
     def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
         """See :meth:`celery_idem.store.base.StoreAdmin.forget_if` and ``lua/forget.lua``."""
         args = ["" if fence is None else fence, "1" if force else "0"]
-        reply = self._call(self.scripts.forget, key, args)
+        reply = self.run_script(self.scripts.forget, key, args)
         return ForgetResult(int(reply[0]))
 
     def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
@@ -141,7 +141,7 @@ class RedisAdmin(RedisBase):
         try:
             next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
         except ERRORS as exc:
-            raise self._unavailable(match, exc) from exc
+            raise self.unavailable(match, exc) from exc
         next_cursor = int(next_cursor)
         if nodes > 1:
             if next_cursor:
@@ -163,10 +163,10 @@ class RedisAdmin(RedisBase):
         try:
             replies: list[Any] = pipe.execute(raise_on_error=False)
         except ERRORS as exc:
-            raise self._unavailable(keys[0], exc) from exc
+            raise self.unavailable(keys[0], exc) from exc
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, BaseException) and is_outage(reply):
-                raise self._unavailable(key, reply)
+                raise self.unavailable(key, reply)
         return replies
 
     def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
@@ -177,7 +177,7 @@ class RedisAdmin(RedisBase):
             replies = []
             for key in keys:
                 try:
-                    replies.append(self._call(self.scripts.summary, key, []))
+                    replies.append(self.run_script(self.scripts.summary, key, []))
                 except StoreUnavailable:
                     raise
                 except IdempotencyError as exc:
@@ -236,14 +236,14 @@ class RedisAdmin(RedisBase):
             seconds, micros = client.time()
             after = time.time()
         except ERRORS as exc:
-            raise self._unavailable("TIME", exc) from exc
+            raise self.unavailable("TIME", exc) from exc
         info: dict[str, str] = {}
         info_error = None
         try:
             info = {str(k): text(v) for k, v in client.info().items()}
         except ERRORS as exc:
             if is_outage(exc):
-                raise self._unavailable("INFO", exc) from exc
+                raise self.unavailable("INFO", exc) from exc
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
@@ -251,7 +251,7 @@ class RedisAdmin(RedisBase):
                 reply: dict[Any, Any] = client.config_get(name)
             except ERRORS as exc:
                 if is_outage(exc):
-                    raise self._unavailable("CONFIG", exc) from exc
+                    raise self.unavailable("CONFIG", exc) from exc
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

@@ -196,20 +196,21 @@ class RedisBase:
         self.cluster = isinstance(client, RedisCluster)
         self.scripts = scripts if scripts is not None else Scripts(client)
 
-    def _call(self, script: Script, key: str, args: list[Any]) -> Any:
+    def run_script(self, script: Script, key: str, args: list[Any]) -> Any:
+        """``script`` on ``key`` with ``args``: its reply, or :meth:`error_for` its failure."""
         try:
             return script(keys=[key], args=args)
         except ERRORS as exc:
-            raise self._error(key, exc) from exc
+            raise self.error_for(key, exc) from exc
 
-    def _error(self, key: str, exc: BaseException) -> IdempotencyError:
+    def error_for(self, key: str, exc: BaseException) -> IdempotencyError:
         """An outage becomes StoreUnavailable; any other refusal a permanent error.
 
         ``is_outage`` reads the reply's code, not only redis-py's class: Redis 6.2 wraps
         an ``OOM`` met inside a script into a plain script error, which is an outage too.
         """
         if is_outage(exc) or not isinstance(exc, redis.ResponseError):
-            return self._unavailable(key, exc)
+            return self.unavailable(key, exc)
         # Not an outage: retrying would fail the same way (a key of another type
         # under our prefix, a damaged record, a script error).
         return IdempotencyError(
@@ -219,7 +220,8 @@ class RedisBase:
             key=key,
         )
 
-    def _unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
+    def unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
+        """The outage ``exc`` (met on ``key``, or on a command name) as StoreUnavailable."""
         code = outage_code(exc)
         if code is not None:  # the server answered: reachability is not the question
             return StoreUnavailable(

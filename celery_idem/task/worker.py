@@ -17,10 +17,12 @@ from celery_idem.store import StoreAdmin, admin_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task.base import IdempotentTask
 
+__all__ = ["validate_on_worker_start"]
+
 logger = logging.getLogger("celery_idem")
 
 
-def _validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any) -> None:
+def validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """Fail the worker at start, naming the setting, rather than at the first task.
 
     Also warns when the store may evict records: an evicted record is a key that runs
@@ -83,4 +85,4 @@ def _warn_if_replicas_short(admin: StoreAdmin, wanted: int, url: str) -> None:
         )
 
 
-celeryd_after_setup.connect(_validate_on_worker_start, weak=False)
+celeryd_after_setup.connect(validate_on_worker_start, weak=False)

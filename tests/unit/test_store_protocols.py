@@ -18,7 +18,7 @@ from celery_idem.config import resolve_settings
 from celery_idem.store import MemoryStore, admin_for, store_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
-from celery_idem.task.worker import _validate_on_worker_start
+from celery_idem.task.worker import validate_on_worker_start
 from devtools.redis_server import RedisServer
 
 
@@ -69,7 +69,7 @@ def test_the_worker_start_warns_of_an_evicting_store_and_missing_replicas(
     set_policy(store_server, "allkeys-lru")
     app = a_worker_app(store_server.url(0), idem_min_replicas=1)
     with caplog.at_level(logging.WARNING, logger="celery_idem"):
-        _validate_on_worker_start(instance=SimpleNamespace(app=app))
+        validate_on_worker_start(instance=SimpleNamespace(app=app))
     where = f"the store at {store_server.url(0)}"
     assert f"{where} has maxmemory-policy 'allkeys-lru'" in caplog.text
     assert f"idem_min_replicas=1 but the primary of {where} has 0 replica(s)" in caplog.text
@@ -81,5 +81,5 @@ def test_the_worker_start_says_nothing_of_a_fit_store(
     set_policy(store_server, "noeviction")
     for app in (a_worker_app(store_server.url(0)), a_worker_app("memory://protocols-worker")):
         with caplog.at_level(logging.WARNING, logger="celery_idem"):
-            _validate_on_worker_start(instance=SimpleNamespace(app=app))
+            validate_on_worker_start(instance=SimpleNamespace(app=app))
     assert caplog.text == ""
