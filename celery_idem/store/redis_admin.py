@@ -141,7 +141,7 @@ class RedisAdmin(RedisBase):
         try:
             next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
         except ERRORS as exc:
-            raise self.unavailable(match, exc) from exc
+            raise self.unavailable(None, exc, command=f"SCAN MATCH {match}") from exc
         next_cursor = int(next_cursor)
         if nodes > 1:
             if next_cursor:
@@ -236,14 +236,14 @@ class RedisAdmin(RedisBase):
             seconds, micros = client.time()
             after = time.time()
         except ERRORS as exc:
-            raise self.unavailable("TIME", exc) from exc
+            raise self.unavailable(None, exc, command="TIME") from exc
         info: dict[str, str] = {}
         info_error = None
         try:
             info = {str(k): text(v) for k, v in client.info().items()}
         except ERRORS as exc:
             if is_outage(exc):
-                raise self.unavailable("INFO", exc) from exc
+                raise self.unavailable(None, exc, command="INFO") from exc
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
@@ -251,7 +251,7 @@ class RedisAdmin(RedisBase):
                 reply: dict[Any, Any] = client.config_get(name)
             except ERRORS as exc:
                 if is_outage(exc):
-                    raise self.unavailable("CONFIG", exc) from exc
+                    raise self.unavailable(None, exc, command="CONFIG") from exc
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

@@ -270,10 +270,14 @@ class Execution:
     def signal_in_progress(self, outcome: ClaimOutcome) -> None:
         """Tell (log, signal) that another run holds the key."""
         policy = self.settings.on_in_progress
+        holder = (
+            f"an earlier delivery of this same message (task {outcome.task_id})"
+            if outcome.task_id == self.task_id
+            else f"task {outcome.task_id}"
+        )
         self.log.info(
-            "held by %s for %.1f s more; policy %s",
-            outcome.task_id, outcome.lease_left, policy.value,
-        )  # fmt: skip
+            "held by %s for %.1f s more; policy %s", holder, outcome.lease_left, policy.value
+        )
         self.signal(
             signals.duplicate_in_progress,
             owner_task_id=outcome.task_id,
