@@ -54,10 +54,29 @@ BODY_LINE = "sending welcome to user 7"
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _FILE_HEADER = re.compile(r"# (\w+\.py)$")
 
-#: Not part of the wheel's sources (and sometimes large): left out of the build's copy.
+#: Without git: what the build's copy leaves out (venvs, build output, caches).
 _NOT_SOURCES = shutil.ignore_patterns(
     ".venv*", ".git", "build", "dist", "*.egg-info", "__pycache__", "*_cache", ".hypothesis"
 )
+
+
+def copy_sources(dest: Path) -> None:
+    """Copy the checkout's files that git does not ignore (committed or not) to ``dest``."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(ROOT, dest, ignore=_NOT_SOURCES)
+        return
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():  # a file deleted in the work tree is still listed
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
 
 
 # --------------------------------------------------------------------------- the README
@@ -151,7 +170,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     # A copy, so that setuptools' build/ of the checkout (stale modules included) and
     # its egg-info never reach the wheel.
     sources = work / "src"
-    shutil.copytree(ROOT, sources, ignore=_NOT_SOURCES)
+    copy_sources(sources)
     wheels = work / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, sources])
     (wheel,) = wheels.glob("celery_idem-*.whl")
