@@ -9,6 +9,7 @@
 #                  `>=` of the dependencies pinned) and at the newest releases, in venvs
 #                  under build/matrix (MATRIX=floors or MATRIX=newest: one of them)
 #   make bench-topologies  per-key cost on standalone, Sentinel and Cluster
+#   make bench-lag how soon a waiting duplicate is answered after its holder completes
 #   make demo      run example_project.demo
 #   make docs      build the documentation site into build/site (mkdocs --strict)
 #   make chaos     the chaos soak: 3 min of overlapping faults over a mixed workload, then
@@ -111,6 +112,12 @@ bench: $(STAMP) $(BENCH_STAMP)
 # with and without idem_min_replicas): a Markdown table on stdout, about 35 s.
 bench-topologies: $(STAMP)
 	$(VENV_PY) -m benchmarks.topologies
+
+# A waiting duplicate's lag after its holder's completion, live and after a takeover:
+# a Markdown table on stdout, about a minute (docs/performance.md).
+.PHONY: bench-lag
+bench-lag: $(STAMP) $(BENCH_STAMP)
+	$(VENV_PY) -m benchmarks.lag
 
 # The documentation site (mkdocs.yml, docs/): built with warnings as errors into
 # build/site. Its requirements (docs/requirements.txt, pinned) go into the same venv,

@@ -457,6 +457,13 @@ def _note_quarantine(sender: Any = None, **fields: Any) -> None:
 idem_signals.quarantined.connect(_note_quarantine, weak=False)
 
 
+def _note_wait(sender: Any = None, **fields: Any) -> None:
+    effect(f"waits:{fields['key']}", task_id=fields["task_id"], retry_in=fields["retry_in"])
+
+
+idem_signals.duplicate_in_progress.connect(_note_wait, weak=False)
+
+
 class CpDieAfterDispatch(WfWatched):
     """SIGKILLs its own process once per name, after Celery sent the callbacks and chain
     and ``IdempotentTask.on_success`` marked them sent; with ``ignore_result`` Celery
