@@ -108,7 +108,7 @@ def stats_command(
     """  # noqa: D301 - \b is click's no-rewrap marker
     target = resolve(app_of(ctx), task_name)
     target.require_shared_store()
-    pattern = storage_pattern(target.prefix, task_name)
+    pattern = storage_pattern(target.prefix, target.scope)
     by_task: dict[str, Counter[str]] = {}
     sampled: list[str] = []
     oldest: dict[str, Any] | None = None
