@@ -40,13 +40,13 @@ from celery_idem.task.execution import Execution
 from celery_idem.task.headers import RETRY_KEY
 from celery_idem.task.spec import Spec
 
-__all__ = ["IdempotentTask"]
+__all__ = ["IdempotentTask", "task_options"]
 
 _EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined)
 """Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
 
 
-def _task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
+def task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
     """The task layer: every task option the class sets (by the decorator or a subclass).
 
     The declared options that are not None, plus any other ``idem_*`` name a subclass
@@ -216,7 +216,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         cached = self._idem_settings_cache
         if cached is not None and cached[0] == spec.generation():
             return cached[1]
-        settings = resolve_settings(self.app.conf, _task_options(type(self)), task_name=self.name)
+        settings = resolve_settings(self.app.conf, task_options(type(self)), task_name=self.name)
         self._idem_settings_cache = (spec.generation(), settings)
         return settings
 
@@ -245,7 +245,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             self.run,
             type(self)._idem_key_rule,
             settings.fingerprint,
-            fingerprint_from_app="idem_fingerprint" not in _task_options(type(self)),
+            fingerprint_from_app="idem_fingerprint" not in task_options(type(self)),
         )
         built = Spec(
             max_defer=float(visibility) / 2 if visibility else float("inf"),
