@@ -113,7 +113,7 @@ class Execution:
         self.settings = settings
         self.key, self.fingerprint = self._key_of(headers)
         request.idem_key = self.key
-        self.storage = storage_key(settings.key_prefix, task.name, self.key)
+        self.storage = storage_key(settings.key_prefix, spec.scope, self.key)
         self.token = os.urandom(9).hex()
         self.task_id = str(request.id)
         self.fence = 0
@@ -135,7 +135,9 @@ class Execution:
             # anything is derived: the retry's arguments may differ or have no
             # canonical encoding, and its record keeps the original fingerprint.
             return retry_key, ""
-        resolved = self.spec.rule.resolve(self.args, self.kwargs, headers.get(HEADER))
+        resolved = self.spec.rule.resolve(
+            self.args, self.kwargs, headers.get(HEADER), self.settings.fingerprint
+        )
         if resolved.source is KeySource.ARGS:
             return resolved.key, ""  # the key is the arguments: nothing else to check
         key = resolved.key
@@ -146,8 +148,11 @@ class Execution:
             if index is not None:
                 # Celery copies a group's (or chord header's) options to every member,
                 # so each member keeps its own record: the key plus its position and
-                # its arguments (nested groups restart their positions at 0).
-                key = f"{key}#{index}.{resolved.fingerprint[:8]}"
+                # its arguments (nested groups restart their positions at 0); with
+                # idem_fingerprint=False, its position alone.
+                key = f"{key}#{index}"
+                if resolved.fingerprint:
+                    key = f"{key}.{resolved.fingerprint[:8]}"
         return key, resolved.fingerprint
 
     # -- what every step shares --------------------------------------------------------------
