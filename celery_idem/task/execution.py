@@ -45,6 +45,7 @@ from celery_idem.task.headers import (
     DEFERRALS,
     GROUP_INDEX,
     HEADER,
+    HEADER_ORIGIN,
     RETRY_KEY,
     deferrals,
     message_headers,
@@ -122,7 +123,9 @@ class Execution:
             # anything is derived: the retry's arguments may differ or have no
             # canonical encoding, and its record keeps the original fingerprint.
             return retry_key, ""
-        resolved = self.spec.rule.resolve(self.args, self.kwargs, headers.get(HEADER))
+        resolved = self.spec.rule.resolve(
+            self.args, self.kwargs, headers.get(HEADER), origin=HEADER_ORIGIN
+        )
         if resolved.source is KeySource.ARGS:
             return resolved.key, ""  # the key is the arguments: nothing else to check
         key = resolved.key

@@ -15,6 +15,7 @@ __all__ = [
     "GROUP_INDEX",
     "HANDOVER",
     "HEADER",
+    "HEADER_ORIGIN",
     "RETRY_KEY",
     "deferrals",
     "message_headers",
@@ -22,6 +23,13 @@ __all__ = [
 
 HEADER = "idempotency_key"
 """The message header (and call-site option) that carries an explicit key."""
+HEADER_ORIGIN = (
+    f"from the message header {HEADER!r} of a producer that does not check keys, such as "
+    "app.send_task(..., headers=...)"
+)
+"""Where a worker says a bad explicit key came from: celery-idem's own call site
+(``apply_async``, ``.set()``, ``apply``) refuses one before sending, so a bad key that
+reaches a worker was put in the header by another producer."""
 DEFERRALS = "idem-deferrals"
 """Counts the deferrals of one message (store outages, running duplicates), for backoff."""
 RETRY_KEY = "idem-retry-key"

@@ -40,6 +40,7 @@ def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
         raise IdempotencyError(
             f"task {task.name!r}: headers={given!r} is not a mapping, so idempotency_key / "
             f"idem_* options cannot travel with it; pass a dict",
+            key=key,
             task_name=task.name,
         )
     headers = dict(given or {})

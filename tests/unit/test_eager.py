@@ -332,6 +332,8 @@ def test_invalid_explicit_key_raises_at_the_call_site_before_running(
     with pytest.raises(InvalidIdempotencyKey) as info:
         getattr(guarded, call)((1,), idempotency_key=bad)
     assert info.value.task_name == guarded.name
+    assert info.value.key == bad  # as given, not its repr
+    assert "(from the call site)" in str(info.value)
     assert runs == []
 
 
