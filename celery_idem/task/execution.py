@@ -428,9 +428,17 @@ class Execution:
         self.signal(signals.lease_lost, fence=self.fence, stage=stage)
 
     def store_failed(self, exc: IdempotencyError, stage: str) -> None:
-        """A write after the body failed: the task's own outcome wins; tell (log, signal)."""
+        """A write after the body failed: the task's own outcome wins; tell (log, signal).
+
+        The store's error names only the hashed record; the signal's receivers get one
+        of the same type naming this execution's key and task, caused by it.
+        """
         self.log.error("could not %s the record: %s", stage, exc)
-        self.signal(signals.store_error, exc=exc, stage=stage, policy=None)
+        error = self.error(
+            type(exc), f"task {self.task.name!r} could not {stage} key {self.key!r}: {exc}"
+        )
+        error.__cause__ = exc
+        self.signal(signals.store_error, exc=error, stage=stage, policy=None)
 
     def park(self, exc: Retry) -> None:
         """Hold the key for this task id's own retry (``self.retry()``/``autoretry_for``)."""
