@@ -1,4 +1,4 @@
-"""The publishing side: call options into headers, the optional look-up before sending.
+"""The publishing side: the call site's checks, call options into headers, a look-up.
 
 Run in whatever process calls ``apply_async``/``apply`` (a web request, a worker sending
 a chain's next step), which may have no Redis of its own: only the look-up of
@@ -20,9 +20,26 @@ from celery_idem.store import ClaimState
 from celery_idem.task.headers import DEFERRALS, GROUP_INDEX, HEADER, RETRY_KEY
 from celery_idem.task.spec import IdemTask
 
-__all__ = ["eager_group_position", "move_call_options", "published", "with_eager_group_position"]
+__all__ = [
+    "eager_group_position",
+    "move_call_options",
+    "prepare_call",
+    "published",
+    "with_eager_group_position",
+]
 
 logger = logging.getLogger("celery_idem")
+
+
+def prepare_call(task: IdemTask, kwargs: Any, options: dict[str, Any]) -> None:
+    """Check a call and move its celery-idem options into headers, before anything is sent.
+
+    ``apply_async`` and ``apply`` call it first: the task's key rule (checked on the
+    first publish in this process, cached), then the key and ``idem_*`` options (into
+    headers).
+    """
+    task.idem_key_rule()
+    move_call_options(task, options)
 
 
 def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
