@@ -20,6 +20,7 @@ __all__ = [
     "IdempotencyKeyMismatch",
     "InvalidIdempotencyKey",
     "KeyQuarantined",
+    "MisplacedCallOption",
     "ReplicasNotReached",
     "ResultNotStored",
     "StoreUnavailable",
@@ -81,6 +82,17 @@ class InvalidIdempotencyKey(IdempotencyError, ValueError):
 
 class UnencodableArgument(InvalidIdempotencyKey, TypeError):
     """An argument has no canonical encoding, so no key can be derived from it."""
+
+
+class MisplacedCallOption(IdempotencyError, TypeError):
+    """A call option (``idempotency_key``, ``idem_ttl``, ...) was given as a task argument.
+
+    ``task.delay(x, idempotency_key=K)`` passes ``idempotency_key`` to the task itself;
+    on a task without such a parameter that was Celery's "unexpected keyword argument"
+    ``TypeError``. This is a ``TypeError`` still, so ``except TypeError`` keeps working,
+    and it says where the option goes: ``apply_async(..., idempotency_key=K)`` or
+    ``.set(idempotency_key=K)``. Raised before anything is sent.
+    """
 
 
 class IdempotencyKeyMismatch(IdempotencyError):

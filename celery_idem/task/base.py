@@ -158,10 +158,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ) -> Any:
         """Send the task; ``idempotency_key=...`` and ``idem_*=...`` travel as headers.
 
-        Checked before anything is sent (``publish.prepare_call``): the task's key
-        rule, the key and the ``idem_*`` values. With ``idem_dedupe_on_publish``, a key
-        that is completed or in progress is not sent again: the caller gets the
-        AsyncResult of the task that holds it.
+        Checked before anything is sent (``publish.prepare_call``): option names that
+        look like ours but are misspelt, our options passed as task keyword arguments,
+        the task's key rule, the key and the ``idem_*`` values. With
+        ``idem_dedupe_on_publish``, a key that is completed or in progress is not sent
+        again: the caller gets the AsyncResult of the task that holds it.
         """
         publish.prepare_call(self, kwargs, options)
         if (

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from celery_idem.config import KEY_OPTION
+
 __all__ = [
     "DEFERRALS",
     "GROUP_INDEX",
@@ -21,7 +23,7 @@ __all__ = [
     "message_headers",
 ]
 
-HEADER = "idempotency_key"
+HEADER = KEY_OPTION
 """The message header (and call-site option) that carries an explicit key."""
 HEADER_ORIGIN = (
     f"from the message header {HEADER!r} of a producer that does not check keys, such as "

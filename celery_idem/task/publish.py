@@ -3,6 +3,7 @@
 Run in whatever process calls ``apply_async``/``apply`` (a web request, a worker sending
 a chain's next step), which may have no Redis of its own: only the look-up of
 ``idem_dedupe_on_publish`` talks to the store, and a failure there publishes anyway.
+Everything else is checked here without a store, before anything is sent.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery_idem.config import with_call_overrides
-from celery_idem.exceptions import IdempotencyError
-from celery_idem.keys import KeySource, storage_key, validate_key
+from celery_idem.config import CALL_OPTIONS, check_call_names, with_call_overrides
+from celery_idem.exceptions import IdempotencyError, MisplacedCallOption
+from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
 from celery_idem.store import ClaimState
 from celery_idem.task.headers import DEFERRALS, GROUP_INDEX, HEADER, RETRY_KEY
 from celery_idem.task.spec import IdemTask
 
 __all__ = [
+    "check_task_kwargs",
     "eager_group_position",
     "move_call_options",
     "prepare_call",
@@ -34,12 +36,48 @@ logger = logging.getLogger("celery_idem")
 def prepare_call(task: IdemTask, kwargs: Any, options: dict[str, Any]) -> None:
     """Check a call and move its celery-idem options into headers, before anything is sent.
 
-    ``apply_async`` and ``apply`` call it first: the task's key rule (checked on the
-    first publish in this process, cached), then the key and ``idem_*`` options (into
-    headers).
+    ``apply_async`` and ``apply`` call it first. In order: option names that look like
+    ours but are not (a misspelt key would be ignored), the task's key rule (checked on
+    the first publish in this process, cached), our options passed as the task's own
+    keyword arguments (``delay(x, idempotency_key=K)``), then the key and ``idem_*``
+    options (into headers).
     """
-    task.idem_key_rule()
+    check_call_names(options, task_name=task.name)
+    check_task_kwargs(task, task.idem_key_rule(), kwargs)
     move_call_options(task, options)
+
+
+def check_task_kwargs(task: IdemTask, rule: KeyRule, kwargs: Any) -> None:
+    """Refuse ``idempotency_key`` / ``idem_*`` call options given as task keyword arguments.
+
+    ``delay(*args, **kwargs)`` and ``.s(...)`` pass every keyword to the task itself, so
+    ``delay(x, idempotency_key=K)`` used to fail with Celery's "unexpected keyword
+    argument" and no word on where the key goes. A task that takes such a parameter
+    (by name or through ``**kwargs``) gets it as an argument, as before.
+
+    Raises:
+        MisplacedCallOption: A ``TypeError`` too, as the same mistake always raised.
+    """
+    if not kwargs or not isinstance(kwargs, Mapping):
+        return
+    params = rule.signature.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for name in CALL_OPTIONS:
+        if name not in kwargs:
+            continue
+        param = params.get(name)
+        if param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            continue
+        value = kwargs[name]
+        raise MisplacedCallOption(
+            f"task {task.name!r} takes no keyword argument {name!r}: delay(), .s() and "
+            f"the kwargs of apply_async() pass keyword arguments to the task itself. Give "
+            f"it as a call option instead: apply_async(args, kwargs, {name}=...) or "
+            f".s(...).set({name}=...).delay(); nothing was sent",
+            key=value if name == HEADER and isinstance(value, str) else None,
+            task_name=task.name,
+        )
 
 
 def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
