@@ -111,6 +111,8 @@ class IdemSettings:
         max_result_bytes: Largest encoded result that is stored.
         dedupe_on_publish: Look the key up before publishing (one round trip) and
             return the original task's AsyncResult instead of sending a duplicate.
+        require_key: Refuse a call without an explicit key (``idempotency_key`` absent
+            or ``None``) at the call site, and such a message on the worker.
         max_takeovers: Takeovers of a key from attempts that stopped renewing (dead
             or stalled workers) before the key is quarantined; 0 = no cap.
     """
@@ -124,6 +126,7 @@ class IdemSettings:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     dedupe_on_publish: bool = False
+    require_key: bool = False
     max_takeovers: int = 5
     redis_sentinels: tuple[tuple[str, int], ...] | None = None
     redis_sentinel_master: str | None = None

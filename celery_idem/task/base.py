@@ -113,6 +113,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     idem_max_result_bytes: ClassVar[int | None] = None
     #: Look the key up before publishing.
     idem_dedupe_on_publish: ClassVar[bool | None] = None
+    #: Refuse calls and messages that carry no explicit idempotency key.
+    idem_require_key: ClassVar[bool | None] = None
     #: Takeovers of one key, without a completion, before the key is quarantined.
     idem_max_takeovers: ClassVar[int | None] = None
 
@@ -158,11 +160,12 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ) -> Any:
         """Send the task; ``idempotency_key=...`` and ``idem_*=...`` travel as headers.
 
-        Checked before anything is sent (``publish.prepare_call``): option names that
-        look like ours but are misspelt, our options passed as task keyword arguments,
-        the task's key rule, the key and the ``idem_*`` values. With
-        ``idem_dedupe_on_publish``, a key that is completed or in progress is not sent
-        again: the caller gets the AsyncResult of the task that holds it.
+        Checked before anything is sent (``publish.prepare_call``): the key, the
+        ``idem_*`` values, option names that look like ours but are misspelt, our
+        options passed as task keyword arguments, the task's key rule and
+        ``idem_require_key``. With ``idem_dedupe_on_publish``, a key that is completed
+        or in progress is not sent again: the caller gets the AsyncResult of the task
+        that holds it.
         """
         publish.prepare_call(self, kwargs, options)
         if (

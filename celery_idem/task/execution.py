@@ -33,6 +33,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    InvalidIdempotencyKey,
     KeyQuarantined,
     ReplicasNotReached,
     ResultNotStored,
@@ -123,9 +124,18 @@ class Execution:
             # anything is derived: the retry's arguments may differ or have no
             # canonical encoding, and its record keeps the original fingerprint.
             return retry_key, ""
-        resolved = self.spec.rule.resolve(
-            self.args, self.kwargs, headers.get(HEADER), origin=HEADER_ORIGIN
-        )
+        explicit = headers.get(HEADER)
+        if explicit is None and self.settings.require_key:
+            raise InvalidIdempotencyKey(
+                f"task {self.task.name!r} requires an explicit idempotency key "
+                f"(idem_require_key) and this message carries none in its {HEADER!r} header "
+                f"(celery-idem's call site refuses such a call, so a producer that does not "
+                f"check keys sent it, such as app.send_task): send "
+                f"headers={{{HEADER!r}: K}}; nothing was run",
+                None,
+                self.task.name,
+            )
+        resolved = self.spec.rule.resolve(self.args, self.kwargs, explicit, origin=HEADER_ORIGIN)
         if resolved.source is KeySource.ARGS:
             return resolved.key, ""  # the key is the arguments: nothing else to check
         key = resolved.key

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery_idem.config import CALL_OPTIONS, check_call_names, with_call_overrides
-from celery_idem.exceptions import IdempotencyError, MisplacedCallOption
+from celery_idem.exceptions import IdempotencyError, InvalidIdempotencyKey, MisplacedCallOption
 from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
 from celery_idem.store import ClaimState
 from celery_idem.task.headers import DEFERRALS, GROUP_INDEX, HEADER, RETRY_KEY
@@ -27,6 +27,7 @@ __all__ = [
     "move_call_options",
     "prepare_call",
     "published",
+    "require_key",
     "with_eager_group_position",
 ]
 
@@ -39,12 +40,13 @@ def prepare_call(task: IdemTask, kwargs: Any, options: dict[str, Any]) -> None:
     ``apply_async`` and ``apply`` call it first. In order: option names that look like
     ours but are not (a misspelt key would be ignored), the task's key rule (checked on
     the first publish in this process, cached), our options passed as the task's own
-    keyword arguments (``delay(x, idempotency_key=K)``), then the key and ``idem_*``
-    options (into headers).
+    keyword arguments (``delay(x, idempotency_key=K)``), the key and ``idem_*`` options
+    (into headers), then ``idem_require_key``.
     """
     check_call_names(options, task_name=task.name)
     check_task_kwargs(task, task.idem_key_rule(), kwargs)
     move_call_options(task, options)
+    require_key(task, options)
 
 
 def check_task_kwargs(task: IdemTask, rule: KeyRule, kwargs: Any) -> None:
@@ -80,17 +82,44 @@ def check_task_kwargs(task: IdemTask, rule: KeyRule, kwargs: Any) -> None:
         )
 
 
+def require_key(task: IdemTask, options: Mapping[str, Any]) -> None:
+    """``idem_require_key``: refuse a call that carries no explicit key.
+
+    After :func:`move_call_options`, an explicit key is in the headers: given as
+    ``idempotency_key=``, ``.set(idempotency_key=)`` or ``headers={"idempotency_key":
+    ...}``. A retry carries its execution's key (``RETRY_KEY``) and is let through.
+    """
+    if not task.idem_settings().require_key:
+        return
+    headers = options.get("headers")
+    headers = headers if isinstance(headers, Mapping) else {}
+    if headers.get(HEADER) is not None or headers.get(RETRY_KEY):
+        return
+    raise InvalidIdempotencyKey(
+        f"task {task.name!r} requires an explicit idempotency key (idem_require_key) and "
+        f"this call gives none (idempotency_key absent or None): pass "
+        f"apply_async(..., idempotency_key=K) or .set(idempotency_key=K), with K the "
+        f"request's own identity (a webhook's event id, an Idempotency-Key header); "
+        f"nothing was sent",
+        None,
+        task.name,
+    )
+
+
 def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
     """Move ``idempotency_key`` and ``idem_*`` call options into message headers.
 
-    Validates them here, so a bad key fails at the call site and nothing is sent.
-    Accepts ``headers`` absent, None or empty (Celery's retries pass each).
+    Validates them here, so a bad key fails at the call site and nothing is sent; a key
+    given as ``headers={"idempotency_key": K}`` is checked alike. Accepts ``headers``
+    absent, None or empty (Celery's retries pass each).
     """
     key = options.pop(HEADER, None)
     overrides = {name: options.pop(name) for name in list(options) if name[:5] == "idem_"}
+    given = options.get("headers")
+    if key is None and isinstance(given, Mapping) and given.get(HEADER) is not None:
+        validate_key(given[HEADER], task_name=task.name, source=KeySource.CALL)
     if key is None and not overrides:
         return
-    given = options.get("headers")
     if given is not None and not isinstance(given, Mapping):
         raise IdempotencyError(
             f"task {task.name!r}: headers={given!r} is not a mapping, so idempotency_key / "

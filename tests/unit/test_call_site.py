@@ -1,8 +1,10 @@
-"""The call site (issue #14): what ``apply_async``, ``delay``, ``.set()``
+"""The call site (issue #14 items 4, 5 and 14): what ``apply_async``, ``delay``, ``.set()``
 and ``apply`` refuse before anything is sent, and what they must leave alone.
 
 Tasks live on a non-eager app whose ``send_task`` is replaced by a recorder, so "nothing
-was sent" is observed rather than assumed.
+was sent" is observed rather than assumed; the eager variants run on the ``env`` apps of
+``tests/unit/conftest.py`` (memory store and the suite's Redis). The worker side of
+``idem_require_key`` is run in process the way the worker's tracer calls a task.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_idem import IdempotencyConfigError, IdempotentTask, MisplacedCallOption
+from celery_idem import (
+    IdempotencyConfigError,
+    IdempotentTask,
+    InvalidIdempotencyKey,
+    MisplacedCallOption,
+)
 from celery_idem.config import CALL_OPTIONS, check_call_names
 from celery_idem.task import invalidate_settings
+from celery_idem.testing import use_memory_store
+from tests.unit.conftest import Env
+from tests.unit.test_worker_paths import run_as_worker
 
 
 class Sent:
@@ -217,3 +227,118 @@ def test_a_task_that_takes_the_name_as_an_argument_gets_it_as_before(
         task.delay(1, idempotency_key="an argument")
     assert [call["kwargs"] for call in sent.calls] == [{"idempotency_key": "an argument"}] * 2
     assert all("headers" not in call or not call["headers"] for call in sent.calls)
+
+
+# --------------------------------------------------------------------------- item 4: require
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: t.delay(1),
+        lambda t: t.apply_async((1,)),
+        lambda t: t.apply_async((1,), idempotency_key=None),
+        lambda t: t.s(1).set(idempotency_key=None).delay(),
+        lambda t: t.apply_async((1,), headers={"idempotency_key": None}),
+        lambda t: t.apply((1,)),
+    ],
+    ids=["delay", "apply_async", "key-None", "set-None", "header-None", "apply"],
+)
+def test_require_key_refuses_a_call_without_a_key_before_sending(
+    app: Celery, sent: Sent, call: Any
+) -> None:
+    task = make_task(app, idem_require_key=True)
+    with pytest.raises(InvalidIdempotencyKey, match="requires an explicit idempotency") as info:
+        call(task)
+    assert "idem_require_key" in str(info.value)
+    assert info.value.key is None
+    assert info.value.task_name == task.name
+    assert sent.calls == []
+
+
+def test_require_key_is_not_a_per_call_setting(app: Celery, sent: Sent) -> None:
+    task = make_task(app)
+    with pytest.raises(IdempotencyConfigError, match="idem_require_key cannot be set per call"):
+        task.apply_async((1,), idempotency_key="K", idem_require_key=True)
+    assert sent.calls == []
+
+
+def test_require_key_lets_every_way_of_giving_a_key_through(app: Celery, sent: Sent) -> None:
+    task = make_task(app, idem_require_key=True)
+    task.apply_async((1,), idempotency_key="K1")
+    task.s(1).set(idempotency_key="K2").delay()
+    task.apply_async((1,), headers={"idempotency_key": "K3"})
+    assert [call["headers"]["idempotency_key"] for call in sent.calls] == ["K1", "K2", "K3"]
+
+
+def test_require_key_per_app_and_per_task(app: Celery, sent: Sent) -> None:
+    app.conf.idem_require_key = True
+    invalidate_settings()
+    strict = make_task(app, name="cs.strict")
+    lenient = make_task(app, name="cs.lenient", idem_require_key=False)  # task over app
+    with pytest.raises(InvalidIdempotencyKey, match=r"cs\.strict"):
+        strict.delay(1)
+    lenient.delay(1)
+    assert len(sent.calls) == 1
+
+
+def test_a_key_given_in_headers_at_the_call_site_is_checked_there(app: Celery, sent: Sent) -> None:
+    task = make_task(app)
+    with pytest.raises(InvalidIdempotencyKey, match=r"\(from the call site\) must not be empty"):
+        task.apply_async((1,), headers={"idempotency_key": ""})
+    assert sent.calls == []
+
+
+def test_without_require_key_none_means_no_explicit_key(env: Env) -> None:
+    runs: list[int] = []
+
+    @env.task(bind=True)
+    def derived(self: Any, x: int) -> str:
+        runs.append(x)
+        return str(self.idempotency_key)
+
+    first = derived.apply((4,), idempotency_key=None).get()
+    again = derived.delay(4).get()
+    assert again == first  # the key derived from the arguments, both times
+    assert len(first) == 32
+    assert runs == [4]
+
+
+def test_require_key_eagerly_runs_with_a_key_and_its_retry_keeps_it(env: Env) -> None:
+    runs: list[tuple[str | None, int]] = []
+
+    @env.task(bind=True, idem_require_key=True, max_retries=2)
+    def strict(self: Any, x: int) -> int:
+        runs.append((self.idempotency_key, self.request.retries))
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        return x
+
+    assert strict.apply((3,), idempotency_key="K-strict").get() == 3
+    assert runs == [("K-strict", 0), ("K-strict", 1)]
+    with pytest.raises(InvalidIdempotencyKey):
+        strict.apply((3,))
+
+
+def test_require_key_on_the_worker_refuses_a_message_without_the_header(app: Celery) -> None:
+    runs: list[int] = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        return x
+
+    task = app.task(body, base=IdempotentTask, shared=False, name="cs.w", idem_require_key=True)
+    with use_memory_store():
+        for headers in ({}, {"idempotency_key": None}):
+            with pytest.raises(InvalidIdempotencyKey) as info:
+                run_as_worker(task, (1,), "tid-1", **headers)
+            message = str(info.value)
+            assert "requires an explicit idempotency key (idem_require_key)" in message
+            assert "this message carries none in its 'idempotency_key' header" in message
+            assert "nothing was run" in message
+            assert info.value.key is None
+            assert info.value.task_name == "cs.w"
+        assert run_as_worker(task, (1,), "tid-2", idempotency_key="K") == 1
+        # A retried message carries its execution's key (idem-retry-key).
+        assert run_as_worker(task, (2,), "tid-3", **{"idem-retry-key": "K-retry"}) == 2
+    assert runs == [1, 2]

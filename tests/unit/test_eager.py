@@ -362,9 +362,8 @@ def test_task_option_typo_fails_at_first_use_naming_it(env: Env) -> None:
         runs.append(x)
         return x
 
-    result = typo.apply((1,), idempotency_key="K-typo")
-    with pytest.raises(IdempotencyConfigError) as info:
-        result.get()
+    with pytest.raises(IdempotencyConfigError) as info:  # at the call, as apply_async does
+        typo.apply((1,), idempotency_key="K-typo")
     assert "idem_tll" in str(info.value)
     assert "idem_ttl" in str(info.value)  # the suggestion
     assert info.value.task_name == typo.name
