@@ -6,9 +6,11 @@ positional args and prints only the message. That way a caller of
 ``AsyncResult.get()`` receives the same type, with the same text, that the worker raised.
 
 ``.key`` is the user's key as given (a key refused as invalid is kept as it was passed,
-whatever its type), or the execution's effective key on a worker, never the storage name
-of its record; ``None`` where there is no key. ``repr()`` shows the message and a
-bounded form of the key, so a log line stays short even when the key was a payload.
+whatever its type), or the execution's effective key on a worker; ``None`` where there is
+no key. Only the store's own methods (``Store``, ``StoreAdmin``), which know records and
+not keys, name the record's storage name instead; a task wraps their errors before they
+reach its caller or a signal. ``repr()`` shows the message and a bounded form of the key,
+so a log line stays short even when the key was a payload.
 """
 
 from __future__ import annotations
