@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from celery_idem.store import RecordKind, Stored
+from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
 from devtools.redis_server import RedisServer
 from devtools.topologies import RedisCluster, SentinelDeployment
@@ -66,11 +66,19 @@ def measure(url: str, min_replicas: int, keys: int, rounds: int) -> tuple[float,
         names = [f"idem:bench:{uuid.uuid4().hex}" for _ in range(keys)]
         start = time.perf_counter()
         for name in names:
-            out = store.claim(name, token=TOKEN, task_id="i", fingerprint="", lease=60, ttl=600)
-            store.complete(name, token=TOKEN, fence=out.fence, task_id="i", stored=RESULT, ttl=600)
+            out = store.claim(
+                ClaimRequest(name, token=TOKEN, task_id="i", fingerprint="", lease=60, ttl=600)
+            )
+            store.complete(
+                CompleteRequest(
+                    name, token=TOKEN, fence=out.fence, task_id="i", stored=RESULT, ttl=600
+                )
+            )
         middle = time.perf_counter()
         for name in names:
-            store.claim(name, token=LATER, task_id="j", fingerprint="", lease=60, ttl=600)
+            store.claim(
+                ClaimRequest(name, token=LATER, task_id="j", fingerprint="", lease=60, ttl=600)
+            )
         end = time.perf_counter()
         firsts.append(keys / (middle - start))
         duplicates.append(keys / (end - middle))

@@ -64,6 +64,15 @@ class StoreErrorPolicy(str, enum.Enum):
     RAISE = "raise"
     """Fail with :class:`~celery_idem.exceptions.StoreUnavailable`."""
 
+    @property
+    def consequence(self) -> str:
+        """What a message meets while the store is down, in words for a log line."""
+        if self is StoreErrorPolicy.RUN:
+            return "run their bodies without protection (duplicates may run twice)"
+        if self is StoreErrorPolicy.RAISE:
+            return "fail with StoreUnavailable"
+        return "are retried later and nothing runs without a claim"
+
 
 DJANGO_PREFIX = "CELERY_"
 """Django's settings carry Celery's namespace: ``idem_ttl`` is ``CELERY_IDEM_TTL``."""

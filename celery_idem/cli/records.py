@@ -22,12 +22,12 @@ from celery_idem.cli.context import (
     app_of,
     json_option,
     resolve,
-    scan_count_option,
     store_errors,
     task_option,
 )
+from celery_idem.cli.walk import Walk, count_option, scan_command
 from celery_idem.exceptions import InvalidIdempotencyKey
-from celery_idem.keys import KeySource, storage_key, storage_pattern, storage_task_tag, validate_key
+from celery_idem.keys import KeySource, storage_key, storage_task_tag, validate_key
 from celery_idem.store.base import ForgetResult, StoredRecord
 from celery_idem.store.record import RecordState
 
@@ -230,23 +230,21 @@ def _wanted(view: dict[str, Any], state: str | None) -> bool:
     return state is None or view["state"] == state
 
 
-@click.command("list", short_help="List records with SCAN, by task and state.")
-@task_option("Only this task's records (SCAN MATCH on its tag), with its settings.")
-@click.option(
-    "--state",
-    type=click.Choice(views.STATE_CHOICES),
-    help="Only records in this state (in_progress includes parked and lease_expired).",
+@scan_command(
+    "list",
+    short_help="List records with SCAN, by task and state.",
+    scan_count=500,
+    options=(
+        click.option(
+            "--state",
+            type=click.Choice(views.STATE_CHOICES),
+            help="Only records in this state (in_progress includes parked and lease_expired).",
+        ),
+        count_option(
+            "--limit", default=100, help_text="Stop after this many records (0: no limit)."
+        ),
+    ),
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(min=0),
-    default=100,
-    show_default=True,
-    help="Stop after this many records (0: no limit).",
-)
-@scan_count_option(500)
-@json_option
-@click.pass_context
 def list_command(
     ctx: click.Context,
     *,
@@ -268,43 +266,26 @@ def list_command(
     record that expires during the walk is skipped; one written during it may or may
     not be seen (SCAN's guarantee).
     """
-    target = resolve(app_of(ctx), task_name)
-    target.require_shared_store()
-    pattern = storage_pattern(target.prefix, task_name)
+    walk = Walk(ctx, task_name, scan_count)
     found: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    cursor, calls, truncated = 0, 0, False
+    truncated = False
     with store_errors():
-        while True:
-            cursor, keys = target.store.scan(pattern, cursor=cursor, count=scan_count)
-            calls += 1
-            keys = [k for k in keys if k not in seen]
-            seen.update(keys)
-            for summary in target.store.summarize(keys):
-                if summary is None:
-                    continue  # expired since SCAN saw it
-                label = task_name or target.task_label(storage_task_tag(target.prefix, summary.key))
-                view = views.summary_view(summary, label)
-                if _wanted(view, state):
-                    found.append(view)
+        for step in walk.steps(once=True):
+            found.extend(view for view in step if _wanted(view, state))
             if limit and len(found) >= limit:
-                truncated = len(found) > limit or cursor != 0
+                truncated = len(found) > limit or not walk.finished
                 found = found[:limit]
-                break
-            if cursor == 0:
                 break
     found.sort(key=lambda v: v["fence"] or 0)
     if as_json:
         click.echo(
             render.to_json(
                 {
-                    "store": target.url,
-                    "prefix": target.prefix,
-                    "task": task_name,
+                    **walk.json_head(),
                     "state": state,
                     "records": found,
                     "truncated": truncated,
-                    "scan_calls": calls,
+                    "scan_calls": walk.calls,
                 }
             )
         )
@@ -312,12 +293,6 @@ def list_command(
     if found:
         click.echo(render.table(views.SUMMARY_HEADERS, views.summary_rows(found)))
     more = f"; stopped at --limit {limit}, more may match" if truncated else ""
-    click.echo(
-        f"{len(found)} record(s) in {target.url} under {pattern!r} ({calls} SCAN step(s)){more}."
-    )
-    if target.elsewhere and task_name is None:
-        click.echo(
-            f"note: tasks {', '.join(target.elsewhere)} keep their records in another store "
-            "or under another prefix: use --task",
-            err=True,
-        )
+    where = f"{walk.target.url} under {walk.pattern!r}"
+    click.echo(f"{len(found)} record(s) in {where} ({walk.calls} SCAN step(s)){more}.")
+    walk.note_elsewhere()

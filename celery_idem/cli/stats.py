@@ -13,16 +13,9 @@ from typing import Any
 
 import click
 
-from celery_idem.cli import render, views
-from celery_idem.cli.context import (
-    app_of,
-    json_option,
-    resolve,
-    scan_count_option,
-    store_errors,
-    task_option,
-)
-from celery_idem.keys import storage_pattern, storage_task_tag
+from celery_idem.cli import render
+from celery_idem.cli.context import store_errors
+from celery_idem.cli.walk import Walk, count_option, scan_command
 
 __all__ = ["stats_command"]
 
@@ -67,18 +60,18 @@ def _oldest_text(oldest: dict[str, Any]) -> str:
     )
 
 
-@click.command("stats", short_help="Count records by task and state; memory; oldest claim.")
-@task_option("Only this task's records (SCAN MATCH on its tag), with its settings.")
-@click.option(
-    "--sample",
-    type=click.IntRange(min=0),
-    default=200,
-    show_default=True,
-    help="How many records to measure with MEMORY USAGE (0: do not measure).",
+@scan_command(
+    "stats",
+    short_help="Count records by task and state; memory; oldest claim.",
+    scan_count=1000,
+    options=(
+        count_option(
+            "--sample",
+            default=200,
+            help_text="How many records to measure with MEMORY USAGE (0: do not measure).",
+        ),
+    ),
 )
-@scan_count_option(1000)
-@json_option
-@click.pass_context
 def stats_command(
     ctx: click.Context, *, task_name: str | None, sample: int, scan_count: int, as_json: bool
 ) -> None:
@@ -106,32 +99,21 @@ def stats_command(
     estimated_total_bytes), oldest_in_progress (null, or a record as in `list
     --json`, plus claimed_ago), other_stores (tasks whose records live elsewhere).
     """  # noqa: D301 - \b is click's no-rewrap marker
-    target = resolve(app_of(ctx), task_name)
-    target.require_shared_store()
-    pattern = storage_pattern(target.prefix, task_name)
+    walk = Walk(ctx, task_name, scan_count)
     by_task: dict[str, Counter[str]] = {}
     sampled: list[str] = []
     oldest: dict[str, Any] | None = None
-    cursor, calls = 0, 0
     with store_errors():
-        while True:
-            cursor, keys = target.store.scan(pattern, cursor=cursor, count=scan_count)
-            calls += 1
-            for summary in target.store.summarize(keys):
-                if summary is None:
-                    continue
-                label = task_name or target.task_label(storage_task_tag(target.prefix, summary.key))
-                view = views.summary_view(summary, label)
-                by_task.setdefault(label, Counter())[_bucket(view)] += 1
+        for step in walk.steps():
+            for view in step:
+                by_task.setdefault(view["task"], Counter())[_bucket(view)] += 1
                 if len(sampled) < sample:
-                    sampled.append(summary.key)
+                    sampled.append(view["storage_key"])
                 if view["state"] == "in_progress" and (
                     oldest is None or (view["fence"] or 0) < (oldest["fence"] or 0)
                 ):
                     oldest = view
-            if cursor == 0:
-                break
-        sizes = [n for n in target.store.memory_usage(sampled) if n is not None]
+        sizes = [n for n in walk.target.store.memory_usage(sampled) if n is not None]
     records = sum(c.total() for c in by_task.values())
     memory: dict[str, Any] | None = None
     if sizes:
@@ -149,26 +131,24 @@ def stats_command(
         click.echo(
             render.to_json(
                 {
-                    "store": target.url,
-                    "prefix": target.prefix,
-                    "task": task_name,
+                    **walk.json_head(),
                     "records": records,
-                    "scan_calls": calls,
+                    "scan_calls": walk.calls,
                     "by_task": {
                         t: {n: c[n] for n, _ in COLUMNS} | {"total": c.total()}
                         for t, c in sorted(by_task.items())
                     },
                     "memory": memory,
                     "oldest_in_progress": oldest,
-                    "other_stores": list(target.elsewhere) if task_name is None else [],
+                    "other_stores": list(walk.target.elsewhere) if task_name is None else [],
                 }
             )
         )
         return
     lines = [count_table(by_task), ""]
     pairs = [
-        ("store", f"{target.url} under {pattern!r}"),
-        ("records", f"{records} ({calls} SCAN step(s))"),
+        ("store", f"{walk.target.url} under {walk.pattern!r}"),
+        ("records", f"{records} ({walk.calls} SCAN step(s))"),
     ]
     if memory is not None:
         pairs.append(
@@ -186,9 +166,4 @@ def stats_command(
     pairs.append(("oldest in progress", _oldest_text(oldest) if oldest else "none"))
     lines.append(render.fields(pairs))
     click.echo("\n".join(lines))
-    if target.elsewhere and task_name is None:
-        click.echo(
-            f"note: tasks {', '.join(target.elsewhere)} keep their records in another store "
-            "or under another prefix: use --task",
-            err=True,
-        )
+    walk.note_elsewhere()

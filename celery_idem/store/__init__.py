@@ -9,14 +9,24 @@ and endpoint and hands it out as either: ``store_for`` and ``admin_for``.
 
 from __future__ import annotations
 
-from celery_idem.store.base import ClaimOutcome, Store, StoreAdmin, Stored, StoredRecord
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimRequest,
+    CompleteRequest,
+    Store,
+    StoreAdmin,
+    Stored,
+    StoredRecord,
+)
 from celery_idem.store.connect import admin_for, drop_memory_store, store_for, store_for_url
 from celery_idem.store.memory import MemoryStore
 from celery_idem.store.record import ClaimState, RecordKind, RecordState
 
 __all__ = [
     "ClaimOutcome",
+    "ClaimRequest",
     "ClaimState",
+    "CompleteRequest",
     "MemoryStore",
     "RecordKind",
     "RecordState",

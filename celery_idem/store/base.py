@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from celery_idem.store.record import ClaimState, RecordKind
 
 __all__ = [
     "ClaimOutcome",
+    "ClaimRequest",
     "ClaimState",
+    "CompleteRequest",
     "ForgetResult",
     "RecordKind",
     "RecordSummary",
@@ -41,6 +43,63 @@ class Stored:
     kind: RecordKind
     payload: bytes
     codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """What :meth:`Store.claim` is asked: one attempt's claim of one key.
+
+    The hot path builds it once per attempt (claiming again while it waits reuses it);
+    every store reads the same fields, so a new store or a new step takes it as it is.
+
+    Attributes:
+        key: The storage key.
+        token: The attempt's owner token (random per attempt); every later write of the
+            attempt is a compare-and-set on it.
+        task_id: The attempt's task id: the owner named to duplicates, and the one whose
+            parked retry may claim the key.
+        fingerprint: The arguments' fingerprint the record must match (``""``: none to
+            check, as for a retry, which may change its arguments).
+        lease: Seconds the claim holds the key unless renewed.
+        ttl: Seconds the completed record is kept (the claimed record lives
+            ``ttl + lease``).
+        max_takeovers: Takeovers allowed before the key is quarantined (0: no limit).
+    """
+
+    key: str
+    _: KW_ONLY
+    token: str
+    task_id: str
+    fingerprint: str
+    lease: float
+    ttl: float
+    max_takeovers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRequest:
+    """What :meth:`Store.complete` is asked: store the outcome of the attempt ``token``.
+
+    Attributes:
+        key: The storage key.
+        token: The owner token of the attempt that claimed the key.
+        fence: The fence its claim got (a retried completion of the same attempt is
+            recognised by it and ``task_id``).
+        task_id: The task id of the run whose outcome this is.
+        stored: The outcome.
+        ttl: Seconds the completed record is kept.
+        continuation: The run still has callbacks or a chain to send (see
+            :meth:`Store.dispatched`).
+    """
+
+    key: str
+    _: KW_ONLY
+    token: str
+    fence: int
+    task_id: str
+    stored: Stored
+    ttl: float
+    continuation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,18 +236,8 @@ class Store(Protocol):
     on the server, so workers with skewed clocks agree).
     """
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
-        """Claim ``key`` for this attempt, or report what holds it.
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
+        """Claim ``request.key`` for the attempt ``request.token``, or report what holds it.
 
         Claims when the key is absent or released, when the owner's lease has run out
         (take-over), or when the owner parked it for a retry of this same ``task_id``
@@ -212,17 +261,7 @@ class Store(Protocol):
         """
         ...
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+    def complete(self, request: CompleteRequest) -> bool:
         """Store the outcome and keep it ``ttl`` seconds; False when ``token`` no longer owns.
 
         Asking twice for the same attempt (a client retry after a lost reply) answers
@@ -319,6 +358,18 @@ class StoreAdmin(Protocol):
 
     def server_facts(self) -> ServerFacts:
         """Facts about the server for ``doctor``: clock, ``INFO``, ``CONFIG``."""
+        ...
+
+    def probe(self, timeout: float) -> None:
+        """Answer one ``PING`` within ``timeout`` seconds, on a connection of its own.
+
+        For the worker's start-up check: a store that is down at start is said at start,
+        not at the first task, and a short timeout keeps the worker from hanging on it
+        (the client's own timeouts and retries are for tasks).
+
+        Raises:
+            StoreUnavailable: No answer in time (the message names the store and why).
+        """
         ...
 
     def eviction_policy(self) -> str | None:

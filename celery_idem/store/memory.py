@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from celery_idem.checks import check_store_durations
-from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
 from celery_idem.store.memory_admin import MemoryAdmin, MemoryRecord
 from celery_idem.store.record import ClaimState, RecordKind, RecordState
 
@@ -30,28 +31,29 @@ class MemoryStore(MemoryAdmin):
     :class:`~celery_idem.store.base.StoreAdmin`.
     """
 
-    def _owned(self, key: str, token: str, now: float) -> MemoryRecord | None:
-        record = self._live(key, now)
-        if record is None or record.owner != token:
-            return None
-        return record
+    def _change_owned(
+        self, key: str, token: str, change: Callable[[MemoryRecord, float], None]
+    ) -> bool:
+        """Under the lock, ``change(record, now)`` if ``token`` owns ``key``; else False.
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
-        """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
-        check_store_durations(lease=lease, ttl=ttl)
-        with self._lock:
+        What renew, release and park share (as their scripts share the owner check).
+        """
+        with self.lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self.live(key, now)
+            if record is None or record.owner != token:
+                return False
+            change(record, now)
+            return True
+
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
+        """See :meth:`celery_idem.store.base.Store.claim` and ``lua/claim.lua``."""
+        key, token, task_id = request.key, request.token, request.task_id
+        fingerprint, lease, ttl = request.fingerprint, request.lease, request.ttl
+        check_store_durations(lease=lease, ttl=ttl)
+        with self.lock:
+            now = time.time()
+            record = self.live(key, now)
             fence = record.fence if record else 0
             takeovers = record.takeovers if record else 0
             took_over = False
@@ -84,7 +86,7 @@ class MemoryStore(MemoryAdmin):
                         took_over = True
                         if record.owner:
                             takeovers += 1
-                            if 0 < max_takeovers < takeovers:
+                            if 0 < request.max_takeovers < takeovers:
                                 record.state, record.takeovers = RecordState.QUARANTINED, takeovers
                                 record.owner, record.deadline = None, 0.0
                                 record.expires_at = math.inf
@@ -93,7 +95,7 @@ class MemoryStore(MemoryAdmin):
                                     takeovers=takeovers, quarantined_now=True,
                                 )  # fmt: skip
             fence = max(fence + 1, int(now * 1000))
-            self._records[key] = MemoryRecord(
+            self.records[key] = MemoryRecord(
                 state=RecordState.IN_PROGRESS,
                 fence=fence,
                 expires_at=now + ttl + lease,
@@ -107,9 +109,9 @@ class MemoryStore(MemoryAdmin):
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See ``lua/peek.lua``."""
-        with self._lock:
+        with self.lock:
             now = time.time()
-            record = self._live(key, now)
+            record = self.live(key, now)
             if record is None or record.state in (RecordState.FREE, RecordState.QUARANTINED):
                 return None
             fence, owner = record.fence, record.task_id
@@ -124,50 +126,38 @@ class MemoryStore(MemoryAdmin):
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
         check_store_durations(lease=lease)
-        with self._lock:
-            now = time.time()
-            record = self._owned(key, token, now)
-            if record is None:
-                return False
+
+        def push(record: MemoryRecord, now: float) -> None:
             record.deadline = max(record.deadline, now + lease)
             record.expires_at = max(record.expires_at, now + 2 * lease)
-            return True
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+        return self._change_owned(key, token, push)
+
+    def complete(self, request: CompleteRequest) -> bool:
         """See ``lua/complete.lua``."""
-        check_store_durations(ttl=ttl)
-        with self._lock:
+        check_store_durations(ttl=request.ttl)
+        with self.lock:
             now = time.time()
-            record = self._live(key, now)
-            if record is None or record.owner != token:
+            record = self.live(request.key, now)
+            if record is None or record.owner != request.token:
                 return bool(
                     record
                     and record.stored is not None
-                    and record.fence == fence
-                    and record.task_id == task_id
+                    and record.fence == request.fence
+                    and record.task_id == request.task_id
                 )
-            record.state = stored.kind.state
-            record.stored = stored
+            record.state = request.stored.kind.state
+            record.stored = request.stored
             record.owner = None
-            record.continuation = continuation
+            record.continuation = request.continuation
             record.deadline = 0.0
-            record.expires_at = now + ttl
+            record.expires_at = now + request.ttl
             return True
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See ``lua/dispatched.lua``."""
-        with self._lock:
-            record = self._live(key, time.time())
+        with self.lock:
+            record = self.live(key, time.time())
             if record is None or record.stored is None or record.task_id != task_id:
                 return False
             record.continuation = False
@@ -175,34 +165,31 @@ class MemoryStore(MemoryAdmin):
 
     def release(self, key: str, *, token: str) -> bool:
         """See ``lua/release.lua``."""
-        with self._lock:
-            record = self._owned(key, token, time.time())
-            if record is None:
-                return False
+
+        def free(record: MemoryRecord, _now: float) -> None:
             record.state = RecordState.FREE
             record.owner = None
             record.deadline = 0.0
             record.fingerprint = ""
             record.task_id = ""
-            return True
+
+        return self._change_owned(key, token, free)
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""
         check_store_durations(hold=hold)
-        with self._lock:
-            now = time.time()
-            record = self._owned(key, token, now)
-            if record is None:
-                return False
+
+        def hold_for_retry(record: MemoryRecord, now: float) -> None:
             record.owner = ""
             record.deadline = now + hold
             record.expires_at = max(record.expires_at, now + 2 * hold)
-            return True
+
+        return self._change_owned(key, token, hold_for_retry)
 
     def clear(self) -> None:
         """Drop every record (between users' tests)."""
-        with self._lock:
-            self._records.clear()
+        with self.lock:
+            self.records.clear()
 
 
 # Kinds a completed record may have, for readers that test ``state``.

@@ -12,13 +12,16 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
 from celery_idem.store.record import RecordState
 
 __all__ = ["MemoryAdmin", "MemoryRecord"]
+
+T = TypeVar("T")
 
 _TOMBSTONE_MAX_MS = 86_400_000
 """The longest a tombstone keeps a fence (as in ``lua/forget.lua``): one day."""
@@ -60,39 +63,30 @@ class MemoryAdmin:
     """
 
     def __init__(self) -> None:
-        self._records: dict[str, MemoryRecord] = {}
-        self._lock = threading.Lock()
+        self.records: dict[str, MemoryRecord] = {}
+        """The record table, by storage key; read and written under :attr:`lock` only."""
+        self.lock = threading.Lock()
+        """Held for each operation, as a Lua script runs alone in Redis."""
 
-    def _live(self, key: str, now: float) -> MemoryRecord | None:
-        record = self._records.get(key)
+    def live(self, key: str, now: float) -> MemoryRecord | None:
+        """The record of ``key``, or None once it expired (then it is dropped); hold the lock."""
+        record = self.records.get(key)
         if record is not None and record.expires_at <= now:
-            del self._records[key]
+            del self.records[key]
             return None
         return record
 
     def _visible(self, key: str, now: float) -> MemoryRecord | None:
         """The record as operators see it: a tombstone (see :meth:`forget_if`) is absent."""
-        record = self._live(key, now)
+        record = self.live(key, now)
         return None if record is None or _forgotten(record) else record
 
     def read(self, key: str) -> StoredRecord | None:
         """See ``lua/read.lua``."""
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._visible(key, now)
-            if record is None:
-                return None
-            return StoredRecord(
-                state=record.state.value,
-                fence=record.fence,
-                task_id=record.task_id,
-                fingerprint=record.fingerprint,
-                lease_left=record.lease_left(now),
-                ttl=_ttl(record, now),
-                stored=record.stored,
-                parked=record.parked,
-                takeovers=record.takeovers,
-            )
+            return None if record is None else _stored_record(record, now)
 
     def forget(self, key: str) -> bool:
         """Forget the record whatever its state (:meth:`forget_if`, forced)."""
@@ -105,7 +99,7 @@ class MemoryAdmin:
         same fence, ``deadline`` = now) until it has, so the next claim still gets a
         higher fence; readers treat the tombstone as absent.
         """
-        with self._lock:
+        with self.lock:
             now = time.time()
             record = self._visible(key, now)
             if record is None:
@@ -116,10 +110,10 @@ class MemoryAdmin:
                 return ForgetResult.HELD
             now_ms = int(now * 1000)
             if record.fence < now_ms:
-                del self._records[key]
+                del self.records[key]
             else:
                 keep_ms = min(record.fence - now_ms + 2, _TOMBSTONE_MAX_MS)
-                self._records[key] = MemoryRecord(
+                self.records[key] = MemoryRecord(
                     state=RecordState.FREE,
                     fence=record.fence,
                     expires_at=now + keep_ms / 1000,
@@ -134,11 +128,11 @@ class MemoryAdmin:
         next hash to visit, so records added or deleted meanwhile move no other key.
         """
         pattern = _glob_regex(match)
-        with self._lock:
+        with self.lock:
             now = time.time()
-            for key in [k for k, r in self._records.items() if r.expires_at <= now]:
-                del self._records[key]
-            ordered = sorted((_scan_hash(k), k) for k in self._records if pattern.fullmatch(k))
+            for key in [k for k, r in self.records.items() if r.expires_at <= now]:
+                del self.records[key]
+            ordered = sorted((_scan_hash(k), k) for k in self.records if pattern.fullmatch(k))
         page = [(h, k) for h, k in ordered if h >= cursor]
         if len(page) <= count:
             return 0, [k for _, k in page]
@@ -148,50 +142,33 @@ class MemoryAdmin:
 
     def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
         """See ``lua/summary.lua``."""
-        out: list[RecordSummary | None] = []
-        with self._lock:
-            now = time.time()
-            for key in keys:
-                record = self._visible(key, now)
-                if record is None:
-                    out.append(None)
-                    continue
-                stored = record.stored
-                out.append(
-                    RecordSummary(
-                        key=key,
-                        state=record.state.value,
-                        fence=record.fence,
-                        task_id=record.task_id,
-                        parked=record.parked,
-                        lease_left=record.lease_left(now),
-                        ttl=_ttl(record, now),
-                        payload_bytes=len(stored.payload) if stored else 0,
-                        codec=stored.codec if stored else "",
-                        takeovers=record.takeovers,
-                    )
-                )
-        return out
+        return self._each(keys, self._visible, _summary)
 
     def memory_usage(self, keys: Sequence[str]) -> list[int | None]:
         """An estimate of what Redis would take: key, record fields and ~70 bytes overhead."""
-        out: list[int | None] = []
-        with self._lock:
+        return self._each(keys, self.live, _estimated_size)
+
+    def _each(
+        self,
+        keys: Sequence[str],
+        find: Callable[[str, float], MemoryRecord | None],
+        describe: Callable[[str, MemoryRecord, float], T],
+    ) -> list[T | None]:
+        """``describe`` each key's record that ``find`` finds (None where it finds none).
+
+        Under the lock, at one reading of the clock, as one pipelined round trip is.
+        """
+        with self.lock:
             now = time.time()
-            for key in keys:
-                record = self._live(key, now)
-                if record is None:
-                    out.append(None)
-                    continue
-                stored = record.stored
-                fields = len(record.fingerprint) + len(record.task_id) + 40
-                body = len(stored.payload) + len(stored.codec) if stored else 0
-                out.append(len(key.encode("utf-8", "surrogatepass")) + fields + body + 70)
-        return out
+            found = ((key, find(key, now)) for key in keys)
+            return [None if record is None else describe(key, record, now) for key, record in found]
 
     def server_facts(self) -> ServerFacts:
         """Nothing to tell: the records live in this process."""
         return ServerFacts(kind="memory", url="memory://")
+
+    def probe(self, timeout: float) -> None:
+        """Nothing to reach: the records live in this process."""
 
     def eviction_policy(self) -> str | None:
         """None: the records live in this process, nothing evicts them."""
@@ -205,6 +182,39 @@ class MemoryAdmin:
 def _forgotten(record: MemoryRecord) -> bool:
     """A tombstone: free, with the time of the forget as its deadline (a release sets 0)."""
     return record.state is RecordState.FREE and record.deadline > 0
+
+
+def _stored_record(record: MemoryRecord, now: float) -> StoredRecord:
+    return StoredRecord(
+        state=record.state.value,
+        fence=record.fence,
+        task_id=record.task_id,
+        fingerprint=record.fingerprint,
+        lease_left=record.lease_left(now),
+        ttl=_ttl(record, now),
+        stored=record.stored,
+        parked=record.parked,
+        takeovers=record.takeovers,
+    )
+
+
+def _summary(key: str, record: MemoryRecord, now: float) -> RecordSummary:
+    """What :meth:`MemoryAdmin.read` tells of the record, without its payload."""
+    full = _stored_record(record, now)
+    stored = full.stored
+    return RecordSummary(
+        key, full.state, full.fence, full.task_id, full.parked, full.lease_left, full.ttl,
+        payload_bytes=len(stored.payload) if stored else 0,
+        codec=stored.codec if stored else "",
+        takeovers=full.takeovers,
+    )  # fmt: skip
+
+
+def _estimated_size(key: str, record: MemoryRecord, _now: float) -> int:
+    stored = record.stored
+    fields = len(record.fingerprint) + len(record.task_id) + 40
+    body = len(stored.payload) + len(stored.codec) if stored else 0
+    return len(key.encode("utf-8", "surrogatepass")) + fields + body + 70
 
 
 def _ttl(record: MemoryRecord, now: float) -> float | None:

@@ -29,7 +29,7 @@ from celery_idem.checks import check_store_durations
 from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint
 from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, Stored
 from celery_idem.store.clients import client_for
 from celery_idem.store.record import ClaimState, RecordKind
 from celery_idem.store.redis_admin import RedisAdmin
@@ -118,7 +118,7 @@ class RedisHotPath(RedisBase):
                     continue
             except ERRORS as exc:
                 self._refresh_slots()
-                raise self._error(key, exc) from exc
+                raise self.error_for(key, exc) from exc
             if attempt < 3 and self.cluster and isinstance(reply, redis.exceptions.AskError):
                 if isinstance(reply, redis.exceptions.MovedError):
                     self._refresh_slots()
@@ -127,14 +127,14 @@ class RedisHotPath(RedisBase):
                     asked = (reply.host, int(reply.port))
                 continue
             if isinstance(reply, ERRORS):
-                raise self._error(key, reply) from reply
+                raise self.error_for(key, reply) from reply
             return reply, acked if isinstance(acked, ERRORS) else int(acked)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _release_quietly(self, key: str, token: str) -> None:
         """Release this attempt's claim if it holds one; a failure changes nothing."""
         with contextlib.suppress(IdempotencyError):
-            self._call(self.scripts.release, key, [token])
+            self.run_script(self.scripts.release, key, [token])
 
     def _not_durable(self, key: str, what: str, acked: int) -> ReplicasNotReached:
         return ReplicasNotReached(
@@ -146,23 +146,17 @@ class RedisHotPath(RedisBase):
             key=key,
         )
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
         """See :meth:`celery_idem.store.base.Store.claim`."""
-        check_store_durations(lease=lease, ttl=ttl)
-        args = [token, task_id, fingerprint, _ms(lease), _ms(ttl + lease), max_takeovers]
+        key, token, lease = request.key, request.token, request.lease
+        check_store_durations(lease=lease, ttl=request.ttl)
+        args = [
+            token, request.task_id, request.fingerprint, _ms(lease), _ms(request.ttl + lease),
+            request.max_takeovers,
+        ]  # fmt: skip
         acked: Any = 0
         if not self.min_replicas:
-            reply = self._call(self.scripts.claim, key, args)
+            reply = self.run_script(self.scripts.claim, key, args)
         else:
             try:
                 reply, acked = self._durable(self.scripts.claim, key, args)
@@ -177,9 +171,9 @@ class RedisHotPath(RedisBase):
                 # would free it too, later) and do not run the body.
                 self._release_quietly(key, token)
                 if isinstance(acked, BaseException):
-                    raise self._error(key, acked) from acked
+                    raise self.error_for(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
-            return ClaimOutcome(state, fence, task_id, took_over=bool(reply[2]))
+            return ClaimOutcome(state, fence, request.task_id, took_over=bool(reply[2]))
         owner = text(reply[2])
         if state is ClaimState.COMPLETED:
             stored = Stored(RecordKind(text(reply[3])), bytes(reply[4]), text(reply[5]))
@@ -199,30 +193,21 @@ class RedisHotPath(RedisBase):
         check_store_durations(lease=lease)
         # The record must outlive the lease by the retention the claim gave it; one
         # lease of slack is enough because a renewal arrives every lease/3.
-        return bool(self._call(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
+        return bool(self.run_script(self.scripts.renew, key, [token, _ms(lease), _ms(2 * lease)]))
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+    def complete(self, request: CompleteRequest) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
-        check_store_durations(ttl=ttl)
+        key, stored = request.key, request.stored
+        check_store_durations(ttl=request.ttl)
         args = [
-            token, fence, stored.kind.value, stored.payload, stored.codec, _ms(ttl), task_id,
-            "+" if continuation else "",
+            request.token, request.fence, stored.kind.value, stored.payload, stored.codec,
+            _ms(request.ttl), request.task_id, "+" if request.continuation else "",
         ]  # fmt: skip
         if not self.min_replicas:
-            return bool(self._call(self.scripts.complete, key, args))
+            return bool(self.run_script(self.scripts.complete, key, args))
         reply, acked = self._durable(self.scripts.complete, key, args)
         if isinstance(acked, BaseException):
-            raise self._error(key, acked) from acked
+            raise self.error_for(key, acked) from acked
         if reply and acked < self.min_replicas:
             # Stored on the primary; a retry finds it there (complete.lua answers 1 to
             # the same attempt) and waits for the replicas again.
@@ -231,20 +216,20 @@ class RedisHotPath(RedisBase):
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
-        return bool(self._call(self.scripts.dispatched, key, [task_id]))
+        return bool(self.run_script(self.scripts.dispatched, key, [task_id]))
 
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""
-        return bool(self._call(self.scripts.release, key, [token]))
+        return bool(self.run_script(self.scripts.release, key, [token]))
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.park`."""
         check_store_durations(hold=hold)
-        return bool(self._call(self.scripts.park, key, [token, _ms(hold), _ms(2 * hold)]))
+        return bool(self.run_script(self.scripts.park, key, [token, _ms(hold), _ms(2 * hold)]))
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See :meth:`celery_idem.store.base.Store.peek` and ``lua/peek.lua``."""
-        reply = self._call(self.scripts.peek, key, [fingerprint])
+        reply = self.run_script(self.scripts.peek, key, [fingerprint])
         code = int(reply[0])
         if code == 0:  # nothing holds the key
             return None

@@ -16,6 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
 from celery_idem.store.record import RecordState, decode_record
@@ -61,6 +64,30 @@ class RedisAdmin(RedisBase):
         """The Cluster's primaries in a stable order (by ``host:port``)."""
         return sorted(self.client.get_primaries(), key=lambda node: node.name)
 
+    def probe(self, timeout: float) -> None:
+        """See :meth:`celery_idem.store.base.StoreAdmin.probe`.
+
+        A new connection from the data node's pool settings (the Sentinel-managed one
+        asks the Sentinels first), with ``timeout`` for connecting and reading and no
+        retries; the pool's own connections keep their settings.
+        """
+        pool = self._server().connection_pool
+        kwargs = {
+            **pool.connection_kwargs,
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        connection = pool.connection_class(**kwargs)
+        try:
+            connection.connect()
+            connection.send_command("PING")
+            connection.read_response()
+        except ERRORS as exc:
+            raise self.unavailable(None, exc, command="PING") from exc
+        finally:
+            connection.disconnect()
+
     def eviction_policy(self) -> str | None:
         """The server's ``maxmemory-policy``, or None where CONFIG is not allowed.
 
@@ -90,7 +117,7 @@ class RedisAdmin(RedisBase):
 
     def read(self, key: str) -> StoredRecord | None:
         """See :meth:`celery_idem.store.base.StoreAdmin.read` and ``lua/read.lua``."""
-        now, pttl, raw = self._call(self.scripts.read, key, [])
+        now, pttl, raw = self.run_script(self.scripts.read, key, [])
         if not raw:
             return None
         r = decode_record(bytes(raw))
@@ -121,7 +148,7 @@ class RedisAdmin(RedisBase):
     def forget_if(self, key: str, *, fence: int | None = None, force: bool = False) -> ForgetResult:
         """See :meth:`celery_idem.store.base.StoreAdmin.forget_if` and ``lua/forget.lua``."""
         args = ["" if fence is None else fence, "1" if force else "0"]
-        reply = self._call(self.scripts.forget, key, args)
+        reply = self.run_script(self.scripts.forget, key, args)
         return ForgetResult(int(reply[0]))
 
     def scan(self, match: str, *, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
@@ -141,7 +168,7 @@ class RedisAdmin(RedisBase):
         try:
             next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
         except ERRORS as exc:
-            raise self._unavailable(match, exc) from exc
+            raise self.unavailable(None, exc, command=f"SCAN MATCH {match}") from exc
         next_cursor = int(next_cursor)
         if nodes > 1:
             if next_cursor:
@@ -163,10 +190,10 @@ class RedisAdmin(RedisBase):
         try:
             replies: list[Any] = pipe.execute(raise_on_error=False)
         except ERRORS as exc:
-            raise self._unavailable(keys[0], exc) from exc
+            raise self.unavailable(keys[0], exc) from exc
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, BaseException) and is_outage(reply):
-                raise self._unavailable(key, reply)
+                raise self.unavailable(key, reply)
         return replies
 
     def summarize(self, keys: Sequence[str]) -> list[RecordSummary | None]:
@@ -177,7 +204,7 @@ class RedisAdmin(RedisBase):
             replies = []
             for key in keys:
                 try:
-                    replies.append(self._call(self.scripts.summary, key, []))
+                    replies.append(self.run_script(self.scripts.summary, key, []))
                 except StoreUnavailable:
                     raise
                 except IdempotencyError as exc:
@@ -236,14 +263,14 @@ class RedisAdmin(RedisBase):
             seconds, micros = client.time()
             after = time.time()
         except ERRORS as exc:
-            raise self._unavailable("TIME", exc) from exc
+            raise self.unavailable(None, exc, command="TIME") from exc
         info: dict[str, str] = {}
         info_error = None
         try:
             info = {str(k): text(v) for k, v in client.info().items()}
         except ERRORS as exc:
             if is_outage(exc):
-                raise self._unavailable("INFO", exc) from exc
+                raise self.unavailable(None, exc, command="INFO") from exc
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
@@ -251,7 +278,7 @@ class RedisAdmin(RedisBase):
                 reply: dict[Any, Any] = client.config_get(name)
             except ERRORS as exc:
                 if is_outage(exc):
-                    raise self._unavailable("CONFIG", exc) from exc
+                    raise self.unavailable(None, exc, command="CONFIG") from exc
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

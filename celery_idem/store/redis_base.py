@@ -196,42 +196,46 @@ class RedisBase:
         self.cluster = isinstance(client, RedisCluster)
         self.scripts = scripts if scripts is not None else Scripts(client)
 
-    def _call(self, script: Script, key: str, args: list[Any]) -> Any:
+    def run_script(self, script: Script, key: str, args: list[Any]) -> Any:
+        """``script`` on ``key`` with ``args``: its reply, or :meth:`error_for` its failure."""
         try:
             return script(keys=[key], args=args)
         except ERRORS as exc:
-            raise self._error(key, exc) from exc
+            raise self.error_for(key, exc) from exc
 
-    def _error(self, key: str, exc: BaseException) -> IdempotencyError:
+    def error_for(self, key: str, exc: BaseException) -> IdempotencyError:
         """An outage becomes StoreUnavailable; any other refusal a permanent error.
 
         ``is_outage`` reads the reply's code, not only redis-py's class: Redis 6.2 wraps
         an ``OOM`` met inside a script into a plain script error, which is an outage too.
         """
         if is_outage(exc) or not isinstance(exc, redis.ResponseError):
-            return self._unavailable(key, exc)
+            return self.unavailable(key, exc)
         # Not an outage: retrying would fail the same way (a key of another type
         # under our prefix, a damaged record, a script error).
         return IdempotencyError(
             f"the idempotency store at {self.url} refused record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Is another application writing under "
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}. Is another application writing under "
             f"idem_key_prefix?",
             key=key,
         )
 
-    def _unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
+    def unavailable(
+        self, key: str | None, exc: BaseException, *, command: str = ""
+    ) -> StoreUnavailable:
+        """The outage ``exc``, met on record ``key`` or on ``command``, as StoreUnavailable."""
+        where = f"record {key!r}" if key is not None else f"{command or 'a command'}"
+        cause = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
         code = outage_code(exc)
         if code is not None:  # the server answered: reachability is not the question
             return StoreUnavailable(
-                f"the idempotency store at {self.url} failed on record {key!r}: Redis "
-                f"answered {code} ({OUTAGE_CODES[code][1]}): {type(exc).__name__}: "
-                f"{str(exc).rstrip('.')}. "
+                f"the idempotency store at {self.url} failed on {where}: Redis "
+                f"answered {code} ({OUTAGE_CODES[code][1]}): {cause}. "
                 f"Treated as an outage: tasks follow idem_on_store_error until it passes.",
                 key=key,
             )
         return StoreUnavailable(
-            f"the idempotency store at {self.url} failed on record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
-            f"idem_redis_url is right.",
+            f"the idempotency store at {self.url} failed on {where}: {cause}. Check that "
+            f"Redis is reachable and idem_redis_url is right.",
             key=key,
         )

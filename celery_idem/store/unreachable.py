@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 from celery_idem.exceptions import StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, Stored
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
 
 __all__ = ["UnreachableStore"]
 
@@ -34,37 +34,17 @@ class UnreachableStore:
     def _fail(self, key: str) -> NoReturn:
         raise StoreUnavailable(f"{self.cause} (record {key!r})", key=key) from self.cause
 
-    def claim(
-        self,
-        key: str,
-        *,
-        token: str,
-        task_id: str,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        max_takeovers: int = 0,
-    ) -> ClaimOutcome:
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
         """Always an outage."""
-        self._fail(key)
+        self._fail(request.key)
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """Always an outage."""
         self._fail(key)
 
-    def complete(
-        self,
-        key: str,
-        *,
-        token: str,
-        fence: int,
-        task_id: str,
-        stored: Stored,
-        ttl: float,
-        continuation: bool = False,
-    ) -> bool:
+    def complete(self, request: CompleteRequest) -> bool:
         """Always an outage."""
-        self._fail(key)
+        self._fail(request.key)
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """Always an outage."""

@@ -40,13 +40,13 @@ from celery_idem.task.execution import Execution
 from celery_idem.task.headers import RETRY_KEY
 from celery_idem.task.spec import Spec
 
-__all__ = ["IdempotentTask"]
+__all__ = ["IdempotentTask", "task_options"]
 
 _EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined)
 """Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
 
 
-def _task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
+def task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
     """The task layer: every task option the class sets (by the decorator or a subclass).
 
     The declared options that are not None, plus any other ``idem_*`` name a subclass
@@ -222,7 +222,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         cached = self._idem_settings_cache
         if cached is not None and cached[0] == spec.generation():
             return cached[1]
-        settings = resolve_settings(self.app.conf, _task_options(type(self)), task_name=self.name)
+        settings = resolve_settings(self.app.conf, task_options(type(self)), task_name=self.name)
         self._idem_settings_cache = (spec.generation(), settings)
         return settings
 

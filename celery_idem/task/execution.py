@@ -41,7 +41,14 @@ from celery_idem.exceptions import (
 )
 from celery_idem.keys import KeySource, storage_key
 from celery_idem.renewer import Lease, renewer
-from celery_idem.store import ClaimOutcome, ClaimState, RecordKind, Stored
+from celery_idem.store import (
+    ClaimOutcome,
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    Stored,
+)
 from celery_idem.task.headers import (
     DEFERRALS,
     GROUP_INDEX,
@@ -156,6 +163,20 @@ class Execution:
         """An error of ``kind`` naming this execution's key and task."""
         return kind(message, key=self.key, task_name=self.task.name)
 
+    def key_error(self, kind: type[IdempotencyError], what: str) -> IdempotencyError:
+        """An error of ``kind`` saying ``task 'NAME' key 'KEY'`` and then ``what``."""
+        return self.error(kind, f"task {self.task.name!r} key {self.key!r} {what}")
+
+    def stage_error(
+        self, kind: type[IdempotencyError], stage: str, cause: Exception
+    ) -> IdempotencyError:
+        """An error of ``kind``: this execution could not ``stage`` its key (``cause``).
+
+        ``cause`` is the store's error, which names only the hashed record.
+        """
+        message = f"task {self.task.name!r} could not {stage} key {self.key!r}: {cause}"
+        return self.error(kind, message)
+
     def set_fence(self, fence: int) -> None:
         """The claim's fence, for the body (``self.idempotency_fence``) and the log lines."""
         self.fence = self.request.idem_fence = fence
@@ -186,23 +207,23 @@ class Execution:
     def claim(self) -> ClaimOutcome | None:
         """Claim the key; under ``wait``, poll while another run holds it (up to a lease)."""
         settings, deadline = self.settings, 0.0
+        request = ClaimRequest(
+            self.storage,
+            token=self.token,
+            task_id=self.task_id,
+            fingerprint=self.fingerprint,
+            lease=settings.lease,
+            ttl=settings.ttl,
+            max_takeovers=settings.max_takeovers,
+        )
         while True:
             try:
-                outcome = self.spec.store.claim(
-                    self.storage,
-                    token=self.token,
-                    task_id=self.task_id,
-                    fingerprint=self.fingerprint,
-                    lease=settings.lease,
-                    ttl=settings.ttl,
-                    max_takeovers=settings.max_takeovers,
-                )
+                outcome = self.spec.store.claim(request)
             except StoreUnavailable as exc:
                 self.store_down(exc)
                 return None
             except IdempotencyError as exc:  # refused for good (a damaged record)
-                message = f"task {self.task.name!r} could not claim key {self.key!r}: {exc}"
-                raise self.error(IdempotencyError, message) from exc
+                raise self.stage_error(IdempotencyError, "claim", exc) from exc
             if (
                 outcome.state is not ClaimState.IN_PROGRESS
                 or settings.on_in_progress is not InProgressPolicy.WAIT
@@ -228,7 +249,7 @@ class Execution:
             policy = StoreErrorPolicy.RETRY
         # The store names only its hashed record; the caller needs the task and key.
         kind = ReplicasNotReached if not_durable else StoreUnavailable
-        exc = self.error(kind, f"task {self.task.name!r} could not claim key {self.key!r}: {cause}")
+        exc = self.stage_error(kind, "claim", cause)
         exc.__cause__ = cause
         self.signal(signals.store_error, exc=exc, stage="claim", policy=policy)
         if policy is StoreErrorPolicy.RUN:
@@ -267,10 +288,14 @@ class Execution:
     def signal_in_progress(self, outcome: ClaimOutcome) -> None:
         """Tell (log, signal) that another run holds the key."""
         policy = self.settings.on_in_progress
+        holder = (
+            f"an earlier delivery of this same message (task {outcome.task_id})"
+            if outcome.task_id == self.task_id
+            else f"task {outcome.task_id}"
+        )
         self.log.info(
-            "held by %s for %.1f s more; policy %s",
-            outcome.task_id, outcome.lease_left, policy.value,
-        )  # fmt: skip
+            "held by %s for %.1f s more; policy %s", holder, outcome.lease_left, policy.value
+        )
         self.signal(
             signals.duplicate_in_progress,
             owner_task_id=outcome.task_id,
@@ -283,10 +308,10 @@ class Execution:
         policy = self.settings.on_in_progress
         if policy is not InProgressPolicy.WAIT:  # ``wait`` signalled when it began waiting
             self.signal_in_progress(outcome)
-        error = self.error(
+        error = self.key_error(
             DuplicateInProgress,
-            f"task {self.task.name!r} key {self.key!r} is being run by task {outcome.task_id} "
-            f"(lease {outcome.lease_left:.1f} s left); this duplicate did not run the body",
+            f"is being run by task {outcome.task_id} (lease {outcome.lease_left:.1f} s left); "
+            f"this duplicate did not run the body",
         )
         # The same task id (a redelivery, or a retry that overtook its own parking) is
         # this work's only message: it must come back, whatever the policy says.
@@ -323,13 +348,12 @@ class Execution:
                 "the body did not run", outcome.takeovers, cap,
             )  # fmt: skip
             self.signal(signals.quarantined, takeovers=outcome.takeovers, fence=outcome.fence)
-        raise self.error(
+        raise self.key_error(
             KeyQuarantined,
-            f"task {self.task.name!r} key {self.key!r} is quarantined: it was taken over "
-            f"{outcome.takeovers} times without completing (idem_max_takeovers={cap}), so "
-            f"its message may be killing workers (OOM, a crash, a hard time limit). Nothing "
-            f"runs for it until an operator releases it: celery -A <app> idem forget --task "
-            f"{self.task.name} {shlex.quote(self.key)}",
+            f"is quarantined: it was taken over {outcome.takeovers} times without completing "
+            f"(idem_max_takeovers={cap}), so its message may be killing workers (OOM, a "
+            f"crash, a hard time limit). Nothing runs for it until an operator releases it: "
+            f"celery -A <app> idem forget --task {self.task.name} {shlex.quote(self.key)}",
         )
 
     # -- a completed key -----------------------------------------------------------------
@@ -353,31 +377,31 @@ class Execution:
         self.set_fence(outcome.fence)
         self.log.debug("replaying the outcome of task %s", outcome.task_id)
         self.signal(signals.replayed, original_task_id=outcome.task_id, fence=outcome.fence)
-        name, key = self.task.name, self.key
+        return self.stored_value(stored, outcome.task_id)
+
+    def stored_value(self, stored: Stored, ran_as: str) -> Any:
+        """The stored result; or raise the cached failure, or why there is no result."""
         if stored.kind is RecordKind.RESULT:
             try:
                 return codec.decode_result(stored, self.spec.accept)
             except codec.DECODE_ERRORS as exc:
                 raise self.error(
                     IdempotencyError,
-                    f"the stored result of task {name!r} key {key!r} cannot be decoded with "
-                    f"the content types this app accepts ({exc}); the body was not run. "
-                    f"Forget the key if the record is not yours.",
+                    f"the stored result of task {self.task.name!r} key {self.key!r} cannot be "
+                    f"decoded with the content types this app accepts ({exc}); the body was "
+                    f"not run. Forget the key if the record is not yours.",
                 ) from exc
         if stored.kind is RecordKind.ERROR:
             error, described = codec.decode_error(stored, self.settings.cache_errors)
             if error is not None:
                 raise error
-            raise self.error(
-                IdempotencyError,
-                f"task {name!r} key {key!r} failed before with {described}; that failure is "
-                f"cached but its class is no longer in idem_cache_errors",
-            )
-        raise self.error(
+            why = "that failure is cached but its class is no longer in idem_cache_errors"
+            raise self.key_error(IdempotencyError, f"failed before with {described}; {why}")
+        reason = codec.no_result_reason(stored)
+        raise self.key_error(
             ResultNotStored,
-            f"task {name!r} key {key!r} already ran (task {outcome.task_id}) but its result "
-            f"was not stored: {codec.no_result_reason(stored)}. The body will not run "
-            f"again; forget the key to run it anew.",
+            f"already ran (task {ran_as}) but its result was not stored: {reason}. The body "
+            f"will not run again; forget the key to run it anew.",
         )
 
     # -- a claimed key -------------------------------------------------------------------
@@ -444,9 +468,7 @@ class Execution:
         of the same type naming this execution's key and task, caused by it.
         """
         self.log.error("could not %s the record: %s", stage, exc)
-        error = self.error(
-            type(exc), f"task {self.task.name!r} could not {stage} key {self.key!r}: {exc}"
-        )
+        error = self.stage_error(type(exc), stage, exc)
         error.__cause__ = exc
         self.signal(signals.store_error, exc=error, stage=stage, policy=None)
 
@@ -518,13 +540,15 @@ class Execution:
     def store_outcome(self, stored: Stored, *, continuation: bool = False) -> bool:
         """Complete the key with ``stored``, fenced by this run's token; False if lost."""
         owned = self.spec.store.complete(
-            self.storage,
-            token=self.token,
-            fence=self.fence,
-            task_id=self.task_id,
-            stored=stored,
-            ttl=self.settings.ttl,
-            continuation=continuation,
+            CompleteRequest(
+                self.storage,
+                token=self.token,
+                fence=self.fence,
+                task_id=self.task_id,
+                stored=stored,
+                ttl=self.settings.ttl,
+                continuation=continuation,
+            )
         )
         if not owned:
             self.report_lost("complete")

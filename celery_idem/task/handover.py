@@ -25,6 +25,7 @@ from celery_idem.checks import MAX_DURATION
 from celery_idem.exceptions import IdempotencyError
 from celery_idem.keys import storage_key
 from celery_idem.renewer import renewer
+from celery_idem.store import CompleteRequest
 from celery_idem.task.execution import Execution
 from celery_idem.task.headers import HANDOVER, message_headers
 from celery_idem.task.spec import IdemTask
@@ -96,7 +97,9 @@ def settle_handover(
             stored = codec.encode_no_result(f"{type(exc).__name__}: {exc}")
         fence = int(handover.get("fence") or 0)
         owned = spec.store.complete(
-            storage, token=token, fence=fence, task_id=task_id, stored=stored, ttl=settings.ttl
+            CompleteRequest(
+                storage, token=token, fence=fence, task_id=task_id, stored=stored, ttl=settings.ttl
+            )
         )
     except IdempotencyError as exc:
         logger.error(

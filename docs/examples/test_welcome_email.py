@@ -15,6 +15,7 @@ from freezegun import freeze_time
 
 from celery_idem import IdempotencyKeyMismatch, IdempotentTask
 from celery_idem.keys import storage_key
+from celery_idem.store import ClaimRequest
 from celery_idem.testing import MemoryStore, use_memory_store
 
 app = Celery("shop", set_as_current=False)
@@ -73,7 +74,9 @@ def test_a_crashed_run_is_taken_over_after_its_lease(
     with freeze_time("2030-01-01 12:00:00") as clock:
         # A worker claims the key and dies before completing it.
         crashed = idem_store.claim(
-            record, token=dead_worker, task_id="t-1", fingerprint="", lease=60, ttl=86400
+            ClaimRequest(
+                record, token=dead_worker, task_id="t-1", fingerprint="", lease=60, ttl=86400
+            )
         )
         clock.tick(dt.timedelta(seconds=61))  # its lease runs out
 

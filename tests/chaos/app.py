@@ -53,15 +53,15 @@ def _break_the_claim() -> None:
     claim that skipped the fence check would: duplicates run the body. The checker must
     catch it. Never set outside that test.
     """
-    from celery_idem.store import ClaimOutcome, ClaimState  # noqa: PLC0415
+    from celery_idem.store import ClaimOutcome, ClaimRequest, ClaimState  # noqa: PLC0415
     from celery_idem.store.redis import RedisStore  # noqa: PLC0415
 
     honest = RedisStore.claim
 
-    def claim(self: RedisStore, key: str, **kwargs: Any) -> ClaimOutcome:
-        outcome = honest(self, key, **kwargs)
+    def claim(self: RedisStore, request: ClaimRequest) -> ClaimOutcome:
+        outcome = honest(self, request)
         if outcome.state in (ClaimState.IN_PROGRESS, ClaimState.COMPLETED):
-            return ClaimOutcome(ClaimState.CLAIMED, outcome.fence, kwargs["task_id"])
+            return ClaimOutcome(ClaimState.CLAIMED, outcome.fence, request.task_id)
         return outcome
 
     RedisStore.claim = claim  # type: ignore[method-assign]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from celery_idem.keys import storage_key
-from celery_idem.store import RecordKind, Stored
+from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
 from devtools.redis_server import RedisServer
@@ -87,11 +87,13 @@ class Cli:
         token = uuid.uuid4().hex
         task_id = f"id-{key}"
         out = self.store.claim(
-            stored, token=token, task_id=task_id, fingerprint="", lease=60, ttl=3600
+            ClaimRequest(stored, token=token, task_id=task_id, fingerprint="", lease=60, ttl=3600)
         )
         result = Stored(RecordKind.RESULT, payload, codec)
         assert self.store.complete(
-            stored, token=token, fence=out.fence, task_id=task_id, stored=result, ttl=3600
+            CompleteRequest(
+                stored, token=token, fence=out.fence, task_id=task_id, stored=result, ttl=3600
+            )
         )
         return stored
 
@@ -99,12 +101,14 @@ class Cli:
         """A record in progress (a live lease of ``lease`` seconds); returns its storage key."""
         stored = self.key(task, key)
         self.store.claim(
-            stored,
-            token=uuid.uuid4().hex,
-            task_id=f"id-{key}",
-            fingerprint="",
-            lease=lease,
-            ttl=3600,
+            ClaimRequest(
+                stored,
+                token=uuid.uuid4().hex,
+                task_id=f"id-{key}",
+                fingerprint="",
+                lease=lease,
+                ttl=3600,
+            )
         )
         return stored
 

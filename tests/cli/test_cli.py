@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from celery_idem.keys import storage_key, task_tag
-from celery_idem.store import RecordKind, Stored
+from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from devtools.processes import free_port, wait_for
 from devtools.redis_server import RedisServer
 from tests.cli.conftest import Cli
@@ -298,7 +298,9 @@ def test_stats_counts_by_task_and_state(cli: Cli, cli_app: ModuleType, via: str)
     _wait_for_next_server_ms(cli, record.fence)
     cli.running("cli.send", "2:new")
     parked = cli.key("cli.add", "parked")
-    cli.store.claim(parked, token="tp", task_id="id-p", fingerprint="", lease=60, ttl=60)
+    cli.store.claim(
+        ClaimRequest(parked, token="tp", task_id="id-p", fingerprint="", lease=60, ttl=60)
+    )
     assert cli.store.park(parked, token="tp", hold=60)
     stray = f"idem:{task_tag('gone.task')}:{'A' * 22}"  # a task this app does not have
     cli.store.client.set(stray, "not a record")
@@ -338,10 +340,10 @@ def test_a_quarantined_key_is_counted_listed_inspected_and_released_by_forget(
     stored = cli.key("cli.send", "9:poison")
 
     def claim(token: str) -> Any:
-        return cli.store.claim(
+        return cli.store.claim(ClaimRequest(
             stored, token=token, task_id="id-p", fingerprint="", lease=0.05, ttl=3600,
             max_takeovers=1,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def lease_ran_out() -> bool:
         record = cli.store.read(stored)
@@ -443,11 +445,13 @@ def test_doctor_fails_a_replica(cli: Cli) -> None:
 
 def test_stored_payload_kinds_show_their_reason(cli: Cli) -> None:
     stored = cli.key("cli.add", "nr")
-    cli.store.claim(stored, token="t", task_id="i", fingerprint="", lease=60, ttl=60)
+    cli.store.claim(ClaimRequest(stored, token="t", task_id="i", fingerprint="", lease=60, ttl=60))
     reason = Stored(RecordKind.NO_RESULT, b'{"reason": "too big"}', "j")
     out = cli.store.read(stored)
     assert out is not None
-    cli.store.complete(stored, token="t", fence=out.fence, task_id="i", stored=reason, ttl=60)
+    cli.store.complete(
+        CompleteRequest(stored, token="t", fence=out.fence, task_id="i", stored=reason, ttl=60)
+    )
     view = cli.json("inspect", "nr", "--task", "cli.add")
     assert (view["state"], view["substate"]) == ("completed", "no_result")
     assert view["result"]["reason"] == "too big"

@@ -22,7 +22,16 @@ from freezegun import freeze_time
 
 from celery_idem.checks import MAX_DURATION
 from celery_idem.exceptions import IdempotencyConfigError
-from celery_idem.store import ClaimState, MemoryStore, RecordKind, RecordState, Store, Stored
+from celery_idem.store import (
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    MemoryStore,
+    RecordKind,
+    RecordState,
+    Store,
+    Stored,
+)
 from celery_idem.store.base import ForgetResult
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
@@ -100,7 +109,7 @@ def complete(backend: Backend, key: str, *, token: str, stored: Stored, ttl: flo
     rec = backend.store.read(key)
     fence, task_id = (rec.fence, rec.task_id) if rec else (0, "")
     return backend.store.complete(
-        key, token=token, fence=fence, task_id=task_id, stored=stored, ttl=ttl
+        CompleteRequest(key, token=token, fence=fence, task_id=task_id, stored=stored, ttl=ttl)
     )
 
 
@@ -108,7 +117,7 @@ def claim(backend: Backend, key: str, token: str = "t1", task_id: str = "id-1", 
     kw.setdefault("fingerprint", "fp")
     kw.setdefault("lease", LEASE)
     kw.setdefault("ttl", TTL)
-    return backend.store.claim(backend.key(key), token=token, task_id=task_id, **kw)
+    return backend.store.claim(ClaimRequest(backend.key(key), token=token, task_id=task_id, **kw))
 
 
 def test_fresh_key_is_claimed_with_a_fence_from_the_store_clock(backend: Backend) -> None:
@@ -308,7 +317,9 @@ def test_many_threads_claiming_one_key_on_redis_only_one_wins(
     lock = threading.Lock()
 
     def go(i: int) -> None:
-        out = store.claim(key, token=f"t{i}", task_id=f"id-{i}", fingerprint="", lease=30, ttl=30)
+        out = store.claim(
+            ClaimRequest(key, token=f"t{i}", task_id=f"id-{i}", fingerprint="", lease=30, ttl=30)
+        )
         with lock:
             results.append(out.state)
 
@@ -323,16 +334,13 @@ def test_many_threads_claiming_one_key_on_redis_only_one_wins(
 
 def test_memory_store_time_follows_freezegun() -> None:
     store = MemoryStore()
+    second = ClaimRequest("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10)
     with freeze_time("2026-01-01") as frozen:
-        store.claim("k", token="a", task_id="1", fingerprint="", lease=60, ttl=10)
+        store.claim(ClaimRequest("k", token="a", task_id="1", fingerprint="", lease=60, ttl=10))
         frozen.tick(59)
-        assert store.claim("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10).state is (
-            ClaimState.IN_PROGRESS
-        )
+        assert store.claim(second).state is ClaimState.IN_PROGRESS
         frozen.tick(2)
-        assert store.claim("k", token="b", task_id="2", fingerprint="", lease=60, ttl=10).state is (
-            ClaimState.CLAIMED
-        )
+        assert store.claim(second).state is ClaimState.CLAIMED
 
 
 def test_parked_retry_may_change_its_arguments(backend: Backend) -> None:
@@ -424,7 +432,7 @@ def test_no_cap_means_takeovers_never_quarantine(backend: Backend) -> None:
     claim(backend, "k")
     for n in range(3):
         backend.advance(k, LEASE)
-        assert claim(backend, "k", token=f"t{n + 2}", max_takeovers=0).state is (ClaimState.CLAIMED)
+        assert claim(backend, "k", token=f"t{n + 2}", max_takeovers=0).state is ClaimState.CLAIMED
 
 
 def test_a_completion_with_a_continuation_stays_pending_until_dispatched(
@@ -432,10 +440,10 @@ def test_a_completion_with_a_continuation_stays_pending_until_dispatched(
 ) -> None:
     k = backend.key("k")
     out = claim(backend, "k")
-    assert backend.store.complete(
+    assert backend.store.complete(CompleteRequest(
         k, token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL,
         continuation=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     redelivered = claim(backend, "k", token="t2")
     assert redelivered.state is ClaimState.COMPLETED
     assert redelivered.continuation_pending
@@ -446,7 +454,9 @@ def test_a_completion_with_a_continuation_stays_pending_until_dispatched(
     # Without a continuation there is nothing pending.
     out = claim(backend, "k2")
     backend.store.complete(
-        backend.key("k2"), token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL
+        CompleteRequest(
+            backend.key("k2"), token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL
+        )
     )
     assert not claim(backend, "k2", token="t2").continuation_pending
 
@@ -468,10 +478,10 @@ def test_a_stale_attempt_cannot_pass_for_the_one_that_completed(backend: Backend
     out = claim(backend, "k")
     k = backend.key("k")
     assert backend.store.complete(
-        k, token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL
+        CompleteRequest(k, token="t1", fence=out.fence, task_id="id-1", stored=RESULT, ttl=TTL)
     )
     assert not backend.store.complete(
-        k, token="t9", fence=out.fence, task_id="id-9", stored=RESULT, ttl=TTL
+        CompleteRequest(k, token="t9", fence=out.fence, task_id="id-9", stored=RESULT, ttl=TTL)
     )
 
 
@@ -524,8 +534,10 @@ def test_scan_returns_every_matching_key_over_several_steps(backend: Backend) ->
     names = [f"s{i}" for i in range(40)]
     for name in names:
         claim(backend, name)
-    backend.store.claim(  # same characters, another prefix: not matched
-        f"{backend.prefix}x:s1", token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL
+    backend.store.claim(
+        ClaimRequest(  # same characters, another prefix: not matched
+            f"{backend.prefix}x:s1", token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL
+        )
     )
     keys, steps = scan_all(backend, f"{backend.prefix}:*", count=5)
     assert set(keys) == {backend.key(n) for n in names}
@@ -559,7 +571,9 @@ def test_scan_returns_keys_present_throughout_while_others_come_and_go(
 def test_scan_glob_escapes_match_literally(backend: Backend) -> None:
     plain, starred = f"{backend.prefix}:ab", f"{backend.prefix}:a*"
     for key in (plain, starred):
-        backend.store.claim(key, token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL)
+        backend.store.claim(
+            ClaimRequest(key, token="t", task_id="i", fingerprint="", lease=LEASE, ttl=TTL)
+        )
     assert set(scan_all(backend, f"{backend.prefix}:a\\*", count=10)[0]) == {starred}
     assert set(scan_all(backend, f"{backend.prefix}:a?", count=10)[0]) == {plain, starred}
 

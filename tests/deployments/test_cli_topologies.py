@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from celery_idem.keys import storage_key
-from celery_idem.store import RecordKind, Stored
+from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,9 +53,14 @@ def test_list_stats_and_forget_cover_every_node(
     keys = set()
     for i in range(40):  # on Cluster, 40 keys land on all three masters
         key = storage_key(prefix, "cli.add", f"{tag}-{i}")
-        out = store.claim(key, token="t", task_id=f"id-{i}", fingerprint="", lease=60, ttl=600)
-        assert store.complete(key, token="t", fence=out.fence, task_id=f"id-{i}", stored=RESULT,
-                              ttl=600)  # fmt: skip
+        out = store.claim(
+            ClaimRequest(key, token="t", task_id=f"id-{i}", fingerprint="", lease=60, ttl=600)
+        )
+        assert store.complete(
+            CompleteRequest(
+                key, token="t", fence=out.fence, task_id=f"id-{i}", stored=RESULT, ttl=600
+            )
+        )
         keys.add(key)
     listed = run(url, "list", "--task", "cli.add", "--limit", "0", "--scan-count", "10")
     assert {r["storage_key"] for r in listed["records"]} == keys

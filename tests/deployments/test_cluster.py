@@ -21,7 +21,15 @@ from celery import Celery
 
 from celery_idem import IdempotencyConfigError, IdempotentTask, ReplicasNotReached, StoreUnavailable
 from celery_idem.config import resolve_settings
-from celery_idem.store import ClaimState, RecordKind, RecordState, Stored, StoredRecord
+from celery_idem.store import (
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    RecordState,
+    Stored,
+    StoredRecord,
+)
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
@@ -47,11 +55,16 @@ def cluster_url(cluster: RedisCluster) -> str:
 
 
 def run_once(store: RedisStore, key: str) -> None:
-    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    first = store.claim(
+        ClaimRequest(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    )
     assert first.state is ClaimState.CLAIMED
-    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT,
-                          ttl=60)  # fmt: skip
-    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    assert store.complete(
+        CompleteRequest(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT, ttl=60)
+    )
+    again = store.claim(
+        ClaimRequest(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    )
     assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
 
 
@@ -104,13 +117,18 @@ def test_a_record_whose_slot_moved_is_followed_through_moved(
 ) -> None:
     store = RedisStore.from_url(cluster_url(replicated_cluster), min_replicas=min_replicas)
     key = f"idem:moved-{uuid.uuid4().hex[:8]}"
-    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    first = store.claim(
+        ClaimRequest(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    )
     assert first.state is ClaimState.CLAIMED  # the client's slot map now points at the source
     migrate_slot_of(replicated_cluster, key)
     # The completion goes to the old owner first, gets MOVED, and lands on the new one.
-    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT,
-                          ttl=60)  # fmt: skip
-    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    assert store.complete(
+        CompleteRequest(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT, ttl=60)
+    )
+    again = store.claim(
+        ClaimRequest(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    )
     assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
 
 
@@ -127,7 +145,9 @@ def test_min_replicas_on_a_cluster_without_replicas_refuses_every_claim(
     store._wait_ms = 100
     key = f"idem:lonely-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ReplicasNotReached, match="0 of idem_min_replicas=1"):
-        store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+        store.claim(
+            ClaimRequest(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+        )
     record = store.read(key)  # released: nothing holds the key
     assert record is not None
     assert record.state == RecordState.FREE.value
@@ -193,7 +213,9 @@ def test_a_slot_being_migrated_is_followed_through_ask_on_the_wait_path(
         # The key is not on the source: it answers ASK, and the pair goes to the target.
         run_once(store, key)
     assert target.client().exists(key) == 1  # written on the importing node, behind ASKING
-    again = store.claim(key, token="c", task_id="id-c", fingerprint="fp", lease=30, ttl=60)
+    again = store.claim(
+        ClaimRequest(key, token="c", task_id="id-c", fingerprint="fp", lease=30, ttl=60)
+    )
     assert again.state is ClaimState.COMPLETED
 
 
@@ -204,7 +226,9 @@ def test_a_cluster_going_down_under_a_store_is_an_outage() -> None:
         cluster.stop()
         key = f"idem:down-{uuid.uuid4().hex[:8]}"
         with pytest.raises(StoreUnavailable, match=key):
-            store.claim(key, token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+            store.claim(
+                ClaimRequest(key, token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+            )
         with pytest.raises(StoreUnavailable):
             store.read(key)
 
@@ -239,14 +263,18 @@ def test_a_primary_failing_over_keeps_replicated_records_and_the_store_follows()
         record = wait_for(answered, 30, message="the replica promoted")
         # The completed record survived the failover.
         assert record.state == RecordState.RESULT.value
-        again = plain.claim(kept, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+        again = plain.claim(
+            ClaimRequest(kept, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+        )
         assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
 
         # The WAIT path reaches the new primary too; it has no replica left (its old
         # primary is dead), so a durable claim is refused, not lost or sent to the dead node.
         def refused_by_new_primary() -> bool:
             try:
-                durable.claim(later, token="c", task_id="id-c", fingerprint="", lease=30, ttl=60)
+                durable.claim(
+                    ClaimRequest(later, token="c", task_id="id-c", fingerprint="", lease=30, ttl=60)
+                )
             except ReplicasNotReached:
                 return True
             except StoreUnavailable:

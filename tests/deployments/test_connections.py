@@ -17,7 +17,16 @@ import redis
 
 from celery_idem import IdempotencyConfigError, IdempotencyError, StoreUnavailable
 from celery_idem.config import resolve_settings
-from celery_idem.store import ClaimState, RecordKind, RecordState, Store, Stored, store_for
+from celery_idem.store import (
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    RecordState,
+    Store,
+    Stored,
+    store_for,
+)
 from celery_idem.store.connect import client_for
 from celery_idem.store.redis import RedisStore
 from devtools.redis_server import RedisServer
@@ -42,10 +51,16 @@ def store_from(conf: dict[str, Any]) -> Store:
 
 def run_once_then_replay(store: Store, key: str) -> None:
     """Claim, complete, and see a duplicate get the stored result: the whole protocol."""
-    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    first = store.claim(
+        ClaimRequest(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    )
     assert first.state is ClaimState.CLAIMED
-    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT, ttl=60)
-    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    assert store.complete(
+        CompleteRequest(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT, ttl=60)
+    )
+    again = store.claim(
+        ClaimRequest(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    )
     assert (again.state, again.stored) == (ClaimState.COMPLETED, RESULT)
 
 
@@ -92,8 +107,11 @@ def test_tls_with_an_untrusted_server_certificate_is_a_store_outage_naming_the_k
     # No CA given: the system's CAs do not know the test CA, so verification fails.
     conf = {"idem_redis_url": tls.tls_url(0) + "?ssl_cert_reqs=required"}
     with pytest.raises(StoreUnavailable) as info:
-        store_from(conf).claim("idem:tls:untrusted", token="a", task_id="i", fingerprint="",
-                               lease=30, ttl=60)  # fmt: skip
+        store_from(conf).claim(
+            ClaimRequest(
+                "idem:tls:untrusted", token="a", task_id="i", fingerprint="", lease=30, ttl=60
+            )
+        )
     assert "idem:tls:untrusted" in str(info.value)
     assert isinstance(info.value.__cause__, redis.ConnectionError)
 
@@ -175,7 +193,9 @@ def test_a_claim_whose_wait_is_refused_is_released(store_server: RedisServer) ->
     url = f"redis://nowait:pw@127.0.0.1:{store_server.port}/0"
     store = RedisStore.from_url(url, min_replicas=1)
     with pytest.raises(IdempotencyError, match="NoPermissionError") as info:
-        store.claim("idem:acl", token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+        store.claim(
+            ClaimRequest("idem:acl", token="a", task_id="id-a", fingerprint="", lease=30, ttl=60)
+        )
     assert "pw@" not in str(info.value)
     record = store.read("idem:acl")
     assert record is not None

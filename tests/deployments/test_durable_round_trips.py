@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from celery_idem.store import ClaimState, RecordKind, Stored
+from celery_idem.store import ClaimRequest, ClaimState, CompleteRequest, RecordKind, Stored
 from celery_idem.store.redis import RedisStore
 from devtools.topologies import RedisCluster
 
@@ -38,17 +38,24 @@ def test_wait_rides_in_the_same_round_trip_as_claim_and_complete(
     # One hash slot for both keys, so on Cluster the warm-up connects to the same node.
     slot = uuid.uuid4().hex[:8]
     warm = f"idem:{{{slot}}}:warm"  # connect, load both scripts
-    out = store.claim(warm, token="w", task_id="w", fingerprint="", lease=30, ttl=60)
-    store.complete(warm, token="w", fence=out.fence, task_id="w", stored=RESULT, ttl=60)
+    out = store.claim(ClaimRequest(warm, token="w", task_id="w", fingerprint="", lease=30, ttl=60))
+    store.complete(
+        CompleteRequest(warm, token="w", fence=out.fence, task_id="w", stored=RESULT, ttl=60)
+    )
     round_trips()
 
     key = f"idem:{{{slot}}}:k"
-    first = store.claim(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    first = store.claim(
+        ClaimRequest(key, token="a", task_id="id-a", fingerprint="fp", lease=30, ttl=60)
+    )
     assert first.state is ClaimState.CLAIMED
-    assert store.complete(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT,
-                          ttl=60)  # fmt: skip
+    assert store.complete(
+        CompleteRequest(key, token="a", fence=first.fence, task_id="id-a", stored=RESULT, ttl=60)
+    )
     assert round_trips() == 2  # claim + WAIT, complete + WAIT
 
-    again = store.claim(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    again = store.claim(
+        ClaimRequest(key, token="b", task_id="id-b", fingerprint="fp", lease=30, ttl=60)
+    )
     assert again.state is ClaimState.COMPLETED
     assert round_trips() == 1  # a duplicate: one round trip

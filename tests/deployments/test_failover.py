@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import pytest
 
 from celery_idem import ReplicasNotReached
-from celery_idem.store import ClaimState, RecordKind, RecordState, Stored
+from celery_idem.store import (
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    RecordState,
+    Stored,
+)
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
 from devtools.topologies import SentinelDeployment
@@ -49,19 +56,25 @@ def store(deployment: SentinelDeployment, min_replicas: int) -> RedisStore:
 
 
 def claim(s: RedisStore, token: str) -> ClaimState:
-    return s.claim(KEY, token=token, task_id=f"id-{token}", fingerprint="fp", lease=LEASE,
-                   ttl=TTL).state  # fmt: skip
+    return s.claim(
+        ClaimRequest(
+            KEY, token=token, task_id=f"id-{token}", fingerprint="fp", lease=LEASE, ttl=TTL
+        )
+    ).state
 
 
 def first_claim(s: RedisStore) -> int:
-    outcome = s.claim(KEY, token="first", task_id="id-first", fingerprint="fp", lease=LEASE,
-                      ttl=TTL)  # fmt: skip
+    outcome = s.claim(
+        ClaimRequest(KEY, token="first", task_id="id-first", fingerprint="fp", lease=LEASE, ttl=TTL)
+    )
     assert outcome.state is ClaimState.CLAIMED
     return outcome.fence
 
 
 def complete(s: RedisStore, fence: int) -> bool:
-    return s.complete(KEY, token="first", fence=fence, task_id="id-first", stored=RESULT, ttl=TTL)
+    return s.complete(
+        CompleteRequest(KEY, token="first", fence=fence, task_id="id-first", stored=RESULT, ttl=TTL)
+    )
 
 
 def once_durable(write: Callable[[], T]) -> T:
@@ -113,7 +126,9 @@ def test_killed_between_claim_and_complete_with_min_replicas_keeps_the_claim(
     # The first run's retry is confirmed once the replica acknowledges again (the
     # sentinels may still be reconfiguring it for a moment).
     assert once_durable(lambda: complete(s, fence)) is True
-    replay = s.claim(KEY, token="dup2", task_id="id-dup2", fingerprint="fp", lease=LEASE, ttl=TTL)
+    replay = s.claim(
+        ClaimRequest(KEY, token="dup2", task_id="id-dup2", fingerprint="fp", lease=LEASE, ttl=TTL)
+    )
     assert (replay.state, replay.stored) == (ClaimState.COMPLETED, RESULT)
 
 
@@ -154,8 +169,9 @@ def test_killed_after_complete_without_min_replicas_loses_the_result(
     assert claim(s, "dup") is ClaimState.IN_PROGRESS
     # ...then one of them takes the key over and runs the body a second time.
     takeover = wait_for(
-        lambda: (o := s.claim(KEY, token="late", task_id="id-late", fingerprint="fp",
-                              lease=LEASE, ttl=TTL)).state is ClaimState.CLAIMED and o,
+        lambda: (o := s.claim(ClaimRequest(KEY, token="late", task_id="id-late", fingerprint="fp",
+                                           lease=LEASE, ttl=TTL))).state is ClaimState.CLAIMED
+        and o,
         timeout=LEASE + 5,
         message="lease ran out",
     )  # fmt: skip
@@ -170,7 +186,9 @@ def test_killed_after_complete_with_min_replicas_keeps_the_result(
     assert complete(s, fence) is True  # WAIT saw the replica acknowledge it
     fail_over(deployment)
     # A duplicate is answered at once: reads need no replica.
-    replay = s.claim(KEY, token="dup", task_id="id-dup", fingerprint="fp", lease=LEASE, ttl=TTL)
+    replay = s.claim(
+        ClaimRequest(KEY, token="dup", task_id="id-dup", fingerprint="fp", lease=LEASE, ttl=TTL)
+    )
     assert (replay.state, replay.stored) == (ClaimState.COMPLETED, RESULT)
 
 

@@ -30,6 +30,7 @@ from celery_idem import (
 )
 from celery_idem.config import DEFAULTS
 from celery_idem.keys import storage_key
+from celery_idem.store import ClaimRequest
 from celery_idem.store.memory import MemoryStore
 from celery_idem.testing import use_memory_store
 
@@ -151,12 +152,14 @@ def test_duplicate_in_progress_and_lease_lost_are_counted(
 
     # Another attempt holds the key: an eager duplicate cannot wait, it raises.
     store.claim(
-        record_key(send, "welcome-7"),
-        token="other-attempt",
-        task_id="other-task-id",
-        fingerprint="",
-        lease=60,
-        ttl=60,
+        ClaimRequest(
+            record_key(send, "welcome-7"),
+            token="other-attempt",
+            task_id="other-task-id",
+            fingerprint="",
+            lease=60,
+            ttl=60,
+        )
     )
     with pytest.raises(DuplicateInProgress):
         send.apply_async((7,), idempotency_key="welcome-7").get()
@@ -179,10 +182,12 @@ def test_a_quarantine_is_counted_once(
     key = record_key(poison, "poison-1")
     with freeze_time("2026-01-01") as frozen:
         # Two attempts that died holding the key (their leases ran out): one takeover.
-        store.claim(key, token="a", task_id="t-a", fingerprint="", lease=1, ttl=60)
+        store.claim(ClaimRequest(key, token="a", task_id="t-a", fingerprint="", lease=1, ttl=60))
         frozen.tick(2)
         claimed = store.claim(
-            key, token="b", task_id="t-b", fingerprint="", lease=1, ttl=60, max_takeovers=1
+            ClaimRequest(
+                key, token="b", task_id="t-b", fingerprint="", lease=1, ttl=60, max_takeovers=1
+            )
         )
         assert claimed.took_over
         frozen.tick(2)

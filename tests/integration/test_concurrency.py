@@ -11,6 +11,7 @@ import signal
 from types import ModuleType
 from typing import Any
 
+import kombu
 import pytest
 import redis
 
@@ -212,6 +213,11 @@ def test_sigkilled_child_frees_the_key_within_a_lease_and_redelivery_runs_once(
     assert "took over" in w.log()
 
 
+@pytest.mark.skipif(
+    kombu.VERSION[:2] < (5, 7),
+    reason="needs kombu 5.7's unacked_restore_interval: an older Redis transport restores "
+    "unacked messages about every 100 s, after this test's deadline",
+)
 def test_visibility_timeout_redelivery_while_running_does_not_run_the_body(
     start_worker: Any, tasks: ModuleType, ledger: redis.Redis, uid: str
 ) -> None:

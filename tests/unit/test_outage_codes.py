@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
+from celery_idem.store import ClaimRequest
 from celery_idem.store.redis import RedisStore
 from celery_idem.store.redis_admin import OUTAGE_CODES, is_outage, outage_code
 from devtools.processes import free_port, wait_for
@@ -28,7 +29,7 @@ WRAPPER = "Error running script (call to f_5e1c): @user_script:146: @user_script
 
 
 def claim(store: RedisStore) -> None:
-    store.claim("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1)
+    store.claim(ClaimRequest("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1))
 
 
 def no_replicas(client: redis.Redis) -> None:
@@ -126,5 +127,5 @@ def test_other_refusals_stay_refusals(reply: str) -> None:
     error = redis.ResponseError(reply)
     assert not is_outage(error)
     failing = RedisStore(redis.Redis(), url="redis://h/0")
-    refusal = failing._error("k", error)
+    refusal = failing.error_for("k", error)
     assert type(refusal) is IdempotencyError

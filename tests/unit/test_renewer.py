@@ -20,7 +20,15 @@ from freezegun import freeze_time
 
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.renewer import Lease, Renewer, next_due
-from celery_idem.store import ClaimOutcome, ClaimState, MemoryStore, RecordKind, Stored
+from celery_idem.store import (
+    ClaimOutcome,
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    MemoryStore,
+    RecordKind,
+    Stored,
+)
 from devtools.processes import wait_for
 
 LEASE = 1.0
@@ -36,7 +44,9 @@ def fresh_key() -> str:
 
 def claim(store: Any, key: str, token: str, *, lease: float = LEASE) -> ClaimOutcome:
     outcome: ClaimOutcome = store.claim(
-        key, token=token, task_id=f"task-{token}", fingerprint="", lease=lease, ttl=TTL
+        ClaimRequest(
+            key, token=token, task_id=f"task-{token}", fingerprint="", lease=lease, ttl=TTL
+        )
     )
     return outcome
 
@@ -251,7 +261,9 @@ def test_memory_store_lease_runs_out_under_freezegun() -> None:
         assert not store.renew(key, token="owner", lease=10)
         stored = Stored(RecordKind.RESULT, b"1", "j")
         assert not store.complete(
-            key, token="owner", fence=owner.fence, task_id="task-owner", stored=stored, ttl=TTL
+            CompleteRequest(
+                key, token="owner", fence=owner.fence, task_id="task-owner", stored=stored, ttl=TTL
+            )
         )
         record = store.read(key)
         assert record is not None
@@ -278,10 +290,14 @@ def test_memory_store_parked_key_waits_for_its_own_retry_under_freezegun() -> No
         owner = claim(store, key, "owner", lease=10)
         assert store.park(key, token="owner", hold=30)
         frozen.tick(20)  # past the lease, within the hold
-        other = store.claim(key, token="dup", task_id="task-dup", fingerprint="", lease=10, ttl=TTL)
+        other = store.claim(
+            ClaimRequest(key, token="dup", task_id="task-dup", fingerprint="", lease=10, ttl=TTL)
+        )
         assert other.state is ClaimState.IN_PROGRESS
         retry = store.claim(
-            key, token="retry", task_id="task-owner", fingerprint="", lease=10, ttl=TTL
+            ClaimRequest(
+                key, token="retry", task_id="task-owner", fingerprint="", lease=10, ttl=TTL
+            )
         )
         assert retry.state is ClaimState.CLAIMED
         assert not retry.took_over
@@ -294,7 +310,9 @@ def test_memory_store_completed_record_expires_after_its_ttl_under_freezegun() -
         owner = claim(store, key, "owner", lease=10)
         stored = Stored(RecordKind.RESULT, b"42", "j")
         assert store.complete(
-            key, token="owner", fence=owner.fence, task_id="task-owner", stored=stored, ttl=30
+            CompleteRequest(
+                key, token="owner", fence=owner.fence, task_id="task-owner", stored=stored, ttl=30
+            )
         )
 
         frozen.tick(29.9)

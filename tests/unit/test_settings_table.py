@@ -27,7 +27,7 @@ from celery_idem.config import (
 from celery_idem.endpoint import celery_fallback
 from celery_idem.renewer import next_due
 from celery_idem.settings_table import TABLE, Setting
-from celery_idem.task.base import _task_options
+from celery_idem.task.base import task_options
 
 NOT_SETTINGS = {"endpoint"}
 """IdemSettings fields that are derived, not set: the store settings combined."""
@@ -118,18 +118,18 @@ def test_task_options_are_the_options_set_on_the_task() -> None:
     class Child(Base):
         idem_key_prefix = None  # back to the app's value
 
-    assert _task_options(IdempotentTask) == {}
+    assert task_options(IdempotentTask) == {}
     task = app.tasks[decorated.name]
-    assert _task_options(type(task)) == {"idem_ttl": 30, "idem_on_in_progress": "wait"}
-    assert _task_options(Base) == {"idem_lease": 10, "idem_key_prefix": "shop"}
-    assert _task_options(Child) == {"idem_lease": 10}
+    assert task_options(type(task)) == {"idem_ttl": 30, "idem_on_in_progress": "wait"}
+    assert task_options(Base) == {"idem_lease": 10, "idem_key_prefix": "shop"}
+    assert task_options(Child) == {"idem_lease": 10}
 
 
 def test_a_misspelt_task_option_is_still_refused() -> None:
     class Typo(IdempotentTask):  # type: ignore[misc]
         idem_tll = 5
 
-    options = _task_options(Typo)
+    options = task_options(Typo)
     assert options == {"idem_tll": 5}
     with pytest.raises(IdempotencyConfigError, match="did you mean 'idem_ttl'"):
         resolve_settings({}, options, task_name="typo")

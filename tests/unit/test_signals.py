@@ -28,7 +28,7 @@ from celery_idem import (
     StoreUnavailable,
     signals,
 )
-from celery_idem.store import ClaimState
+from celery_idem.store import ClaimRequest, ClaimState
 from celery_idem.task import execution, invalidate_settings
 from devtools.processes import free_port, wait_for
 from tests.unit.conftest import Env, make_app
@@ -176,7 +176,9 @@ def test_duplicate_in_progress_fires_with_the_policy(env: Env, policy: InProgres
 
     storage = env.storage(held, "K-held")
     holder = env.store.claim(
-        storage, token="holder-token", task_id="holder-task", fingerprint="", lease=60, ttl=60
+        ClaimRequest(
+            storage, token="holder-token", task_id="holder-task", fingerprint="", lease=60, ttl=60
+        )
     )
     assert holder.state is ClaimState.CLAIMED
 
@@ -217,7 +219,9 @@ def test_lease_lost_at_completion_fires_logs_and_leaves_the_thief_alone(
         assert env.store.forget(storage)
         thieves.append(
             env.store.claim(
-                storage, token="thief", task_id="thief-task", fingerprint="", lease=60, ttl=60
+                ClaimRequest(
+                    storage, token="thief", task_id="thief-task", fingerprint="", lease=60, ttl=60
+                )
             )
         )
         return x * 3
@@ -259,7 +263,9 @@ def test_lease_lost_is_reported_by_the_renewer_while_the_body_runs(env: Env) -> 
             storage = env.storage(self, self.idempotency_key)
             env.store.forget(storage)
             env.store.claim(
-                storage, token="thief", task_id="thief-task", fingerprint="", lease=60, ttl=60
+                ClaimRequest(
+                    storage, token="thief", task_id="thief-task", fingerprint="", lease=60, ttl=60
+                )
             )
             # The renewer's next renewal (lease/3) finds the key taken: wait for it.
             wait_for(lambda: calls, timeout=5, message="lease_lost from the renewer")

@@ -13,7 +13,14 @@ from importlib import resources
 import pytest
 import redis
 
-from celery_idem.store import ClaimState, RecordKind, RecordState, Stored
+from celery_idem.store import (
+    ClaimRequest,
+    ClaimState,
+    CompleteRequest,
+    RecordKind,
+    RecordState,
+    Stored,
+)
 from celery_idem.store.record import RecordFields, decode_record
 from celery_idem.store.redis import RedisStore
 
@@ -96,11 +103,21 @@ def test_decode_record_refuses_what_is_not_a_record() -> None:
 def test_decode_record_reads_what_the_lua_encode_wrote(redis_url: str, key_prefix: str) -> None:
     store = RedisStore.from_url(redis_url)
     key = f"{key_prefix}:k"
-    out = store.claim(key, token="t", task_id="id-1", fingerprint="fp", lease=30, ttl=60)
+    out = store.claim(
+        ClaimRequest(key, token="t", task_id="id-1", fingerprint="fp", lease=30, ttl=60)
+    )
     payload = b"\x00bytes:with:colons\xff"
     stored = Stored(RecordKind.ERROR, payload, "application/x-custom;binary")
     assert store.complete(
-        key, token="t", fence=out.fence, task_id="id-1", stored=stored, ttl=60, continuation=True
+        CompleteRequest(
+            key,
+            token="t",
+            fence=out.fence,
+            task_id="id-1",
+            stored=stored,
+            ttl=60,
+            continuation=True,
+        )
     )
     client = redis.Redis.from_url(redis_url)
     try:

@@ -13,7 +13,7 @@ from kombu.exceptions import OperationalError
 
 from celery_idem import IdempotencyConfigError, IdempotentTask, StoreUnavailable
 from celery_idem.keys import storage_key
-from celery_idem.store import ClaimState, MemoryStore
+from celery_idem.store import ClaimRequest, ClaimState, MemoryStore
 from celery_idem.store.redis import RedisStore
 from celery_idem.task.publish import move_call_options
 from celery_idem.testing import use_memory_store
@@ -55,12 +55,14 @@ def run_as_worker(task: Any, args: tuple[Any, ...], task_id: str, **headers: Any
 
 def hold(store: MemoryStore, task: Any, key: str, task_id: str) -> None:
     out = store.claim(
-        storage_key("idem", task.name, key),
-        token="holder",
-        task_id=task_id,
-        fingerprint="",
-        lease=60,
-        ttl=60,
+        ClaimRequest(
+            storage_key("idem", task.name, key),
+            token="holder",
+            task_id=task_id,
+            fingerprint="",
+            lease=60,
+            ttl=60,
+        )
     )
     assert out.state is ClaimState.CLAIMED
 
@@ -113,7 +115,7 @@ def test_publisher_without_redis_can_still_validate_call_options(app: Celery) ->
 def test_store_errors_never_show_the_redis_password() -> None:
     store = RedisStore.from_url(f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0")
     with pytest.raises(StoreUnavailable) as info:
-        store.claim("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1)
+        store.claim(ClaimRequest("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1))
     assert "s3cret-pw" not in str(info.value)
     assert "127.0.0.1" in str(info.value)
 
@@ -143,7 +145,7 @@ def test_redis_out_of_memory_is_an_outage_not_a_refusal(server_per_version: Redi
     client.config_set("maxmemory", 1)
     store = RedisStore.from_url(server_per_version.url(0))
     with pytest.raises(StoreUnavailable, match="Redis answered OOM"):
-        store.claim("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1)
+        store.claim(ClaimRequest("k", token="t", task_id="i", fingerprint="", lease=1, ttl=1))
 
 
 @pytest.mark.parametrize(
