@@ -28,6 +28,7 @@ __all__ = [
     "ForgetResult",
     "RecordKind",
     "RecordSummary",
+    "ReserveRequest",
     "ServerFacts",
     "Store",
     "StoreAdmin",
@@ -74,6 +75,27 @@ class ClaimRequest:
     lease: float
     ttl: float
     max_takeovers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """What :meth:`Store.reserve` is asked: a publisher's reservation of one key.
+
+    Attributes:
+        key: The storage key.
+        task_id: The task id the publisher will send the message under; the worker
+            that gets it claims the reservation as its own.
+        fingerprint: The arguments' fingerprint (``""``: none to check), kept in the
+            reservation for the claims and the other publishers.
+        hold: Seconds the reservation stands if no worker claims it (the task's lease,
+            plus the message's countdown).
+    """
+
+    key: str
+    _: KW_ONLY
+    task_id: str
+    fingerprint: str
+    hold: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +162,7 @@ class StoredRecord:
     task_id: str
     fingerprint: str
     lease_left: float | None
+    """Seconds to the lease deadline (``P``) or the reservation's end (``R``), else None."""
     ttl: float | None
     stored: Stored | None
     parked: bool = False
@@ -155,13 +178,13 @@ class RecordSummary:
     Attributes:
         key: The storage key.
         state: The state byte, a :class:`~celery_idem.store.record.RecordState` value
-            (``P``, ``F``, ``C``, ``E``, ``X``, ``Q``), or ``""`` when the key holds
+            (``P``, ``F``, ``C``, ``E``, ``X``, ``Q``, ``R``), or ``""`` when the key holds
             something that is not a celery-idem record (another type, unreadable).
         fence: The record's fence (0 when not a record).
         task_id: The owner's, or the completing run's, task id.
         parked: ``P`` held for a retry of ``task_id``, no attempt running.
-        lease_left: Seconds to the lease deadline for ``P`` (negative once it passed),
-            else None.
+        lease_left: Seconds to the lease deadline for ``P``, or to the end of the
+            reservation for ``R`` (negative once it passed), else None.
         ttl: Seconds until the record expires, None when it never does.
         payload_bytes: Size of the stored payload (0 unless completed).
         codec: The payload's codec tag (see ``celery_idem.codec``).
@@ -188,7 +211,8 @@ class ForgetResult(enum.Enum):
     DELETED = 1
     """The record is gone for readers (a tombstone may keep its fence for some ms)."""
     HELD = 2
-    """A live attempt (or a parked retry) holds the key and ``force`` was not given: kept."""
+    """A live attempt (or a parked retry, or a publisher's live reservation) holds the key
+    and ``force`` was not given: kept."""
     CHANGED = 3
     """The record's fence is not the one expected any more (another attempt took it): kept."""
     NOT_A_RECORD = 4
@@ -296,6 +320,34 @@ class Store(Protocol):
         None when nothing does (absent, released, or a lease that ran out); otherwise
         ``COMPLETED``, ``IN_PROGRESS`` or ``MISMATCH`` with the owner's task id, and no
         payload (a publisher only needs the task id to hand out its AsyncResult).
+        A live reservation (:meth:`reserve`) is ``IN_PROGRESS`` by its task id.
+        """
+        ...
+
+    def reserve(self, request: ReserveRequest) -> ClaimOutcome | None:
+        """What holds ``key`` for a publisher, reserving it when nothing does; atomic.
+
+        ``RESERVED`` (with ``request.task_id``) when the key was absent, free, or held by
+        a reservation that ran out (or already this task id's): the record is now state
+        ``R`` with the publisher's fingerprint, kept ``hold`` seconds (the fence and the
+        takeover count it found are kept; no fence is handed out). ``COMPLETED``,
+        ``IN_PROGRESS`` (a live attempt, a parked retry, or another task id's live
+        reservation) and ``MISMATCH`` as :meth:`peek` answers them, changing nothing.
+        None (nothing reserved, publish anyway) for a lease that ran out (the message's
+        claim takes it over and counts it) or a quarantined key.
+
+        A claim by ``request.task_id`` takes the reservation as its own (no takeover,
+        no wait); a claim by another task id is ``IN_PROGRESS`` until ``hold`` passed,
+        then finds the key free (not a takeover: nobody ran).
+        """
+        ...
+
+    def unreserve(self, key: str, *, task_id: str) -> bool:
+        """Withdraw ``task_id``'s reservation of ``key``: its message was not published.
+
+        The record is free again (fence and takeover count kept), so the next send
+        publishes at once. False (nothing changed) when the record is not that
+        reservation any more (a worker claimed it, or it ran out and was replaced).
         """
         ...
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from celery_idem.checks import check_store_durations
-from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, ReserveRequest
 from celery_idem.store.memory_admin import MemoryAdmin, MemoryRecord
 from celery_idem.store.record import ClaimState, RecordKind, RecordState
 
@@ -57,6 +57,8 @@ class MemoryStore(MemoryAdmin):
             fence = record.fence if record else 0
             takeovers = record.takeovers if record else 0
             took_over = False
+            if record is not None and _lapsed_reservation(record, now, task_id):
+                record = None  # holds nothing: as a free record (fence and count kept)
             if record is not None:
                 if record.state is RecordState.IN_PROGRESS and record.owner == token:
                     return ClaimOutcome(ClaimState.CLAIMED, fence, task_id)
@@ -76,6 +78,11 @@ class MemoryStore(MemoryAdmin):
                         ClaimState.COMPLETED, fence, record.task_id, stored=record.stored,
                         continuation_pending=record.continuation,
                     )  # fmt: skip
+                if record.state is RecordState.RESERVED:
+                    if record.task_id != task_id:  # another message's, still queued
+                        left = record.deadline - now
+                        return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
+                    fingerprint = fingerprint or record.fingerprint  # its own: no takeover
                 if record.state is RecordState.IN_PROGRESS:
                     if record.owner == "" and record.task_id == task_id:
                         fingerprint = record.fingerprint  # the parked retry keeps it
@@ -110,18 +117,69 @@ class MemoryStore(MemoryAdmin):
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See ``lua/peek.lua``."""
         with self.lock:
+            return self._look_up(key, fingerprint, time.time())
+
+    def _look_up(self, key: str, fingerprint: str, now: float) -> ClaimOutcome | None:
+        """What ``peek.lua`` answers; hold the lock."""
+        record = self.live(key, now)
+        if record is None or record.state in (RecordState.FREE, RecordState.QUARANTINED):
+            return None
+        if _lapsed_reservation(record, now, None):
+            return None
+        fence, owner = record.fence, record.task_id
+        if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
+            return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
+        if record.stored is not None:
+            return ClaimOutcome(ClaimState.COMPLETED, fence, owner)
+        if record.deadline <= now:
+            return None
+        return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, record.deadline - now)
+
+    def reserve(self, request: ReserveRequest) -> ClaimOutcome | None:
+        """See ``lua/reserve.lua``."""
+        hold, task_id = request.hold, request.task_id
+        check_store_durations(hold=hold)
+        with self.lock:
+            now = time.time()
+            record = self.live(request.key, now)
+            if record is not None and _lapsed_reservation(record, now, None):
+                record.state = RecordState.FREE  # as the script reads it; rewritten below
+            if record is not None and record.state is not RecordState.FREE:
+                found = self._look_up(request.key, request.fingerprint, now)
+                if found is None or found.state is not ClaimState.IN_PROGRESS:
+                    return found  # quarantined or a lapsed lease: publish anyway
+                if record.state is RecordState.RESERVED and record.task_id == task_id:
+                    return ClaimOutcome(ClaimState.RESERVED, record.fence, task_id)
+                return found
+            fence = record.fence if record else 0
+            self.records[request.key] = MemoryRecord(
+                state=RecordState.RESERVED,
+                fence=fence,
+                expires_at=max(record.expires_at if record else 0.0, now + hold),
+                deadline=now + hold,
+                fingerprint=request.fingerprint,
+                task_id=task_id,
+                takeovers=record.takeovers if record else 0,
+            )
+            return ClaimOutcome(ClaimState.RESERVED, fence, task_id)
+
+    def unreserve(self, key: str, *, task_id: str) -> bool:
+        """See ``lua/unreserve.lua``."""
+        with self.lock:
             now = time.time()
             record = self.live(key, now)
-            if record is None or record.state in (RecordState.FREE, RecordState.QUARANTINED):
-                return None
-            fence, owner = record.fence, record.task_id
-            if fingerprint and record.fingerprint and record.fingerprint != fingerprint:
-                return ClaimOutcome(ClaimState.MISMATCH, fence, owner)
-            if record.stored is not None:
-                return ClaimOutcome(ClaimState.COMPLETED, fence, owner)
-            if record.deadline <= now:
-                return None
-            return ClaimOutcome(ClaimState.IN_PROGRESS, fence, owner, record.deadline - now)
+            if (
+                record is None
+                or record.state is not RecordState.RESERVED
+                or record.task_id != task_id
+            ):
+                return False
+            if record.takeovers == 0 and record.fence < int(now * 1000):
+                del self.records[key]
+                return True
+            record.state, record.fingerprint, record.task_id = RecordState.FREE, "", ""
+            record.deadline = now if record.takeovers == 0 else 0.0  # a tombstone, or free
+            return True
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See ``lua/renew.lua``."""
@@ -190,6 +248,15 @@ class MemoryStore(MemoryAdmin):
         """Drop every record (between users' tests)."""
         with self.lock:
             self.records.clear()
+
+
+def _lapsed_reservation(record: MemoryRecord, now: float, task_id: str | None) -> bool:
+    """A reservation whose deadline passed, not ``task_id``'s: it holds nothing."""
+    return (
+        record.state is RecordState.RESERVED
+        and record.deadline <= now
+        and record.task_id != task_id
+    )
 
 
 # Kinds a completed record may have, for readers that test ``state``.

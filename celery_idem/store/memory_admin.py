@@ -23,6 +23,9 @@ __all__ = ["MemoryAdmin", "MemoryRecord"]
 
 T = TypeVar("T")
 
+_DEADLINED = frozenset({RecordState.IN_PROGRESS, RecordState.RESERVED})
+"""States whose deadline holds the key (a lease, a reservation) until it passes."""
+
 _TOMBSTONE_MAX_MS = 86_400_000
 """The longest a tombstone keeps a fence (as in ``lua/forget.lua``): one day."""
 
@@ -52,8 +55,8 @@ class MemoryRecord:
         return self.state is RecordState.IN_PROGRESS and self.owner == ""
 
     def lease_left(self, now: float) -> float | None:
-        """Seconds to the lease deadline while in progress (negative once it passed)."""
-        return self.deadline - now if self.state is RecordState.IN_PROGRESS else None
+        """Seconds to the deadline of a lease or a reservation (negative once it passed)."""
+        return self.deadline - now if self.state in _DEADLINED else None
 
 
 class MemoryAdmin:
@@ -106,7 +109,7 @@ class MemoryAdmin:
                 return ForgetResult.ABSENT
             if fence is not None and record.fence != fence:
                 return ForgetResult.CHANGED
-            if record.state is RecordState.IN_PROGRESS and record.deadline > now and not force:
+            if record.state in _DEADLINED and record.deadline > now and not force:
                 return ForgetResult.HELD
             now_ms = int(now * 1000)
             if record.fence < now_ms:

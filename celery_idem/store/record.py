@@ -32,6 +32,10 @@ class RecordState(enum.Enum):
     """Completed: the result could not be kept (:attr:`RecordKind.NO_RESULT`)."""
     QUARANTINED = "Q"
     """Taken over too many times without completing: nothing runs until it is forgotten."""
+    RESERVED = "R"
+    """Reserved by a publisher (``idem_dedupe_on_publish``) for the message it sends:
+    the worker that gets that task id claims it as its own; until its deadline other
+    messages wait as for a running holder, after it the record holds nothing."""
 
     @classmethod
     def of(cls, letter: str) -> RecordState | None:
@@ -78,9 +82,10 @@ _KINDS: Mapping[RecordState, RecordKind] = {RecordState(kind.value): kind for ki
 class ClaimState(enum.Enum):
     """What one atomic claim-or-read found.
 
-    The value is the code ``lua/claim.lua`` replies first (``lua/peek.lua`` answers with
-    the same codes, and 0 when nothing holds the key): ``RedisStore`` decodes a reply
-    with ``ClaimState(code)``, so a new state needs its code here and in the scripts.
+    The value is the code ``lua/claim.lua`` replies first (``lua/peek.lua`` and
+    ``lua/reserve.lua`` answer with the same codes, and 0 when nothing holds the key;
+    :attr:`RESERVED` is ``reserve.lua``'s alone): ``RedisStore`` decodes a reply with
+    ``ClaimState(code)``, so a new state needs its code here and in the scripts.
     """
 
     CLAIMED = 1
@@ -94,6 +99,9 @@ class ClaimState(enum.Enum):
     QUARANTINED = 5
     """Taken over too many times without completing (a poison message): nothing runs
     until an operator forgets the key."""
+    RESERVED = 6
+    """A publisher reserved the key for the task id it is about to send (``reserve``
+    only, never a claim): publish under that id."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,13 @@ from celery_idem.checks import check_store_durations
 from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint
 from celery_idem.exceptions import IdempotencyError, ReplicasNotReached, StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, Stored
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimRequest,
+    CompleteRequest,
+    ReserveRequest,
+    Stored,
+)
 from celery_idem.store.clients import client_for
 from celery_idem.store.record import ClaimState, RecordKind
 from celery_idem.store.redis_admin import RedisAdmin
@@ -229,13 +235,27 @@ class RedisHotPath(RedisBase):
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See :meth:`celery_idem.store.base.Store.peek` and ``lua/peek.lua``."""
-        reply = self.run_script(self.scripts.peek, key, [fingerprint])
-        code = int(reply[0])
-        if code == 0:  # nothing holds the key
-            return None
-        state = ClaimState(code)
-        left = int(reply[3]) / 1000.0 if state is ClaimState.IN_PROGRESS else 0.0
-        return ClaimOutcome(state, int(reply[1]), text(reply[2]), left)
+        return _looked_up(self.run_script(self.scripts.peek, key, [fingerprint]))
+
+    def reserve(self, request: ReserveRequest) -> ClaimOutcome | None:
+        """See :meth:`celery_idem.store.base.Store.reserve` and ``lua/reserve.lua``."""
+        check_store_durations(hold=request.hold)
+        args = [request.task_id, request.fingerprint, _ms(request.hold)]
+        return _looked_up(self.run_script(self.scripts.reserve, request.key, args))
+
+    def unreserve(self, key: str, *, task_id: str) -> bool:
+        """See :meth:`celery_idem.store.base.Store.unreserve` and ``lua/unreserve.lua``."""
+        return bool(self.run_script(self.scripts.unreserve, key, [task_id]))
+
+
+def _looked_up(reply: Any) -> ClaimOutcome | None:
+    """A publisher's look-up (``peek.lua``, ``reserve.lua``): None when code 0."""
+    code = int(reply[0])
+    if code == 0:  # nothing holds the key (or: publish anyway)
+        return None
+    state = ClaimState(code)
+    left = int(reply[3]) / 1000.0 if state is ClaimState.IN_PROGRESS else 0.0
+    return ClaimOutcome(state, int(reply[1]), text(reply[2]), left)
 
 
 class RedisStore(RedisHotPath, RedisAdmin):

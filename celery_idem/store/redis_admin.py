@@ -125,12 +125,13 @@ class RedisAdmin(RedisBase):
         kind = state.kind if state else None
         stored = Stored(kind, r.payload, text(r.codec)) if kind else None
         in_progress = state is RecordState.IN_PROGRESS
+        deadlined = in_progress or state is RecordState.RESERVED
         return StoredRecord(
             state=r.state,
             fence=r.fence,
             task_id=text(r.task_id),
             fingerprint=text(r.fingerprint),
-            lease_left=(r.deadline - int(now)) / 1000.0 if in_progress else None,
+            lease_left=(r.deadline - int(now)) / 1000.0 if deadlined else None,
             ttl=int(pttl) / 1000.0 if int(pttl) >= 0 else None,
             stored=stored,
             parked=in_progress and r.owner == b"",
@@ -231,7 +232,7 @@ class RedisAdmin(RedisBase):
                 out.append(RecordSummary(key, "", 0, "", False, None, ttl, 0, ""))
                 continue
             fence, deadline, parked = int(reply[3]), int(reply[4]), bool(int(reply[5]))
-            in_progress = state == RecordState.IN_PROGRESS.value
+            deadlined = state in (RecordState.IN_PROGRESS.value, RecordState.RESERVED.value)
             out.append(
                 RecordSummary(
                     key=key,
@@ -239,7 +240,7 @@ class RedisAdmin(RedisBase):
                     fence=fence,
                     task_id=text(reply[6]),
                     parked=parked,
-                    lease_left=(deadline - now) / 1000.0 if in_progress else None,
+                    lease_left=(deadline - now) / 1000.0 if deadlined else None,
                     ttl=ttl,
                     payload_bytes=int(reply[8]),
                     codec=text(reply[7]),

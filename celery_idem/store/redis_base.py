@@ -139,8 +139,8 @@ def _load_sources() -> Mapping[str, str]:
     lua = resources.files("celery_idem.store").joinpath("lua")
     prelude = lua.joinpath("record.lua").read_text("utf-8")
     names = (
-        "claim", "renew", "complete", "dispatched", "release", "park", "peek", "read",
-        "summary", "forget",
+        "claim", "renew", "complete", "dispatched", "release", "park", "peek", "reserve",
+        "unreserve", "read", "summary", "forget",
     )  # fmt: skip
     return MappingProxyType(
         {name: prelude + lua.joinpath(f"{name}.lua").read_text("utf-8") for name in names}
@@ -167,6 +167,8 @@ class Scripts:
         self.release: Script = client.register_script(SOURCES["release"])
         self.park: Script = client.register_script(SOURCES["park"])
         self.peek: Script = client.register_script(SOURCES["peek"])
+        self.reserve: Script = client.register_script(SOURCES["reserve"])
+        self.unreserve: Script = client.register_script(SOURCES["unreserve"])
         self.read: Script = client.register_script(SOURCES["read"])
         self.summary: Script = client.register_script(SOURCES["summary"])
         self.forget: Script = client.register_script(SOURCES["forget"])

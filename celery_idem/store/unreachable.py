@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 from celery_idem.exceptions import StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest
+from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, ReserveRequest
 
 __all__ = ["UnreachableStore"]
 
@@ -59,5 +59,13 @@ class UnreachableStore:
         self._fail(key)
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
+        """Always an outage."""
+        self._fail(key)
+
+    def reserve(self, request: ReserveRequest) -> ClaimOutcome | None:
+        """Always an outage."""
+        self._fail(request.key)
+
+    def unreserve(self, key: str, *, task_id: str) -> bool:
         """Always an outage."""
         self._fail(key)

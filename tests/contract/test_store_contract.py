@@ -30,6 +30,7 @@ from celery_idem.store import (
     MemoryStore,
     RecordKind,
     RecordState,
+    ReserveRequest,
     Store,
     Stored,
 )
@@ -542,6 +543,249 @@ def test_peek_sees_nothing_after_a_release_or_a_lapsed_lease(backend: Backend) -
     claim(backend, "l")
     backend.advance(backend.key("l"), LEASE + 0.05)
     assert backend.store.peek(backend.key("l"), fingerprint="fp") is None
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+def reserve(backend: Backend, key: str, task_id: str = "sent-1", **kw: Any) -> Any:
+    kw.setdefault("fingerprint", "fp")
+    kw.setdefault("hold", LEASE)
+    return backend.store.reserve(ReserveRequest(backend.key(key), task_id=task_id, **kw))
+
+
+def test_reserve_takes_a_fresh_key_for_the_task_id_and_a_second_send_finds_it(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    first = reserve(backend, "k", hold=10.0)
+    assert first is not None
+    assert (first.state, first.task_id) == (ClaimState.RESERVED, "sent-1")
+    second = reserve(backend, "k", task_id="sent-2", hold=10.0)
+    assert second is not None
+    assert (second.state, second.task_id) == (ClaimState.IN_PROGRESS, "sent-1")
+    assert 0 < second.lease_left <= 10.0
+    again = reserve(backend, "k", hold=10.0)  # the same publisher asking again
+    assert again is not None
+    assert (again.state, again.task_id) == (ClaimState.RESERVED, "sent-1")
+    record = backend.store.read(k)
+    assert record is not None
+    assert (record.state, record.task_id, record.fingerprint) == (
+        RecordState.RESERVED.value, "sent-1", "fp"
+    )  # fmt: skip
+    assert record.lease_left is not None
+    assert 0 < record.lease_left <= 10.0
+    assert record.ttl is not None
+    assert record.ttl <= 10.0
+    peeked = backend.store.peek(k, fingerprint="fp")
+    assert peeked is not None
+    assert (peeked.state, peeked.task_id) == (ClaimState.IN_PROGRESS, "sent-1")
+
+
+def test_reserve_answers_a_completed_a_running_or_another_arguments_key(
+    backend: Backend,
+) -> None:
+    claim(backend, "run", lease=10.0)
+    running = reserve(backend, "run")
+    assert running is not None
+    assert (running.state, running.task_id) == (ClaimState.IN_PROGRESS, "id-1")
+    claim(backend, "done")
+    complete(backend, backend.key("done"), token="t1", stored=RESULT, ttl=TTL)
+    done = reserve(backend, "done")
+    assert done is not None
+    assert (done.state, done.task_id, done.stored) == (ClaimState.COMPLETED, "id-1", None)
+    mismatch = reserve(backend, "done", fingerprint="other")
+    assert mismatch is not None
+    assert mismatch.state is ClaimState.MISMATCH
+    reserve(backend, "res", hold=10.0)
+    other = reserve(backend, "res", task_id="sent-2", fingerprint="other")
+    assert other is not None
+    assert (other.state, other.task_id) == (ClaimState.MISMATCH, "sent-1")
+    for name in ("run", "done"):  # nothing was written
+        record = backend.store.read(backend.key(name))
+        assert record is not None
+        assert record.task_id == "id-1"
+
+
+def test_reserve_leaves_a_lapsed_lease_and_a_quarantined_key_to_the_claim(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    first = claim(backend, "k", max_takeovers=1)
+    backend.advance(k, LEASE + 0.05)
+    assert reserve(backend, "k") is None  # publish: the message's claim counts the takeover
+    record = backend.store.read(k)
+    assert record is not None
+    assert (record.state, record.fence) == (RecordState.IN_PROGRESS.value, first.fence)
+    assert claim(backend, "k", token="t2", max_takeovers=1).took_over
+    backend.advance(k, LEASE + 0.05)
+    assert claim(backend, "k", token="t3", max_takeovers=1).state is ClaimState.QUARANTINED
+    assert reserve(backend, "k") is None
+    quarantined = backend.store.read(k)
+    assert quarantined is not None
+    assert quarantined.state == RecordState.QUARANTINED.value
+
+
+def test_reserve_keeps_the_fence_and_takeovers_of_a_free_record(backend: Backend) -> None:
+    k = backend.key("k")
+    claim(backend, "k", max_takeovers=5)
+    backend.advance(k, LEASE + 0.05)
+    taken = claim(backend, "k", token="t2", max_takeovers=5)
+    assert backend.store.release(k, token="t2")
+    out = reserve(backend, "k", fingerprint="new-args-ok")
+    assert out is not None
+    assert (out.state, out.fence) == (ClaimState.RESERVED, taken.fence)
+    record = backend.store.read(k)
+    assert record is not None
+    assert (record.fence, record.takeovers) == (taken.fence, 1)
+    claimed = claim(backend, "k", token="t3", task_id="sent-1", fingerprint="new-args-ok")
+    assert claimed.state is ClaimState.CLAIMED
+    assert claimed.fence > taken.fence
+    after = backend.store.read(k)
+    assert after is not None
+    assert after.takeovers == 1
+
+
+def test_a_claim_takes_its_own_reservation_without_a_takeover(backend: Backend) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=10.0)
+    out = claim(backend, "k", token="w1", task_id="sent-1", max_takeovers=1)
+    assert out.state is ClaimState.CLAIMED
+    assert out.took_over is False
+    assert out.fence >= 1_700_000_000_000
+    record = backend.store.read(k)
+    assert record is not None
+    assert (record.state, record.task_id, record.fingerprint, record.takeovers) == (
+        RecordState.IN_PROGRESS.value, "sent-1", "fp", 0
+    )  # fmt: skip
+    assert complete(backend, k, token="w1", stored=RESULT, ttl=TTL)
+    done = reserve(backend, "k", task_id="sent-2")
+    assert done is not None
+    assert (done.state, done.task_id) == (ClaimState.COMPLETED, "sent-1")
+
+
+def test_a_late_message_still_claims_its_own_reservation_after_it_ran_out(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=LEASE)
+    backend.advance(k, LEASE + 0.05)
+    out = claim(backend, "k", token="w1", task_id="sent-1")
+    assert out.state is ClaimState.CLAIMED
+    assert out.took_over is False
+
+
+def test_another_message_waits_for_a_live_reservation_as_for_a_running_holder(
+    backend: Backend,
+) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=10.0)
+    other = claim(backend, "k", token="w2", task_id="id-2")
+    assert other.state is ClaimState.IN_PROGRESS
+    assert other.task_id == "sent-1"
+    assert 0 < other.lease_left <= 10.0
+    assert claim(backend, "k", token="w3", task_id="id-3", fingerprint="x").state is (
+        ClaimState.MISMATCH
+    )  # the reservation keeps the publisher's fingerprint
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.state == RecordState.RESERVED.value
+
+
+def test_an_expired_reservation_is_free_for_any_claim_and_counts_no_takeover(
+    backend: Backend,
+) -> None:
+    # The publish failed after reserving (or its publisher died): nobody ran, so the
+    # next message runs at once, whatever its arguments, and no takeover is counted.
+    k = backend.key("k")
+    reserve(backend, "k", hold=LEASE)
+    backend.advance(k, LEASE + 0.05)
+    out = claim(backend, "k", token="w2", task_id="id-2", fingerprint="other", max_takeovers=1)
+    assert out.state is ClaimState.CLAIMED
+    assert out.took_over is False
+    record = backend.store.read(k)
+    assert record is not None
+    assert (record.task_id, record.fingerprint, record.takeovers) == ("id-2", "other", 0)
+    # The late message of the lapsed reservation waits for the run that took the key.
+    late = claim(backend, "k", token="w1", task_id="sent-1", fingerprint="other")
+    assert late.state is ClaimState.IN_PROGRESS
+
+
+def test_an_expired_reservation_is_replaced_by_the_next_send(backend: Backend) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=LEASE)
+    backend.advance(k, LEASE + 0.05)
+    assert backend.store.peek(k, fingerprint="fp") is None
+    out = reserve(backend, "k", task_id="sent-2", fingerprint="other", hold=10.0)
+    assert out is not None
+    assert (out.state, out.task_id) == (ClaimState.RESERVED, "sent-2")
+    assert claim(backend, "k", token="w1", task_id="sent-1", fingerprint="other").state is (
+        ClaimState.IN_PROGRESS
+    )
+
+
+def test_unreserve_withdraws_only_its_own_reservation(backend: Backend) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=10.0)
+    assert not backend.store.unreserve(k, task_id="sent-9")
+    assert backend.store.unreserve(k, task_id="sent-1")
+    assert backend.store.read(k) is None
+    assert not backend.store.unreserve(k, task_id="sent-1")
+    out = reserve(backend, "k", task_id="sent-2", hold=10.0)
+    assert out is not None
+    assert (out.state, out.task_id) == (ClaimState.RESERVED, "sent-2")
+    claim(backend, "k", token="w2", task_id="sent-2")
+    assert not backend.store.unreserve(k, task_id="sent-2")  # claimed: not a reservation
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.state == RecordState.IN_PROGRESS.value
+
+
+def test_unreserve_keeps_the_fence_growing(backend: Backend) -> None:
+    k = backend.key("k")
+    fences = run_ahead(backend, "k")
+    reserve(backend, "k", hold=10.0)
+    assert backend.store.unreserve(k, task_id="sent-1")
+    assert backend.store.read(k) is None  # a tombstone, as forget leaves
+    after = claim(backend, "k", token="after", task_id="id-after")
+    assert after.fence > max(fences)
+
+
+def test_the_owner_only_writes_refuse_a_reservation(backend: Backend) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=10.0)
+    assert not backend.store.renew(k, token="", lease=LEASE)
+    assert not backend.store.release(k, token="")
+    assert not backend.store.park(k, token="", hold=LEASE)
+    assert not complete(backend, k, token="", stored=RESULT, ttl=TTL)
+    record = backend.store.read(k)
+    assert record is not None
+    assert record.state == RecordState.RESERVED.value
+
+
+def test_forget_if_refuses_a_live_reservation_unless_forced(backend: Backend) -> None:
+    k = backend.key("k")
+    reserve(backend, "k", hold=10.0)
+    assert backend.store.forget_if(k) is ForgetResult.HELD
+    (summary,) = backend.store.summarize([k])
+    assert summary is not None
+    assert (summary.state, summary.task_id, summary.parked) == (
+        RecordState.RESERVED.value, "sent-1", False
+    )  # fmt: skip
+    assert summary.lease_left is not None
+    assert 0 < summary.lease_left <= 10.0
+    assert backend.store.forget_if(k, force=True) is ForgetResult.DELETED
+    reserve(backend, "lapsed", hold=LEASE)
+    backend.advance(backend.key("lapsed"), LEASE + 0.05)
+    assert backend.store.forget_if(backend.key("lapsed")) in (
+        ForgetResult.DELETED, ForgetResult.ABSENT  # the record may expire with its hold
+    )  # fmt: skip
+
+
+def test_a_reservation_longer_than_any_store_holds_is_refused(backend: Backend) -> None:
+    with pytest.raises(IdempotencyConfigError, match="hold="):
+        reserve(backend, "k", hold=MAX_DURATION * 2)
+    assert backend.store.read(backend.key("k")) is None
 
 
 # --------------------------------------------------------------------------- operators' tools

@@ -37,7 +37,17 @@ REPLY = re.compile(r"^--\s+\{([1-9]), fence[^}]*\}\s+([A-Z_]+)", re.M)
 
 def test_claim_states_are_the_codes_claim_lua_replies() -> None:
     documented = REPLY.findall(lua("claim"))
-    assert {int(code): name for code, name in documented} == {s.value: s.name for s in ClaimState}
+    claims = {s.value: s.name for s in ClaimState if s is not ClaimState.RESERVED}
+    assert {int(code): name for code, name in documented} == claims
+
+
+def test_reserve_replies_reserved_or_what_peek_replies() -> None:
+    documented = REPLY.findall(lua("reserve"))
+    assert [ClaimState(int(code)).name for code, _ in documented] == [n for _, n in documented]
+    assert {name for _, name in documented} == {
+        "RESERVED", "COMPLETED", "IN_PROGRESS", "MISMATCH"
+    }  # fmt: skip
+    assert re.search(r"^--\s+\{0\}\s+not reserved, publish anyway", lua("reserve"), re.M)
 
 
 def test_peek_replies_the_claim_codes_or_zero() -> None:
@@ -69,7 +79,9 @@ def test_a_kind_and_its_state_name_each_other(kind: RecordKind) -> None:
 
 
 def test_states_that_are_not_completed_have_no_kind() -> None:
-    others = {RecordState.IN_PROGRESS, RecordState.FREE, RecordState.QUARANTINED}
+    others = {
+        RecordState.IN_PROGRESS, RecordState.FREE, RecordState.QUARANTINED, RecordState.RESERVED
+    }  # fmt: skip
     assert {s for s in RecordState if not s.completed} == others
     assert all(s.kind is None for s in others)
 

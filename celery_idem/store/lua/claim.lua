@@ -9,6 +9,9 @@
 -- ARGV[4]  lease in ms
 -- ARGV[5]  record expiry in ms while in progress (ttl + lease: the fence outlives the run)
 -- ARGV[6]  most takeovers allowed before the key is quarantined (0 = no cap)
+-- A publisher's reservation (state R, reserve.lua) for this task id is claimed as this
+-- attempt's own; one for another task id is IN_PROGRESS while it stands, and free once
+-- it ran out (never a takeover: nobody ran).
 -- Returns one of
 --   {1, fence, took_over}                                 CLAIMED (took_over 1 = the lease had run out)
 --   {2, fence, task_id, kind, payload, codec, pending}    COMPLETED (kind C result, E error,
@@ -24,6 +27,11 @@ local r = decode(redis.call('GET', KEYS[1]))
 local fence, took_over, takeovers, fingerprint = 0, 0, 0, ARGV[3]
 if r then
   fence, takeovers = r.f, r.n
+  if r.s == 'R' and r.i ~= ARGV[2] and r.d <= now then
+    -- Reserved by a publisher for a message no worker claimed in time (its publish
+    -- failed, or it is late): it holds nothing, as a free record (fence kept).
+    r.s = 'F'
+  end
   if r.s == 'P' and r.o == ARGV[1] then
     -- This very attempt asked before (a client retry after a lost reply): same answer.
     return {1, fence, 0}
@@ -38,6 +46,15 @@ if r then
   end
   if completed(r) then
     return {2, fence, r.i, r.s, r.r, r.c, r.o == '+' and 1 or 0}
+  end
+  if r.s == 'R' and r.i ~= ARGV[2] then
+    -- Reserved for another message, still queued: wait for it as for a running holder.
+    return {3, fence, r.i, r.d - now}
+  end
+  if r.s == 'R' and fingerprint == '' then
+    -- This message's own reservation, claimed as it is, whatever its deadline (nobody
+    -- ran: no takeover); it keeps the publisher's fingerprint for the duplicates.
+    fingerprint = r.a
   end
   if r.s == 'P' then
     if r.o == '' and r.i == ARGV[2] then

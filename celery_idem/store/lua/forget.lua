@@ -12,12 +12,12 @@
 --
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  the fence the operator saw ('' = do not compare)
--- ARGV[2]  '1' = force: forget even while a live attempt or a parked retry holds the
---          key (deadline not passed), or delete a key that is not a celery-idem record
+-- ARGV[2]  '1' = force: forget even while a live attempt, a parked retry or a
+--          publisher's reservation holds the key (deadline not passed), or delete a key that is not a celery-idem record
 -- Returns {code, fence} (fence 0 when unknown), code one of
 --   0  absent (or a tombstone: already forgotten): nothing changed
 --   1  forgotten: deleted, or replaced by a tombstone
---   2  held by a live attempt or a parked retry, not forced: kept
+--   2  held by a live attempt, a parked retry or a reservation, not forced: kept
 --   3  its fence is not ARGV[1] any more (another attempt claimed it): kept, even forced
 --   4  not a celery-idem record (another type, or undecodable), not forced: kept
 local force = ARGV[2] == '1'
@@ -45,7 +45,7 @@ if ARGV[1] ~= '' and r.f ~= tonumber(ARGV[1]) then
   return {3, r.f}
 end
 local now = now_ms()
-if r.s == 'P' and r.d > now and not force then
+if (r.s == 'P' or r.s == 'R') and r.d > now and not force then
   return {2, r.f}
 end
 if r.f < now then

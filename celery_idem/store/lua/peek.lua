@@ -3,13 +3,16 @@
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  arguments fingerprint ('' = not checked)
 -- Returns one of
---   {0}                      nothing holds the key (absent, free, or a lapsed lease), or
+--   {0}                      nothing holds the key (absent, free, a lapsed lease or
+--                            reservation), or
 --                            it is quarantined (the worker reports that to the caller)
 --   {2, fence, task_id}      COMPLETED by task_id
---   {3, fence, task_id, ms}  IN_PROGRESS by task_id, lease left in ms
+--   {3, fence, task_id, ms}  IN_PROGRESS by task_id, lease left in ms (or reserved for
+--                            task_id by a publisher, reservation left in ms)
 --   {4, fence, task_id}      MISMATCH: the key is known with other arguments
 local r = decode(redis.call('GET', KEYS[1]))
-if not r or r.s == 'F' or r.s == 'Q' then
+local now = now_ms()
+if not r or r.s == 'F' or r.s == 'Q' or (r.s == 'R' and r.d <= now) then
   return {0}
 end
 if ARGV[1] ~= '' and r.a ~= '' and r.a ~= ARGV[1] then
@@ -18,7 +21,7 @@ end
 if completed(r) then
   return {2, r.f, r.i}
 end
-local left = r.d - now_ms()
+local left = r.d - now
 if left <= 0 then
   return {0}
 end

@@ -7,21 +7,26 @@
 --   <state><fence>:<deadline>:<takeovers>:<len>:<owner><len>:<fingerprint><len>:<task id><len>:<codec><payload>
 --
 --   state        one byte: P in progress, F free (released), C/E/X completed
---                (result, cached error, no result kept), Q quarantined
---   fence        grows by one on every claim; survives a release, and a forget until
+--                (result, cached error, no result kept), Q quarantined, R reserved by
+--                a publisher for the message it is sending (reserve.lua; the worker
+--                that gets that task id claims it as its own)
+--   fence        grows by one on every claim (a reservation keeps the one it found, 0
+--                on a new record); survives a release, and a forget until
 --                the server's clock has passed it (a tombstone, see forget.lua)
---   deadline     lease deadline in ms on the server's clock (P); in an F record 0
+--   deadline     lease deadline in ms on the server's clock (P); the end of the
+--                reservation (R: after it the record holds nothing); in an F record 0
 --                after a release, or the server's clock in ms at the forget that
 --                left it as a tombstone (see forget.lua); 0 in any other state
 --   takeovers    how many times a claim took the key from an attempt that stopped
 --                renewing (a dead or stalled worker) since the record was created;
 --                kept across release and parking, so a poison message that kills
 --                every worker it reaches is counted (claim.lua quarantines past the cap)
---   owner        P: token of the owning attempt ('' while parked for a retry);
+--   owner        P: token of the owning attempt ('' while parked for a retry); R: '';
 --                C/E/X: '+' while the completing run's callbacks and chain are not
 --                yet confirmed sent (dispatched.lua clears it), else ''
---   fingerprint  arguments fingerprint ('' = not checked)
---   task id      the owner's, or the completing run's, Celery task id
+--   fingerprint  arguments fingerprint ('' = not checked); R: the publisher's
+--   task id      the owner's, the completing run's, or (R) the reserved message's Celery
+--                task id
 --   codec        how the payload is serialized (see celery_idem/codec.py)
 --   payload      everything after the codec, bytes as they are (no escaping)
 local function now_ms()
