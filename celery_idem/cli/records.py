@@ -123,8 +123,9 @@ def inspect_command(
     self.idempotency_key; a group member's is KEY#<position>.<fingerprint>).
 
     \b
-    Shows: the state (in_progress: running / parked / lease_expired; completed:
-    result / error / no_result; free), the owner task id, the fence, when the claim
+    Shows: the state (in_progress: running / parked / lease_expired; queued:
+    reserved / reservation_expired; completed: result / error / no_result; free), the
+    owner (or reserved) task id, the fence, when the claim
     was taken (the fence is the server's clock in ms at the claim), the lease left,
     when the result was stored (its expiry minus the task's idem_ttl), when the record
     expires, and a preview of the result.
@@ -157,7 +158,8 @@ def inspect_command(
     "--force",
     is_flag=True,
     help="Delete the record even while an attempt holds it (in progress with a live lease, "
-    "or parked for a retry): a duplicate may then run the body concurrently.",
+    "parked for a retry, or queued: reserved for a message not yet claimed): a duplicate "
+    "may then run the body concurrently.",
 )
 @json_option
 @click.pass_context
@@ -177,8 +179,9 @@ def forget_command(
     replayed any more, or a failed run's record. Shows the record and asks for
     confirmation (--yes skips it; answering no exits 1 and deletes nothing).
 
-    A record in progress (a live lease, or parked for a retry) is refused unless
-    --force: deleting it lets a duplicate run while the first attempt still runs.
+    A record in progress (a live lease, or parked for a retry) or queued (reserved by
+    a publisher for a message no worker has claimed yet) is refused unless --force:
+    deleting it lets a duplicate run while the first attempt still runs (or is queued).
     The delete is atomic and only removes the record that was shown: if another
     attempt claimed the key in the meantime, nothing is deleted (exit 1). Exit status
     3 when there is no record.
@@ -191,13 +194,13 @@ def forget_command(
     if record is None:
         raise _absent(stored, key_or_none, label, as_json)
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=_PREVIEW)
-    held = record.state == RecordState.IN_PROGRESS.value and (record.lease_left or 0) > 0
+    held = record.state in _HOLDING and (record.lease_left or 0) > 0
     if held and not force:
         raise CliError(
             f"the record of {stored} is {views.state_text(view['state'], view['substate'])} "
             f"(task id {record.task_id}, {render.duration(record.lease_left)} left): deleting "
-            "it would let a duplicate run the body while this attempt still runs; wait for "
-            "it, or pass --force"
+            f"it would let a duplicate run the body while {_holder(record.state)}; wait "
+            "for it, or pass --force"
         )
     if not yes:
         click.echo(render.fields(views.record_pairs(view)), err=as_json)
@@ -225,6 +228,16 @@ def forget_command(
         click.echo(render.to_json({"forgotten": True, "record": view}))
     else:
         click.echo(f"Forgotten: {stored} ({label}).")
+
+
+_HOLDING = (RecordState.IN_PROGRESS.value, RecordState.RESERVED.value)
+"""States whose live deadline (a lease, a hold, a reservation) holds the key."""
+
+
+def _holder(state: str) -> str:
+    if state == RecordState.RESERVED.value:
+        return "the message it was reserved for is still queued"
+    return "this attempt still runs"
 
 
 def _wanted(view: dict[str, Any], state: str | None) -> bool:

@@ -23,6 +23,8 @@ COLUMNS = (
     ("running", "RUNNING"),
     ("parked", "PARKED"),
     ("lease_expired", "LEASE EXPIRED"),
+    ("reserved", "QUEUED"),
+    ("reservation_expired", "QUEUE EXPIRED"),
     ("free", "FREE"),
     ("result", "RESULT"),
     ("error", "ERROR"),
@@ -79,9 +81,11 @@ def stats_command(
 
     \b
     - Counts by task and state: RUNNING, PARKED (held for a retry), LEASE EXPIRED
-      (its worker is gone; the next claim takes over), FREE (released after a
-      failure), RESULT, ERROR (a cached failure), NO RESULT (ran, result not kept),
-      OTHER (a key under the prefix that is not a record). A task is named from the
+      (its worker is gone; the next claim takes over), QUEUED (reserved by a
+      publisher for a message no worker has claimed yet), QUEUE EXPIRED (no worker
+      claimed it in time), FREE (released after a failure), RESULT, ERROR (a cached
+      failure), NO RESULT (ran, result not kept), OTHER (a key under the prefix that
+      is not a record). A task is named from the
       tag in the storage key; a tag none of the app's tasks has shows as ?TAG.
     - Memory: MEMORY USAGE of the first --sample records met (SCAN order is the
       hash order, so a fair sample), and their mean times the record count.
@@ -94,8 +98,8 @@ def stats_command(
     the counts are a snapshot, not exact.
 
     --json prints an object: store, prefix, task, records, scan_calls, by_task (task
-    -> running, parked, lease_expired, free, result, error, no_result, not_a_record,
-    total), memory (null, or sampled, sampled_bytes, mean_bytes,
+    -> running, parked, lease_expired, reserved, reservation_expired, free, result,
+    error, no_result, not_a_record, total), memory (null, or sampled, sampled_bytes, mean_bytes,
     estimated_total_bytes), oldest_in_progress (null, or a record as in `list
     --json`, plus claimed_ago), other_stores (tasks whose records live elsewhere).
     """  # noqa: D301 - \b is click's no-rewrap marker

@@ -25,7 +25,7 @@ __all__ = [
     "summary_view",
 ]
 
-STATE_CHOICES = ("in_progress", "completed", "free", "quarantined")
+STATE_CHOICES = ("in_progress", "queued", "completed", "free", "quarantined")
 """What ``--state`` filters on."""
 
 _KIND_NAMES = {
@@ -51,6 +51,9 @@ def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str
 
     ``in_progress``: ``running`` (a live lease), ``parked`` (held for a retry of the
     same task id) or ``lease_expired`` (its worker is gone: the next claim takes over);
+    ``queued``: ``reserved`` (a publisher reserved the key for the message it sent,
+    which no worker has claimed yet) or ``reservation_expired`` (no worker claimed it in
+    time: the record holds nothing);
     ``completed``: ``result``, ``error`` (a cached failure) or ``no_result`` (ran, but
     its result could not be kept); ``free`` (released after a failure, keeps its fence);
     ``quarantined`` (taken over ``idem_max_takeovers`` times without completing: nothing
@@ -63,6 +66,10 @@ def state_of(state: str, *, parked: bool, lease_left: float | None) -> tuple[str
         if lease_left is not None and lease_left <= 0:
             return "in_progress", "lease_expired"
         return "in_progress", "running"
+    if found is RecordState.RESERVED:
+        if lease_left is not None and lease_left <= 0:
+            return "queued", "reservation_expired"
+        return "queued", "reserved"
     if found is RecordState.FREE:
         return "free", None
     if found is RecordState.QUARANTINED:
@@ -86,7 +93,7 @@ def _codec_name(tag: str) -> str:
 def summary_view(summary: RecordSummary, task: str) -> dict[str, Any]:
     """One listed record as JSON-ready data."""
     state, sub = state_of(summary.state, parked=summary.parked, lease_left=summary.lease_left)
-    claimed = render.claimed_at(summary.fence)
+    claimed = None if state == "queued" else render.claimed_at(summary.fence)
     return {
         "storage_key": summary.key,
         "task": task,
@@ -167,7 +174,7 @@ def record_view(
     if the run was given another ``idem_ttl`` per call, or the setting changed).
     """
     state, sub = state_of(record.state, parked=record.parked, lease_left=record.lease_left)
-    claimed = render.claimed_at(record.fence)
+    claimed = None if state == "queued" else render.claimed_at(record.fence)
     return {
         "task": task,
         "key": key,
@@ -198,7 +205,11 @@ def record_view(
 
 def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
     """The lines of ``inspect``'s table for a :func:`record_view`."""
-    claimed = view["claimed_at"] or "unknown (the fence is not a time)"
+    claimed = view["claimed_at"] or (
+        "not yet (queued: no worker claimed it)"
+        if view["state"] == "queued"
+        else "unknown (the fence is not a time)"
+    )
     if view["claimed_ago"] is not None:
         claimed += f" ({render.duration(view['claimed_ago'])} ago)"
     pairs = [
@@ -217,6 +228,8 @@ def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
     if view["state"] == "in_progress":
         label = "hold left" if view["substate"] == "parked" else "lease left"
         pairs.append((label, render.duration(view["lease_left"])))
+    if view["state"] == "queued":
+        pairs.append(("reservation left", render.duration(view["lease_left"])))
     if view["state"] == "completed":
         stored_at = view.get("stored_at")
         pairs.append(

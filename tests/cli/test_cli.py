@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from celery_idem.keys import storage_key, task_tag
-from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, Stored
+from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, ReserveRequest, Stored
 from devtools.processes import free_port, wait_for
 from devtools.redis_server import RedisServer
 from tests.cli.conftest import Cli
@@ -365,6 +365,33 @@ def test_a_quarantined_key_is_counted_listed_inspected_and_released_by_forget(
     assert re.search(r"^takeovers:\s+2$", table.stdout, re.M), table.stdout
     forgot = cli.run("forget", "9:poison", "--task", "cli.send", "--yes")  # no --force needed
     assert forgot.returncode == 0, forgot.stderr
+    assert cli.store.read(stored) is None
+
+
+def test_a_reserved_key_is_queued_for_every_command_and_forget_needs_force(cli: Cli) -> None:
+    # What idem_dedupe_on_publish leaves between the publish and the worker's claim.
+    stored = cli.key("cli.send", "8:queued")
+    reserved = cli.store.reserve(ReserveRequest(stored, task_id="id-q", fingerprint="fp", hold=60))
+    assert reserved is not None
+    view = cli.json("inspect", "8:queued", "--task", "cli.send")
+    assert (view["state"], view["substate"], view["task_id"]) == ("queued", "reserved", "id-q")
+    assert 50 < view["lease_left"] <= 60
+    assert view["claimed_at"] is None
+    table = cli.run("inspect", "8:queued", "--task", "cli.send")
+    assert re.search(r"^reservation left:\s+\d+\.\ds$", table.stdout, re.M), table.stdout
+    assert re.search(r"^claimed at:\s+not yet", table.stdout, re.M), table.stdout
+    listed = cli.json("list", "--state", "queued")
+    assert [(r["storage_key"], r["substate"]) for r in listed["records"]] == [(stored, "reserved")]
+    stats = cli.json("stats", "--sample", "0")
+    assert stats["by_task"]["cli.send"]["reserved"] == 1
+    assert "QUEUED" in cli.run("stats", "--sample", "0").stdout
+    refused = cli.run("forget", "8:queued", "--task", "cli.send", "--yes")
+    assert refused.returncode == 1
+    assert "queued (reserved)" in refused.stderr
+    assert "still queued" in refused.stderr
+    assert cli.store.read(stored) is not None
+    forced = cli.run("forget", "8:queued", "--task", "cli.send", "--yes", "--force")
+    assert forced.returncode == 0, forced.stderr
     assert cli.store.read(stored) is None
 
 
