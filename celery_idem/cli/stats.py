@@ -85,8 +85,8 @@ def stats_command(
       publisher for a message no worker has claimed yet), QUEUE EXPIRED (no worker
       claimed it in time), FREE (released after a failure), RESULT, ERROR (a cached
       failure), NO RESULT (ran, result not kept), OTHER (a key under the prefix that
-      is not a record). A task is named from the
-      tag in the storage key; a tag none of the app's tasks has shows as ?TAG.
+      is not a record). A task is named from the tag in the storage key; a tag none
+      of the app's tasks has shows as ?TAG.
     - Memory: MEMORY USAGE of the first --sample records met (SCAN order is the
       hash order, so a fair sample), and their mean times the record count.
     - The oldest claim in progress (running, parked or lease expired), by claim time:
@@ -99,8 +99,8 @@ def stats_command(
 
     --json prints an object: store, prefix, task, records, scan_calls, by_task (task
     -> running, parked, lease_expired, reserved, reservation_expired, free, result,
-    error, no_result, not_a_record, total), memory (null, or sampled, sampled_bytes, mean_bytes,
-    estimated_total_bytes), oldest_in_progress (null, or a record as in `list
+    error, no_result, not_a_record, total), memory (null, or sampled, sampled_bytes,
+    mean_bytes, estimated_total_bytes), oldest_in_progress (null, or a record as in `list
     --json`, plus claimed_ago), other_stores (tasks whose records live elsewhere).
     """  # noqa: D301 - \b is click's no-rewrap marker
     walk = Walk(ctx, task_name, scan_count)

@@ -167,9 +167,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         Checked before anything is sent (``publish.prepare_call``): the key, the
         ``idem_*`` values, option names that look like ours but are misspelt, our
         options passed as task keyword arguments, the task's key rule and
-        ``idem_require_key``. With ``idem_dedupe_on_publish``, a key that is completed
-        or in progress is not sent again: the caller gets the AsyncResult of the task
-        that holds it.
+        ``idem_require_key``. With ``idem_dedupe_on_publish``, the key is reserved for
+        the message's task id in the same round trip that finds a key completed, in
+        progress or reserved by another send: then nothing is sent and the caller gets
+        the AsyncResult of the task that holds it. A publish that fails withdraws its
+        reservation.
         """
         publish.prepare_call(self, kwargs, options)
         if (
@@ -179,9 +181,17 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         ):
             # A message with callbacks or a chain is sent: its worker replays the stored
             # value into them, exactly as for any duplicate (they are the caller's own).
-            existing = publish.published(self, args, kwargs, task_id, options)
-            if existing is not None:
-                return existing
+            reservation = publish.published(self, args, kwargs, task_id, options)
+            if reservation.existing is not None:
+                return reservation.existing
+            try:
+                return super().apply_async(
+                    args, kwargs, reservation.task_id or task_id, producer, link, link_error,
+                    shadow, **options,
+                )  # fmt: skip
+            except BaseException:
+                publish.withdraw(self, reservation)
+                raise
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )

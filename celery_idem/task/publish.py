@@ -1,7 +1,7 @@
 """The publishing side: the call site's checks, call options into headers, a look-up.
 
 Run in whatever process calls ``apply_async``/``apply`` (a web request, a worker sending
-a chain's next step), which may have no Redis of its own: only the look-up of
+a chain's next step), which may have no Redis of its own: only the reservation of
 ``idem_dedupe_on_publish`` talks to the store, and a failure there publishes anyway.
 Everything else is checked here without a store, before anything is sent.
 """
@@ -12,16 +12,23 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
+from kombu.utils.uuid import uuid
+
+from celery_idem.checks import MAX_DURATION
 from celery_idem.config import CALL_OPTIONS, check_call_names, with_call_overrides
 from celery_idem.exceptions import IdempotencyError, InvalidIdempotencyKey, MisplacedCallOption
 from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
-from celery_idem.store import ClaimState
+from celery_idem.store import ClaimState, ReserveRequest
 from celery_idem.task.headers import DEFERRALS, GROUP_INDEX, HEADER, RETRY_KEY
 from celery_idem.task.spec import IdemTask
 
 __all__ = [
+    "PUBLISH",
+    "Reservation",
     "check_task_kwargs",
     "eager_group_position",
     "move_call_options",
@@ -29,6 +36,7 @@ __all__ = [
     "published",
     "require_key",
     "with_eager_group_position",
+    "withdraw",
 ]
 
 logger = logging.getLogger("celery_idem")
@@ -142,25 +150,49 @@ def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
     options["headers"] = headers
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What the look-up before publishing decided (:func:`published`).
+
+    Attributes:
+        existing: The AsyncResult of the task that holds the key: return it, send
+            nothing. None: publish.
+        task_id: Publish under this task id (the one the key is reserved for); None:
+            under the caller's, or a new one, as Celery picks.
+        key: The storage key reserved (for :func:`withdraw`), "" when none is.
+    """
+
+    existing: Any = None
+    task_id: str | None = None
+    key: str = ""
+
+
+PUBLISH = Reservation()
+"""Publish as Celery would: nothing reserved, nothing found."""
+
+
 def published(
     task: IdemTask,
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
     task_id: str | None,
     options: Mapping[str, Any],
-) -> Any:
-    """One look-up before publishing: the AsyncResult of the run holding the key.
+) -> Reservation:
+    """One round trip before publishing: reserve the key, or find the run holding it.
 
-    None means "publish": nothing holds the key, the arguments differ (the worker
+    The key is reserved for the task id the message will carry (the caller's, or a new
+    one), so a second send before a worker claims it gets the same id; a completed key,
+    a running one or another message's live reservation gives that task's AsyncResult.
+    :data:`PUBLISH` (publish, nothing reserved) when the arguments differ (the worker
     reports the mismatch), the store is down (the worker-side claim still holds), the
     message is a re-send of our own (a retry or a deferral must go out), or the
     arguments cannot be bound here (``typing=False``: the worker decides).
     """
     headers = options.get("headers") or {}
     if RETRY_KEY in headers or DEFERRALS in headers or options.get("retries"):
-        return None
+        return PUBLISH
     if options.get("group_id") or options.get("chord"):
-        return None  # canvas members are keyed by their position, on the worker
+        return PUBLISH  # canvas members are keyed by their position, on the worker
     spec = task.idem_spec()
     # Validated by move_call_options already; the worker applies the same per-call values.
     settings = with_call_overrides(spec.settings, headers, task_name=task.name)
@@ -171,27 +203,70 @@ def published(
     except TypeError:
         if task.typing:
             raise  # Celery itself would refuse these arguments at the call site
-        return None
+        return PUBLISH
     storage = storage_key(settings.key_prefix, spec.scope, resolved.key)
     fingerprint = "" if resolved.source is KeySource.ARGS else resolved.fingerprint
+    sent_as = task_id or uuid()
+    hold = min(settings.lease + _delay(options), MAX_DURATION)
     try:
-        found = spec.store.peek(storage, fingerprint=fingerprint)
+        found = spec.store.reserve(
+            ReserveRequest(storage, task_id=sent_as, fingerprint=fingerprint, hold=hold)
+        )
     except IdempotencyError as exc:
         logger.warning(
             "%s key=%r: could not look the key up before publishing, publishing: %s",
             task.name, resolved.key, exc,
         )  # fmt: skip
-        return None
+        return PUBLISH
     if found is None or found.state is ClaimState.MISMATCH:
-        return None
+        return PUBLISH
+    if found.state is ClaimState.RESERVED:
+        return Reservation(task_id=sent_as, key=storage)
     if task_id is not None and task_id != found.task_id:
         # The caller waits on the id it chose (a frozen signature): only a message
         # under that id will ever write its result.
-        return None
+        return PUBLISH
     logger.debug(
         "%s key=%r: held by task %s, not published", task.name, resolved.key, found.task_id
     )
-    return task.AsyncResult(found.task_id)
+    return Reservation(existing=task.AsyncResult(found.task_id))
+
+
+def withdraw(task: IdemTask, reservation: Reservation) -> None:
+    """The message reserved for could not be published: free the key (best effort).
+
+    Otherwise the next send would get the AsyncResult of a task id that was never sent,
+    until the reservation ran out (one lease). A store that fails here changes nothing
+    the worker-side claim does not already guard.
+    """
+    if not reservation.key or reservation.task_id is None:
+        return
+    try:
+        task.idem_spec().store.unreserve(reservation.key, task_id=reservation.task_id)
+    except IdempotencyError as exc:
+        logger.warning(
+            "%s: could not withdraw the reservation of task %s after its publish failed; "
+            "it runs out within one lease: %s",
+            task.name, reservation.task_id, exc,
+        )  # fmt: skip
+
+
+def _delay(options: Mapping[str, Any]) -> float:
+    """Seconds before the message may run (``countdown`` or ``eta``), 0 when none."""
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)) and not isinstance(countdown, bool):
+        return max(float(countdown), 0.0)
+    eta = options.get("eta")
+    if isinstance(eta, str):
+        try:
+            eta = datetime.fromisoformat(eta)
+        except ValueError:
+            return 0.0
+    if isinstance(eta, datetime):
+        # Naive: UTC, as Celery reads it under its default enable_utc.
+        now = datetime.now(timezone.utc)
+        return max((eta - (now if eta.tzinfo else now.replace(tzinfo=None))).total_seconds(), 0.0)
+    return 0.0
 
 
 def with_eager_group_position(options: dict[str, Any]) -> None:
