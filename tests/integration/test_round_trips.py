@@ -15,7 +15,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from celery import Celery
 
+from celery_idem import IdempotentTask
 from devtools.processes import wait_for
 from devtools.redis_server import RedisServer
 
@@ -48,16 +50,21 @@ class Monitor:
             except Exception:  # the connection is closed by close()
                 return
             if cmd.get("client_type") != "lua":
-                self.seen.append((cmd["client_address"], cmd["command"]))
+                client = f"{cmd['client_address']}:{cmd.get('client_port')}"
+                self.seen.append((client, cmd["command"]))
 
     def sync(self) -> list[str]:
         """Everything the server processed until now (a marker ECHO closes the batch)."""
+        return [command for _, command in self.sync_by_client()]
+
+    def sync_by_client(self) -> list[tuple[str, str]]:
+        """As :meth:`sync`, each command with the address of the client that sent it."""
         marker = uuid.uuid4().hex
         self.client.echo(marker)
         wait_for(lambda: any(marker in c for _, c in self.seen), timeout=10, message="monitor")
-        batch = [c for _, c in self.seen if marker not in c and "ECHO" not in c.upper()[:7]]
+        batch = [(a, c) for a, c in self.seen if marker not in c and "ECHO" not in c.upper()[:7]]
         self.seen.clear()
-        return [c.split()[0].strip('"').lower() for c in batch]
+        return [(a, c.split()[0].strip('"').lower()) for a, c in batch]
 
     def close(self) -> None:
         self.client.close()
@@ -108,6 +115,37 @@ def test_a_run_with_a_callback_adds_one_round_trip_after_celery_sent_it(
         assert monitor.sync() == ["evalsha", "evalsha", "evalsha"]
         run(uid)
         assert monitor.sync() == ["evalsha"]  # a duplicate's own callback costs nothing more
+    finally:
+        monitor.close()
+
+
+def test_dedupe_on_publish_reserves_in_the_one_round_trip_of_its_look_up(
+    start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
+) -> None:
+    # The publisher's reservation replaces its peek: still one EVALSHA on the publisher,
+    # and the worker's claim of its own reservation is its one blocking round trip.
+    w = start_worker(pool="solo", concurrency=1, extra_env={"IDEM_TEST_STORE": store_server.url(0)})
+    app = Celery("counted-publisher", broker=tasks.app.conf.broker_url,
+                 backend=tasks.app.conf.result_backend, set_as_current=False)  # fmt: skip
+    app.conf.idem_redis_url = store_server.url(0)
+    deduped = app.task(
+        tasks.deduped.run, base=IdempotentTask, bind=True, shared=False, name="t.deduped",
+        idem_dedupe_on_publish=True,
+    )  # fmt: skip
+    monitor = Monitor(store_server)
+    try:
+        deduped.apply_async((f"warm-{uid}",), queue=w.queue).get(timeout=T)  # load scripts
+        monitor.sync()
+        first = deduped.apply_async((uid,), queue=w.queue)
+        first.get(timeout=T)
+        seen = monitor.sync_by_client()
+        # reserve (publisher), claim and complete (worker)
+        assert [c for _, c in seen] == ["evalsha", "evalsha", "evalsha"]
+        publisher_addr = seen[0][0]
+        assert [a for a, _ in seen].count(publisher_addr) == 1
+        again = deduped.apply_async((uid,), queue=w.queue)
+        assert again.id == first.id
+        assert monitor.sync_by_client() == [(publisher_addr, "evalsha")]  # nothing sent
     finally:
         monitor.close()
 
