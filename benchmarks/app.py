@@ -89,7 +89,7 @@ def idem_long(self: Task, key: str, sleep_ms: float = 0) -> str:
 
 @app.task(bind=True, base=IdempotentTask, name="bench.idem_pub", idem_dedupe_on_publish=True)
 def idem_pub(self: Task, key: str, sleep_ms: float = 0) -> str:
-    """celery-idem with ``idem_dedupe_on_publish``: a peek before publishing."""
+    """celery-idem with ``idem_dedupe_on_publish``: a reservation before publishing."""
     return body(self, key, sleep_ms)
 
 

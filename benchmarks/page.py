@@ -43,8 +43,9 @@ def _duplicates(result: dict[str, Any]) -> str:
             )
         elif contender == "idem_pub":
             gives = (
-                f"{_n(s['given_existing'])} deliveries were not published: a peek found the key "
-                "completed or in progress and `apply_async` returned that task's `AsyncResult` "
+                f"{_n(s['given_existing'])} deliveries were not published: the publisher's "
+                "reservation found the key completed, in progress or reserved by an earlier "
+                "send, and `apply_async` returned that task's `AsyncResult` "
                 "(its result is the first run's); the rest were published and answered by the "
                 "worker-side claim as above; the body runs once per key"
             )
@@ -161,7 +162,7 @@ celery-idem against plain Celery (no deduplication), celery-once (`QueueOnce`) a
 celery-singleton (`Singleton`), on real worker processes, a Redis broker and
 `acks_late`, with the same task body for every contender. celery-idem runs with its
 defaults everywhere; in the storm (c) it also runs a second time with
-`idem_dedupe_on_publish=True` (a peek before publishing, off by default), the setting
+`idem_dedupe_on_publish=True` (a reservation before publishing, off by default), the setting
 that matches how the two peers work: they deduplicate at publish.
 
 ![Ratios to plain Celery]({chart_name})

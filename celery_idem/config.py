@@ -115,7 +115,7 @@ class IdemSettings:
         cache_errors: Exception classes whose failure is stored and re-raised to
             duplicates instead of letting the key be claimed again.
         max_result_bytes: Largest encoded result that is stored.
-        dedupe_on_publish: Look the key up before publishing (one round trip) and
+        dedupe_on_publish: Reserve the key before publishing (one round trip) and
             return the original task's AsyncResult instead of sending a duplicate.
         require_key: Refuse a call without an explicit key (``idempotency_key`` absent
             or ``None``) at the call site, and such a message on the worker.

@@ -290,7 +290,7 @@ TABLE: tuple[Setting, ...] = (
         check=check_bool,
         expected="True or False",
         per_call=False,
-        doc="Look the key up before publishing.",
+        doc="Reserve the key before publishing; send nothing when it is taken.",
     ),
     Setting(
         "idem_require_key",

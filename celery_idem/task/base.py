@@ -115,7 +115,7 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ] = None
     #: The largest serialized result that is stored.
     idem_max_result_bytes: ClassVar[int | None] = None
-    #: Look the key up before publishing.
+    #: Reserve the key before publishing; send nothing when it is taken.
     idem_dedupe_on_publish: ClassVar[bool | None] = None
     #: Refuse calls and messages that carry no explicit idempotency key.
     idem_require_key: ClassVar[bool | None] = None
