@@ -330,7 +330,8 @@ class Store(Protocol):
         ``RESERVED`` (with ``request.task_id``) when the key was absent, free, or held by
         a reservation that ran out (or already this task id's): the record is now state
         ``R`` with the publisher's fingerprint, kept ``hold`` seconds (the fence and the
-        takeover count it found are kept; no fence is handed out). ``COMPLETED``,
+        takeover count it found are kept, a new record's fence is the store's clock in
+        ms: no fence is handed out, the next claim's is still higher). ``COMPLETED``,
         ``IN_PROGRESS`` (a live attempt, a parked retry, or another task id's live
         reservation) and ``MISMATCH`` as :meth:`peek` answers them, changing nothing.
         None (nothing reserved, publish anyway) for a lease that ran out (the message's

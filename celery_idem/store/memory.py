@@ -151,7 +151,7 @@ class MemoryStore(MemoryAdmin):
                 if record.state is RecordState.RESERVED and record.task_id == task_id:
                     return ClaimOutcome(ClaimState.RESERVED, record.fence, task_id)
                 return found
-            fence = record.fence if record else 0
+            fence = record.fence if record else int(now * 1000)  # as reserve.lua: never 0
             self.records[request.key] = MemoryRecord(
                 state=RecordState.RESERVED,
                 fence=fence,

@@ -561,6 +561,7 @@ def test_reserve_takes_a_fresh_key_for_the_task_id_and_a_second_send_finds_it(
     first = reserve(backend, "k", hold=10.0)
     assert first is not None
     assert (first.state, first.task_id) == (ClaimState.RESERVED, "sent-1")
+    assert first.fence >= 1_700_000_000_000  # no record has fence 0: the store's clock
     second = reserve(backend, "k", task_id="sent-2", hold=10.0)
     assert second is not None
     assert (second.state, second.task_id) == (ClaimState.IN_PROGRESS, "sent-1")

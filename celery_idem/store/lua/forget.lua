@@ -13,7 +13,8 @@
 -- KEYS[1]  the record (format: record.lua)
 -- ARGV[1]  the fence the operator saw ('' = do not compare)
 -- ARGV[2]  '1' = force: forget even while a live attempt, a parked retry or a
---          publisher's reservation holds the key (deadline not passed), or delete a key that is not a celery-idem record
+--          publisher's reservation holds the key (deadline not passed), or delete a
+--          key that is not a celery-idem record
 -- Returns {code, fence} (fence 0 when unknown), code one of
 --   0  absent (or a tombstone: already forgotten): nothing changed
 --   1  forgotten: deleted, or replaced by a tombstone

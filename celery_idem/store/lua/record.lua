@@ -10,8 +10,9 @@
 --                (result, cached error, no result kept), Q quarantined, R reserved by
 --                a publisher for the message it is sending (reserve.lua; the worker
 --                that gets that task id claims it as its own)
---   fence        grows by one on every claim (a reservation keeps the one it found, 0
---                on a new record); survives a release, and a forget until
+--   fence        grows by one on every claim (a reservation hands none out: it keeps
+--                the one it found, or the clock in ms on a new record; never 0);
+--                survives a release, and a forget until
 --                the server's clock has passed it (a tombstone, see forget.lua)
 --   deadline     lease deadline in ms on the server's clock (P); the end of the
 --                reservation (R: after it the record holds nothing); in an F record 0

@@ -41,7 +41,9 @@ if r and r.s ~= 'F' then
   return {0}  -- P whose lease ran out
 end
 -- Absent, free (a tombstone too: its fence is kept), or a reservation that ran out.
-local fence, takeovers = 0, 0
+-- A reservation hands no fence out: it keeps the one it found, or on a new record the
+-- clock in ms, where the next claim would start anyway (so no record has fence 0).
+local fence, takeovers = now, 0
 if r then
   fence, takeovers = r.f, r.n
 end
