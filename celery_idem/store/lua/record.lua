@@ -1,8 +1,9 @@
 -- record.lua: the record format, prepended to every other script (not run alone).
 --
--- One Redis STRING per key, so a completed record with a 100-byte result stays
--- near 230 bytes (a hash would turn into a hashtable once a value passes
--- hash-max-listpack-value, 64 bytes by default, and double that):
+-- One Redis STRING per key, so a completed record with a 100-byte result takes 264 to
+-- 280 bytes of MEMORY USAGE (tests/integration/test_round_trips.py; a hash would turn
+-- into a hashtable once a value passes hash-max-listpack-value, 64 bytes by default,
+-- and double that):
 --
 --   <state><fence>:<deadline>:<takeovers>:<len>:<owner><len>:<fingerprint><len>:<task id><len>:<codec><payload>
 --
