@@ -243,8 +243,10 @@ class Store(Protocol):
         (take-over), or when the owner parked it for a retry of this same ``task_id``
         (a retry sends ``fingerprint=""``, as it may change its arguments; a new request
         reusing the task id with other arguments is a ``MISMATCH``). The new fence is
-        one more than the last, and at least the store's clock in ms, so it only grows,
-        even after the record expired. The record lives ``ttl + lease``.
+        ``max(last fence + 1, the store's clock in ms)``, so it only grows, even after the
+        record expired; in practice it is the clock, thousands above the last one (a
+        take-over comes a lease later), and only claims within one millisecond get
+        exactly one more. The record lives ``ttl + lease``.
 
         A takeover from an owner that stopped renewing is counted in the record; with
         ``max_takeovers`` > 0, the claim that would be takeover number

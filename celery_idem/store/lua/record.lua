@@ -9,7 +9,8 @@
 --
 --   state        one byte: P in progress, F free (released), C/E/X completed
 --                (result, cached error, no result kept), Q quarantined
---   fence        grows by one on every claim; survives a release, and a forget until
+--   fence        max(last fence + 1, server clock in ms) at every claim (claim.lua), so
+--                it only grows; survives a release, and a forget until
 --                the server's clock has passed it (a tombstone, see forget.lua)
 --   deadline     lease deadline in ms on the server's clock (P); in an F record 0
 --                after a release, or the server's clock in ms at the forget that
