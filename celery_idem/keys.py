@@ -233,7 +233,21 @@ def _field_root(field: str) -> str:
 
 
 def _rule_name(rule: Callable[..., Any]) -> str:
-    return getattr(rule, "__qualname__", None) or repr(rule)
+    """``shop.tasks.welcome_key``; a lambda with its line (``shop.tasks.<lambda> (line 12)``).
+
+    A callable without a qualified name (an instance with ``__call__``, a partial) is
+    named by its ``repr``.
+    """
+    name = getattr(rule, "__qualname__", None)
+    if not isinstance(name, str):
+        return repr(rule)
+    module = getattr(rule, "__module__", None)
+    if isinstance(module, str) and module != "builtins":
+        name = f"{module}.{name}"
+    code = getattr(rule, "__code__", None)
+    if name.endswith("<lambda>") and code is not None:
+        name += f" (line {code.co_firstlineno})"
+    return name
 
 
 class KeyRule:
@@ -468,9 +482,9 @@ class KeyRule:
                 value = self._rule(**arguments)
         except Exception as exc:
             what = (
-                f"the idempotency_key template {self._template!r}"
-                if self._template is not None
-                else "the idempotency_key rule"
+                f"the idempotency_key rule {_rule_name(self._rule)}"
+                if self._rule is not None
+                else f"the idempotency_key template {self._template!r}"
             )
             raise InvalidIdempotencyKey(
                 f"{what} of task '{self.task_name}' raised {type(exc).__name__}: {exc}",
