@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,15 +29,19 @@ from typing import Any
 from celery_idem.checks import Invalid, short_repr
 from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, celery_fallback
 from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.fingerprint import FingerprintSetting
 from celery_idem.settings_table import TABLE, InProgressPolicy, Setting, StoreErrorPolicy
 
 __all__ = [
+    "CALL_OPTIONS",
     "CALL_SETTINGS",
     "DEFAULTS",
+    "KEY_OPTION",
     "SETTINGS",
     "IdemSettings",
     "InProgressPolicy",
     "StoreErrorPolicy",
+    "check_call_names",
     "resolve_settings",
     "with_call_overrides",
 ]
@@ -55,6 +60,13 @@ CALL_SETTINGS: frozenset[str] = frozenset(row.name for row in TABLE if row.per_c
 The others decide *where* a key lives or *which* failures are replayed; changing them
 per call would let two calls with the same key disagree about the record itself.
 """
+
+
+KEY_OPTION = "idempotency_key"
+"""The call option (and message header) that carries an explicit key."""
+
+CALL_OPTIONS: tuple[str, ...] = (KEY_OPTION, *(row.name for row in TABLE if row.per_call))
+"""Every option a call may give celery-idem: the key, then the per-call settings."""
 
 
 def renewal_period(lease: float) -> float:
@@ -93,6 +105,11 @@ class IdemSettings:
         lease: Seconds a claim survives without renewal; after that another run may
             take the key over.
         key_prefix: First component of every Redis key.
+        scope: The task's key space (``idem_scope``), hashed into its storage keys;
+            ``None``: the task's name (:meth:`scope_of`). Set on a task only.
+        fingerprint: What of the arguments the mismatch check and derived keys cover
+            (``idem_fingerprint``): ``True`` all, ``False`` no check, a sorted tuple of
+            names and dotted paths to leave out, or a callable over the arguments.
         on_in_progress: What a duplicate does while another run holds the key.
         on_store_error: What a task does when the store is unreachable.
         cache_errors: Exception classes whose failure is stored and re-raised to
@@ -100,6 +117,8 @@ class IdemSettings:
         max_result_bytes: Largest encoded result that is stored.
         dedupe_on_publish: Look the key up before publishing (one round trip) and
             return the original task's AsyncResult instead of sending a duplicate.
+        require_key: Refuse a call without an explicit key (``idempotency_key`` absent
+            or ``None``) at the call site, and such a message on the worker.
         max_takeovers: Takeovers of a key from attempts that stopped renewing (dead
             or stalled workers) before the key is quarantined; 0 = no cap.
     """
@@ -113,6 +132,7 @@ class IdemSettings:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     dedupe_on_publish: bool = False
+    require_key: bool = False
     max_takeovers: int = 5
     redis_sentinels: tuple[tuple[str, int], ...] | None = None
     redis_sentinel_master: str | None = None
@@ -121,12 +141,22 @@ class IdemSettings:
     redis_options: Mapping[str, Any] | None = None
     min_replicas: int = 0
     min_replicas_timeout: float = 1.0
+    scope: str | None = None
+    fingerprint: FingerprintSetting = True
     endpoint: Endpoint | None = None
 
     @property
     def renew_every(self) -> float:
         """Seconds between lease renewals: :func:`renewal_period` of the lease."""
         return renewal_period(self.lease)
+
+    def scope_of(self, task_name: str) -> str:
+        """The key space of ``task_name``'s records: ``idem_scope``, else the task's name.
+
+        The one place that default is decided: workers, publishers and ``celery idem``
+        all name a task's records through it.
+        """
+        return self.scope or task_name
 
 
 # --------------------------------------------------------------------------- validation
@@ -140,7 +170,9 @@ _APP = "app configuration"
 _CALL = "call option"
 
 
-def _validate(name: str, key: str, value: object, where: str, task_name: str | None) -> Any:
+def _validate(
+    name: str, key: str, value: object, where: str, task_name: str | None, *, call: bool = False
+) -> Any:
     """Run the validator of ``name``, turning a rejection into a full error message.
 
     Args:
@@ -149,10 +181,12 @@ def _validate(name: str, key: str, value: object, where: str, task_name: str | N
         value: The raw value.
         where: The origin, for the message.
         task_name: Carried into the error.
+        call: The value is a call's: the row's ``call_check`` applies, if it has one.
     """
     row = _ROWS[name]
+    check = row.call_check if call and row.call_check is not None else row.check
     try:
-        return row.check(value)
+        return check(value)
     except Invalid as exc:
         label = name if key == name else f"{name} (set as {key})"
         why = f" ({exc.why})" if exc.why else ""
@@ -203,6 +237,79 @@ _CALL_ORDERED = tuple(row.name for row in TABLE if row.per_call)
 _DJANGO_ORDERED = tuple(_DJANGO_NAMES.values())
 
 
+def _not_per_call(key: str, value: object, task_name: str | None) -> IdempotencyConfigError:
+    layers = "the task or the app" if _ROWS[key].per_app else "the task"
+    return IdempotencyConfigError(
+        f"{key} cannot be set per call; set it on {layers} "
+        f"(call option value {short_repr(value)}; per-call settings: "
+        f"{', '.join(_CALL_ORDERED)}).",
+        None,
+        task_name,
+    )
+
+
+_OURS = (KEY_OPTION, *SETTINGS)
+_CALL_NAMES = frozenset(CALL_OPTIONS)
+_LOOKALIKE = 0.8
+"""How close (difflib's ratio) a name not starting with ``idem`` must come to one of ours
+to be taken for a misspelling of it: ``indempotency_key`` (0.97), ``idm_ttl`` (0.93) are;
+no option of Celery's comes near (``idempotency`` alone is 0.85)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_name_problem(name: str) -> str | None:
+    """Why ``name`` is refused as a call option (a hint), or None if it is not ours.
+
+    Cached: the same few option names come back on every publish.
+    """
+    if name in _CALL_NAMES:
+        return None
+    lowered = name.lower()
+    if not lowered.startswith("idem") and not difflib.get_close_matches(
+        lowered, _OURS, n=1, cutoff=_LOOKALIKE
+    ):
+        return None  # Celery's own options, routing options, the user's own
+    close: list[str] = []
+    if lowered.startswith("idem_"):  # compared without the shared prefix, as settings are
+        stem = difflib.get_close_matches(lowered[5:], [c[5:] for c in _CALL_ORDERED], n=1)
+        close = ["idem_" + stem[0]] if stem else []
+    close = close or difflib.get_close_matches(lowered, CALL_OPTIONS, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    close = difflib.get_close_matches(lowered, SETTINGS, n=1)
+    if close:
+        return f"did you mean {close[0]!r}? (set on the task or the app: it is not per call)"
+    return f"celery-idem's call options: {', '.join(CALL_OPTIONS)}."
+
+
+def check_call_names(options: Mapping[str, Any], *, task_name: str | None = None) -> None:
+    """Refuse a call option that looks like one of celery-idem's but is not one.
+
+    ``apply_async`` hands every option it does not know to Celery, which ignores what
+    it does not know either, so ``idempotancy_key=K`` used to be dropped and the key
+    derived from the arguments instead. A name that starts with ``idem`` (any case), or
+    comes close to one of ours (``indempotency_key``), is refused with the nearest valid
+    name; Celery's own options and every other name are left alone.
+
+    Raises:
+        IdempotencyConfigError: A misspelt option, or a setting that cannot be set per
+            call.
+    """
+    for name, value in options.items():
+        if not isinstance(name, str) or name in _CALL_NAMES:
+            continue
+        if name in _FIELDS:
+            raise _not_per_call(name, value, task_name)
+        hint = _call_name_problem(name)
+        if hint is not None:
+            raise IdempotencyConfigError(
+                f"{name} from {_CALL} is not a celery-idem call option "
+                f"(value {short_repr(value)}); {hint}",
+                None,
+                task_name,
+            )
+
+
 def _check_app_names(app_conf: Mapping[str, Any], task_name: str | None) -> None:
     """Refuse misspelt ``idem_*`` / ``CELERY_IDEM_*`` keys; ignore all other keys.
 
@@ -234,6 +341,10 @@ def _check_app_names(app_conf: Mapping[str, Any], task_name: str | None) -> None
 
 def _task_where(task_name: str | None) -> str:
     return f"task option of {task_name!r}" if task_name else "task option"
+
+
+def _call_where(task_name: str | None) -> str:
+    return f"{_CALL} of {task_name!r}" if task_name else _CALL
 
 
 def _endpoint(
@@ -330,6 +441,15 @@ def resolve_settings(
         if raw is None:
             key = _DJANGO_NAMES[name]
             raw = app_conf.get(key)
+        if raw is not None and not _ROWS[name].per_app:
+            raise IdempotencyConfigError(
+                f"{key} cannot be set in the app configuration (value {short_repr(raw)}): it "
+                f"names one task's key space, and the app would give it to every task, "
+                f"merging their records; set it on the task, as in "
+                f"@app.task(base=IdempotentTask, {name}=...).",
+                None,
+                task_name,
+            )
         if raw is not None:
             values[_FIELDS[name]] = _validate(name, key, raw, _APP, task_name)
         else:
@@ -371,22 +491,23 @@ def with_call_overrides(
         if key not in CALL_SETTINGS:
             if isinstance(key, str) and key.startswith("idem_"):
                 if key in _FIELDS:
-                    raise IdempotencyConfigError(
-                        f"{key} cannot be set per call; set it on the task or the app "
-                        f"(call option value {short_repr(raw)}; per-call settings: "
-                        f"{', '.join(_CALL_ORDERED)}).",
-                        None,
-                        task_name,
-                    )
+                    raise _not_per_call(key, raw, task_name)
                 raise _unknown_name(
-                    key, raw, _CALL_ORDERED, prefix="idem_", where=_CALL, task_name=task_name
+                    key,
+                    raw,
+                    _CALL_ORDERED,
+                    prefix="idem_",
+                    where=_call_where(task_name),
+                    task_name=task_name,
                 )
             continue
         if raw is None:
             continue
         if changes is None:
             changes = {}
-        changes[_FIELDS[key]] = _validate(key, key, raw, _CALL, task_name)
+        changes[_FIELDS[key]] = _validate(
+            key, key, raw, _call_where(task_name), task_name, call=True
+        )
     if changes is None:
         return base
     return dataclasses.replace(base, **changes)
