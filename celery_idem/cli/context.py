@@ -8,7 +8,8 @@ store talks to Redis; this module only builds it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ __all__ = [
     "NotFound",
     "Target",
     "app_of",
+    "close_names",
+    "idempotent_task",
     "json_option",
     "resolve",
     "store_errors",
@@ -132,6 +135,58 @@ def _idempotent_tasks(app: Any) -> dict[str, Any]:
     }
 
 
+def close_names(name: str, names: Iterable[str], *, limit: int = 3) -> list[str]:
+    """The names closest to a mistyped ``name``, best first (at most ``limit``).
+
+    Names whose last dotted part is ``name``'s come first (``send_welcome_email`` for
+    ``shop.tasks.send_welcome_email``), then :func:`difflib.get_close_matches`, ignoring
+    case.
+    """
+    candidates = [n for n in names if n != name]
+    tail = name.rsplit(".", 1)[-1].lower()
+    same_tail = [n for n in candidates if n.rsplit(".", 1)[-1].lower() == tail]
+    by_lower = {n.lower(): n for n in candidates}
+    similar = difflib.get_close_matches(name.lower(), list(by_lower), n=limit, cutoff=0.6)
+    return list(dict.fromkeys([*same_tail, *(by_lower[n] for n in similar)]))[:limit]
+
+
+def _did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'a' or 'b'?)``, or ``""`` when nothing is close."""
+    close = close_names(name, names)
+    if not close:
+        return ""
+    quoted = [repr(n) for n in close]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f" (did you mean {listed}?)"
+
+
+def _not_idempotent(task_name: str, tasks: Mapping[str, Any]) -> click.UsageError:
+    return click.UsageError(
+        f"task {task_name!r} is not an IdempotentTask: it keeps no records "
+        f"(idempotent tasks of this app: {', '.join(tasks) or 'none'})"
+    )
+
+
+def idempotent_task(app: Any, task_name: str) -> IdempotentTask:
+    """The app's idempotent task ``task_name``, which must be registered.
+
+    Raises:
+        click.UsageError: No task of that name (the message suggests the closest
+            idempotent tasks), or it is not an ``IdempotentTask``.
+        CliError: Importing the app's task modules failed.
+    """
+    tasks = _idempotent_tasks(app)
+    if task_name in tasks:
+        task: IdempotentTask = tasks[task_name]
+        return task
+    if task_name in app.tasks:
+        raise _not_idempotent(task_name, tasks)
+    raise click.UsageError(
+        f"task {task_name!r} is not registered in app {app.main!r}"
+        f"{_did_you_mean(task_name, tasks)}; its idempotent tasks: {', '.join(tasks) or 'none'}"
+    )
+
+
 def _where(settings: IdemSettings) -> tuple[object, str]:
     endpoint = settings.endpoint
     return (endpoint.location if endpoint else None), settings.key_prefix
@@ -141,7 +196,8 @@ def resolve(app: Any, task_name: str | None) -> Target:
     """Settings and store for ``task_name`` (or the app), and the app's task tags.
 
     An unregistered ``task_name`` (a task of another service) is allowed: the app's
-    settings are used and a note says so on stderr.
+    settings are used and a note says so on stderr, with the closest registered names
+    (a typo).
 
     Raises:
         CliError: The task is registered but not idempotent, a setting is invalid, or
@@ -154,14 +210,11 @@ def resolve(app: Any, task_name: str | None) -> Target:
         elif task_name in tasks:
             settings = tasks[task_name].idem_settings()
         elif task_name in app.tasks:
-            raise click.UsageError(
-                f"task {task_name!r} is not an IdempotentTask: it keeps no records "
-                f"(idempotent tasks of this app: {', '.join(tasks) or 'none'})"
-            )
+            raise _not_idempotent(task_name, tasks)
         else:
             click.echo(
-                f"note: task {task_name!r} is not registered in app {app.main!r}; "
-                "using the app's settings",
+                f"note: task {task_name!r} is not registered in app {app.main!r}"
+                f"{_did_you_mean(task_name, tasks)}; using the app's settings",
                 err=True,
             )
             settings = resolve_settings(app.conf)

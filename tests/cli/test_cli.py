@@ -143,6 +143,22 @@ def test_inspect_by_storage_key_names_the_task_from_its_tag(cli: Cli) -> None:
     assert view["result"]["preview"] == "'sent bye to 1'"
 
 
+def test_inspect_of_an_unknown_task_suggests_the_closest_names(cli: Cli) -> None:
+    done = cli.run("inspect", "k", "--task", "cli.ad")
+    assert done.returncode == 3  # maybe another service's task: looked up, not refused
+    assert re.search(
+        r"^note: task 'cli.ad' is not registered in app 'tests.cli.app' \(did you mean "
+        r"'cli.add'( or '[^']+')?\?\); using the app's settings$",
+        done.stderr,
+        re.M,
+    ), done.stderr  # the closest first
+    # The last dotted part alone, and a case slip, find the task too.
+    assert "(did you mean 'cli.send'?)" in cli.run("inspect", "k", "--task", "send").stderr
+    assert "(did you mean 'cli.archive'?)" in cli.run("list", "--task", "CLI.Archive").stderr
+    far = cli.run("inspect", "k", "--task", "billing.refund")
+    assert "not registered in app 'tests.cli.app'; using" in far.stderr  # nothing close
+
+
 def test_inspect_without_task_is_a_usage_error(cli: Cli) -> None:
     done = cli.run("inspect", "order-1")
     assert done.returncode == 2
