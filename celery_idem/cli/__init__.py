@@ -18,6 +18,9 @@ adds every click command of that group to ``celery``), and also runnable as
 ``stats [--task NAME]``
     Counts by task and state, memory (``MEMORY USAGE`` of a sample), the oldest claim
     in progress.
+``key TASK [--args JSON] [--kwargs JSON] [--key KEY]``
+    The idempotency key and storage key a call would use, computed by the worker's
+    own code (explicit, rule or derived), and the task's prefix and store; no Redis.
 ``doctor [--task NAME] [--strict]``
     Checks the store: reachable, version, scripts, eviction policy, persistence,
     topology, clock offset; each finding with a fix; exits 1 on a failure.
@@ -37,12 +40,15 @@ from typing import Any
 import click
 
 from celery_idem.cli.doctor import doctor_command
+from celery_idem.cli.key import key_command
 from celery_idem.cli.records import forget_command, inspect_command, list_command
 from celery_idem.cli.stats import stats_command
 
 __all__ = ["idem", "main"]
 
-_COMMANDS = (inspect_command, forget_command, list_command, stats_command, doctor_command)
+_COMMANDS = (
+    key_command, inspect_command, forget_command, list_command, stats_command, doctor_command,
+)  # fmt: skip
 
 _HELP = """Inspect and repair celery-idem records; check their store.
 
@@ -53,7 +59,8 @@ worker). Tables are for people; --json prints JSON for scripts.
 Records live in Redis under PREFIX:TAG:HASH: TAG is 6 characters of a hash of the
 task name, HASH a hash of task name and key. The idempotency key cannot be read
 back from Redis: `list` and `stats` show storage keys, which `inspect` and
-`forget` accept with --storage-key.
+`forget` accept with --storage-key; `key TASK --args JSON` prints the key and
+storage key a call would use.
 
 \b
 States of a record:

@@ -38,7 +38,7 @@ def _iso(text: str) -> float:
 def test_help_lists_every_command_with_exit_statuses(cli: Cli, via: str) -> None:
     done = cli.run("--help", via=via)
     assert done.returncode == 0, done.stderr
-    for command in ("inspect", "forget", "list", "stats", "doctor"):
+    for command in ("key", "inspect", "forget", "list", "stats", "doctor"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.M), done.stdout
     assert "3 no such" in done.stdout
     inspect_help = cli.run("inspect", "--help", via=via)
