@@ -11,7 +11,9 @@ adds every click command of that group to ``celery``), and also runnable as
     ``idem_ttl``. ``--storage-key`` takes a Redis key as ``list`` prints it.
 ``forget KEY --task NAME [--yes] [--force]``
     Deletes one record after confirmation; refused while an attempt holds the key
-    unless ``--force``; atomic, and only deletes the record that was shown.
+    unless ``--force``; atomic, and only deletes the record that was shown. A key
+    under the prefix that is not a record is deleted only with ``--force``; a key
+    outside the prefix never.
 ``list [--task NAME] [--state in_progress|completed|free] [--limit N]``
     Records found with ``SCAN`` (``MATCH`` on the prefix, or the task's tag), never
     ``KEYS``.
