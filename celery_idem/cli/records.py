@@ -353,6 +353,11 @@ def list_command(
     stops once that many matched, so they are not the oldest of the whole store. A
     record that expires during the walk is skipped; one written during it may or may
     not be seen (SCAN's guarantee).
+
+    --json prints an object: store, prefix, task, state, records (a list, one object
+    per record: storage_key, task, state, substate, task_id, fence, claimed_at,
+    lease_left, expires_in, result_bytes, codec, takeovers), truncated (stopped at
+    --limit with more keys left) and scan_calls. `jq '.records[]'` walks the records.
     """
     walk = Walk(ctx, task_name, scan_count)
     found: list[dict[str, Any]] = []
