@@ -4,7 +4,12 @@
 #   make lint      ruff check + ruff format --check
 #   make typecheck mypy (strict; config and files in pyproject.toml)
 #   make faults    only tests/faults
+#   make test-matrix  the fast tests (unit, contract) and the quickstart from the built
+#                  wheel (tests/install) at the declared floors (the oldest Python, every
+#                  `>=` of the dependencies pinned) and at the newest releases, in venvs
+#                  under build/matrix (MATRIX=floors or MATRIX=newest: one of them)
 #   make bench-topologies  per-key cost on standalone, Sentinel and Cluster
+#   make bench-lag how soon a waiting duplicate is answered after its holder completes
 #   make demo      run example_project.demo
 #   make docs      build the documentation site into build/site (mkdocs --strict)
 #   make chaos     the chaos soak: 3 min of overlapping faults over a mixed workload, then
@@ -31,7 +36,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard celery_idem devtools tests example_project benchmarks docs/examples docs/hooks)
 
 .DEFAULT_GOAL := test
-.PHONY: all $(VENV) venv install lint format typecheck test demo docs faults bench-topologies test-celery-compat chaos clean distclean
+.PHONY: all $(VENV) venv install lint format typecheck test test-matrix demo docs faults bench-topologies test-celery-compat chaos clean distclean
 
 all: test
 
@@ -62,6 +67,14 @@ typecheck: $(STAMP)
 # The example's requirements too: the suite runs the demo end to end.
 test: lint typecheck $(EXAMPLE_STAMP)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+# tests/matrix.py: each environment in its own venv (build/matrix/floors-py3.10, ...),
+# kept between runs; the newest is upgraded at every run. Standard library only, so it
+# runs on $(PYTHON), not in .venv. About 75 s per environment (two thirds of it pytest).
+MATRIX ?=
+
+test-matrix:
+	$(PYTHON) tests/matrix.py $(MATRIX) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # The fault suite alone, writing docs/reliability.md from this run's figures.
 faults: $(STAMP)
@@ -99,6 +112,12 @@ bench: $(STAMP) $(BENCH_STAMP)
 # with and without idem_min_replicas): a Markdown table on stdout, about 35 s.
 bench-topologies: $(STAMP)
 	$(VENV_PY) -m benchmarks.topologies
+
+# A waiting duplicate's lag after its holder's completion, live and after a takeover:
+# a Markdown table on stdout, about a minute (docs/performance.md).
+.PHONY: bench-lag
+bench-lag: $(STAMP) $(BENCH_STAMP)
+	$(VENV_PY) -m benchmarks.lag
 
 # The documentation site (mkdocs.yml, docs/): built with warnings as errors into
 # build/site. Its requirements (docs/requirements.txt, pinned) go into the same venv,

@@ -26,7 +26,15 @@ from collections.abc import Mapping, Sequence
 
 from celery_idem.exceptions import UnencodableArgument
 
-__all__ = ["b64", "canonical_encode", "encode_arguments", "fingerprint_of", "type_name"]
+__all__ = [
+    "b64",
+    "canonical_encode",
+    "dict_key",
+    "encode_arguments",
+    "encode_returned",
+    "fingerprint_of",
+    "type_name",
+]
 
 _ADVICE = "pass a primitive value such as its id, or give the task an idempotency_key rule"
 
@@ -123,7 +131,7 @@ def _convert_sequence(value: Sequence[object], lenient: bool, active: set[int]) 
     return out
 
 
-def _dict_key(key: object) -> str | None:
+def dict_key(key: object) -> str | None:
     """Convert a dict key the way ``json.dumps`` does, or ``None`` if it cannot.
 
     Matching ``json.dumps`` makes ``{1: x}`` and ``{"1": x}`` encode alike, as they
@@ -164,7 +172,7 @@ def _convert_dict(value: Mapping[object, object], lenient: bool, active: set[int
     bad_key = False
     try:
         for key, item in value.items():
-            name = key if type(key) is str else _dict_key(key)
+            name = key if type(key) is str else dict_key(key)
             if name is None:
                 bad_key = True
                 break
@@ -189,7 +197,7 @@ def _collision_reason(value: Mapping[object, object]) -> str:
     """Name two dict keys that become the same JSON text (slow path, errors only)."""
     seen: dict[str | None, object] = {}
     for key in value:
-        name = _dict_key(key)
+        name = dict_key(key)
         if name in seen:
             return (
                 f"is a dict whose keys {seen[name]!r} and {key!r} are the same once "
@@ -310,6 +318,33 @@ def encode_arguments(mapping: Mapping[str, object], task_name: str, lenient: boo
                 continue
             raise _deep_error(name, task_name, value) from exc
     return _dump(out)
+
+
+def encode_returned(value: object, *, what: str, task_name: str) -> str:
+    """Canonical text of a value a user's callable returned (``idem_fingerprint``).
+
+    Strict, as for arguments; the error names ``what`` returned the value and the
+    path inside it, and asks for plain data.
+
+    Raises:
+        UnencodableArgument: ``value`` (or something inside it) has no canonical form.
+    """
+    try:
+        return _dump(_convert(value, False, set()))
+    except _Unencodable as err:
+        inside = "".join(reversed(err.steps))
+        where = f"{what} (at {inside})" if inside else what
+        raise UnencodableArgument(
+            f"{where} of task '{task_name}' {err.reason}; return plain data: str, int, "
+            "float, bool, None, lists and dicts of them, or the tagged types of the "
+            "canonical encoding",
+            None,
+            task_name,
+        ) from err.cause
+    except RecursionError as exc:
+        raise UnencodableArgument(
+            f"{what} of task '{task_name}' is nested too deeply to encode", None, task_name
+        ) from exc
 
 
 def b64(digest: bytes) -> str:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from celery_idem.endpoint import URL_SCHEMES, EndpointError, parse_sentinels, url_scheme
 from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.fingerprint import FingerprintSetting, parse_paths
 
 
 class Invalid(Exception):
@@ -35,6 +36,8 @@ class Invalid(Exception):
 
 
 MAX_PREFIX_LEN = 64
+MAX_SCOPE_LEN = 200
+"""Longest ``idem_scope``: a task name's length, with room to spare."""
 MAX_REPR = 80
 
 MAX_DURATION = 315_360_000
@@ -283,3 +286,53 @@ def check_max_result_bytes(value: object) -> int:
     if value <= 0:
         raise Invalid("out of range")
     return value
+
+
+def check_fingerprint(value: object) -> FingerprintSetting:
+    """``idem_fingerprint``: True, False, a list of names and dotted paths, or a callable.
+
+    A list comes back as a sorted tuple without duplicates (the same setting however it
+    was written), an empty one as True (nothing left out). A bare str is refused: it
+    could be one path or a callable's dotted name, and guessing wrong would silently
+    check the wrong thing.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        raise Invalid(f"a single str; give a list, e.g. [{value!r}]")
+    if isinstance(value, (list, tuple, set, frozenset)):
+        try:
+            paths = parse_paths(value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return paths or True
+    if callable(value):
+        return value
+    raise Invalid(a_kind(value))
+
+
+def check_call_fingerprint(value: object) -> FingerprintSetting:
+    """``idem_fingerprint`` for one call: it travels in a header, so no callable."""
+    if callable(value) and not isinstance(value, bool):
+        raise Invalid(
+            "a callable cannot travel in a message header; per call give True, False or "
+            "a list of names and dotted paths, and set a callable on the task or the app"
+        )
+    return check_fingerprint(value)
+
+
+def check_scope(value: object) -> str:
+    """``idem_scope``: a task's key space, hashed into every storage key of the task."""
+    if not isinstance(value, str):
+        raise Invalid(f"{a_kind(value)}, not a str")
+    if not value.strip():
+        raise Invalid("empty")
+    if value != value.strip():
+        raise Invalid("leading or trailing whitespace")
+    if len(value) > MAX_SCOPE_LEN:
+        raise Invalid(f"{len(value)} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid("not valid text (a lone surrogate)") from None
+    return str.__str__(value)

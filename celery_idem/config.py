@@ -28,6 +28,7 @@ from typing import Any
 from celery_idem.checks import Invalid, short_repr
 from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, celery_fallback
 from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.fingerprint import FingerprintSetting
 from celery_idem.settings_table import TABLE, InProgressPolicy, Setting, StoreErrorPolicy
 
 __all__ = [
@@ -93,6 +94,11 @@ class IdemSettings:
         lease: Seconds a claim survives without renewal; after that another run may
             take the key over.
         key_prefix: First component of every Redis key.
+        scope: The task's key space (``idem_scope``), hashed into its storage keys;
+            ``None``: the task's name (:meth:`scope_of`). Set on a task only.
+        fingerprint: What of the arguments the mismatch check and derived keys cover
+            (``idem_fingerprint``): ``True`` all, ``False`` no check, a sorted tuple of
+            names and dotted paths to leave out, or a callable over the arguments.
         on_in_progress: What a duplicate does while another run holds the key.
         on_store_error: What a task does when the store is unreachable.
         cache_errors: Exception classes whose failure is stored and re-raised to
@@ -121,12 +127,22 @@ class IdemSettings:
     redis_options: Mapping[str, Any] | None = None
     min_replicas: int = 0
     min_replicas_timeout: float = 1.0
+    scope: str | None = None
+    fingerprint: FingerprintSetting = True
     endpoint: Endpoint | None = None
 
     @property
     def renew_every(self) -> float:
         """Seconds between lease renewals: :func:`renewal_period` of the lease."""
         return renewal_period(self.lease)
+
+    def scope_of(self, task_name: str) -> str:
+        """The key space of ``task_name``'s records: ``idem_scope``, else the task's name.
+
+        The one place that default is decided: workers, publishers and ``celery idem``
+        all name a task's records through it.
+        """
+        return self.scope or task_name
 
 
 # --------------------------------------------------------------------------- validation
@@ -140,7 +156,9 @@ _APP = "app configuration"
 _CALL = "call option"
 
 
-def _validate(name: str, key: str, value: object, where: str, task_name: str | None) -> Any:
+def _validate(
+    name: str, key: str, value: object, where: str, task_name: str | None, *, call: bool = False
+) -> Any:
     """Run the validator of ``name``, turning a rejection into a full error message.
 
     Args:
@@ -149,10 +167,12 @@ def _validate(name: str, key: str, value: object, where: str, task_name: str | N
         value: The raw value.
         where: The origin, for the message.
         task_name: Carried into the error.
+        call: The value is a call's: the row's ``call_check`` applies, if it has one.
     """
     row = _ROWS[name]
+    check = row.call_check if call and row.call_check is not None else row.check
     try:
-        return row.check(value)
+        return check(value)
     except Invalid as exc:
         label = name if key == name else f"{name} (set as {key})"
         why = f" ({exc.why})" if exc.why else ""
@@ -234,6 +254,10 @@ def _check_app_names(app_conf: Mapping[str, Any], task_name: str | None) -> None
 
 def _task_where(task_name: str | None) -> str:
     return f"task option of {task_name!r}" if task_name else "task option"
+
+
+def _call_where(task_name: str | None) -> str:
+    return f"{_CALL} of {task_name!r}" if task_name else _CALL
 
 
 def _endpoint(
@@ -330,6 +354,15 @@ def resolve_settings(
         if raw is None:
             key = _DJANGO_NAMES[name]
             raw = app_conf.get(key)
+        if raw is not None and not _ROWS[name].per_app:
+            raise IdempotencyConfigError(
+                f"{key} cannot be set in the app configuration (value {short_repr(raw)}): it "
+                f"names one task's key space, and the app would give it to every task, "
+                f"merging their records; set it on the task, as in "
+                f"@app.task(base=IdempotentTask, {name}=...).",
+                None,
+                task_name,
+            )
         if raw is not None:
             values[_FIELDS[name]] = _validate(name, key, raw, _APP, task_name)
         else:
@@ -371,22 +404,30 @@ def with_call_overrides(
         if key not in CALL_SETTINGS:
             if isinstance(key, str) and key.startswith("idem_"):
                 if key in _FIELDS:
+                    layers = "the task or the app" if _ROWS[key].per_app else "the task"
                     raise IdempotencyConfigError(
-                        f"{key} cannot be set per call; set it on the task or the app "
+                        f"{key} cannot be set per call; set it on {layers} "
                         f"(call option value {short_repr(raw)}; per-call settings: "
                         f"{', '.join(_CALL_ORDERED)}).",
                         None,
                         task_name,
                     )
                 raise _unknown_name(
-                    key, raw, _CALL_ORDERED, prefix="idem_", where=_CALL, task_name=task_name
+                    key,
+                    raw,
+                    _CALL_ORDERED,
+                    prefix="idem_",
+                    where=_call_where(task_name),
+                    task_name=task_name,
                 )
             continue
         if raw is None:
             continue
         if changes is None:
             changes = {}
-        changes[_FIELDS[key]] = _validate(key, key, raw, _CALL, task_name)
+        changes[_FIELDS[key]] = _validate(
+            key, key, raw, _call_where(task_name), task_name, call=True
+        )
     if changes is None:
         return base
     return dataclasses.replace(base, **changes)

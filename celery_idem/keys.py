@@ -8,11 +8,13 @@ This module owns everything that turns a task call into a key, given the canonic
 encoding of its arguments (``celery_idem.canonical``):
 
 * the key itself (:class:`KeyRule`): explicit from the call site, from the task's
-  ``idempotency_key`` rule (template or callable), or derived from the arguments;
+  ``idempotency_key`` rule (template or callable), or derived from the arguments, and
+  the fingerprint its claim checks, over what ``idem_fingerprint`` covers of the
+  arguments (compiled by ``celery_idem.fingerprint``);
 * the validation of user-supplied keys (:func:`validate_key`) and the bounded,
-  task-scoped name under which a key is stored (:func:`storage_key`): the prefix, a
-  short tag of the task name (so operators can find one task's records), and a hash of
-  task name and key.
+  scoped name under which a key is stored (:func:`storage_key`): the prefix, a short
+  tag of the task's scope (``idem_scope``, by default its name: so operators can find
+  one task's records), and a hash of scope and key.
 
 It is pure (standard library only, no Celery, no Redis) so it can be tested and
 reasoned about on its own, and it runs on every task execution, so all the work
@@ -31,12 +33,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from celery_idem.canonical import b64, encode_arguments, fingerprint_of, type_name
+from celery_idem.canonical import b64, fingerprint_of, type_name
 from celery_idem.exceptions import (
     IdempotencyConfigError,
     InvalidIdempotencyKey,
     UnencodableArgument,
 )
+from celery_idem.fingerprint import Coverage, FingerprintSetting, callable_name, keyword_problem
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -85,9 +88,10 @@ class ResolvedKey:
 
     Attributes:
         key: The logical key, as the task sees it in ``self.idempotency_key``.
-        fingerprint: Fingerprint of the canonical arguments. Always computed,
-            whatever the source of the key, so that a key reused with other
-            arguments can be told apart from a true duplicate.
+        fingerprint: Fingerprint of the canonical arguments (of what
+            ``idem_fingerprint`` covers of them). Computed whatever the source of the
+            key, so that a key reused with other arguments can be told apart from a
+            true duplicate; ``""`` when ``idem_fingerprint`` is False (not checked).
         source: Where :attr:`key` came from.
     """
 
@@ -149,52 +153,57 @@ _B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 
 
 @functools.lru_cache(maxsize=4096)
-def task_tag(task_name: str) -> str:
-    """Return the short tag that names ``task_name`` inside its records' storage keys.
+def task_tag(scope: str) -> str:
+    """Return the short tag that names a task's scope inside its records' storage keys.
 
-    It lets an operator's tool find one task's records with ``SCAN MATCH`` and count
-    records by task without keeping the task name in every record. Two tasks may share
-    a tag (36 bits): that only merges them in listings, never their records, whose
-    digest hashes the full task name.
+    The scope is the task's ``idem_scope``, by default its name. The tag lets an
+    operator's tool find one task's records with ``SCAN MATCH`` and count records by
+    task without keeping the task name in every record. Two scopes may share a tag (36
+    bits): that only merges them in listings, never their records, whose digest hashes
+    the full scope.
     """
-    digest = hashlib.blake2b(task_name.encode("utf-8"), digest_size=6, person=b"idem-tag")
+    digest = hashlib.blake2b(scope.encode("utf-8"), digest_size=6, person=b"idem-tag")
     return b64(digest.digest())[:TASK_TAG_LENGTH]
 
 
-def storage_key(prefix: str, task_name: str, key: str) -> str:
-    """Return the store's name for ``key`` of ``task_name``.
+def storage_key(prefix: str, scope: str, key: str) -> str:
+    """Return the store's name for ``key`` in the key space ``scope``.
 
     The one place the layout of a storage key is defined (:func:`storage_pattern` and
     :func:`storage_task_tag` read it back). The key is hashed so the stored name is
     bounded (``6 + 1 + 22`` characters after the prefix) whatever the key's length or
-    characters, and the task name is hashed with it so that two tasks using the same
-    key never share a record.
+    characters, and the scope is hashed with it so that two tasks using the same key
+    never share a record.
 
     Args:
         prefix: Namespace of all records, e.g. ``"idem"``.
-        task_name: The Celery task name.
+        scope: The task's key space: its ``idem_scope``, by default the Celery task
+            name (so a task renamed with ``idem_scope`` set to its old name keeps its
+            records).
         key: The logical key.
 
     Returns:
-        ``f"{prefix}:{tag}:{digest}"`` where tag is :func:`task_tag` and digest the
-        URL-safe base64 (no padding) of ``blake2b(task_name + NUL + key, digest_size=16)``.
+        ``f"{prefix}:{tag}:{digest}"`` where tag is :func:`task_tag` of the scope and
+        digest the URL-safe base64 (no padding) of
+        ``blake2b(scope + NUL + key, digest_size=16)``.
     """
-    h = hashlib.blake2b(task_name.encode("utf-8"), digest_size=16)
+    h = hashlib.blake2b(scope.encode("utf-8"), digest_size=16)
     h.update(b"\x00")
     h.update(key.encode("utf-8", "surrogatepass"))
-    return f"{prefix}:{task_tag(task_name)}:{b64(h.digest())}"
+    return f"{prefix}:{task_tag(scope)}:{b64(h.digest())}"
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
-def storage_pattern(prefix: str, task_name: str | None = None) -> str:
+def storage_pattern(prefix: str, scope: str | None = None) -> str:
     """A Redis ``SCAN MATCH`` pattern for the records under ``prefix``.
 
-    Only those of ``task_name`` when given (and of any task sharing its tag).
+    Only those of the key space ``scope`` when given (a task's ``idem_scope``, by
+    default its name), and of any scope sharing its tag.
     """
-    tag = task_tag(task_name) if task_name is not None else "?" * TASK_TAG_LENGTH
+    tag = task_tag(scope) if scope is not None else "?" * TASK_TAG_LENGTH
     return f"{_glob_escape(prefix)}:{tag}:{'?' * _DIGEST_LENGTH}"
 
 
@@ -232,10 +241,6 @@ def _field_root(field: str) -> str:
     return field
 
 
-def _rule_name(rule: Callable[..., Any]) -> str:
-    return getattr(rule, "__qualname__", None) or repr(rule)
-
-
 class KeyRule:
     """Built once per task (at first use); resolves the key of each execution.
 
@@ -250,16 +255,25 @@ class KeyRule:
         rule: The task's ``idempotency_key`` option: a ``str.format`` template over
             the argument names, a callable called with the arguments as keywords,
             or ``None`` to derive the key from the arguments.
+        fingerprint: The task's validated ``idem_fingerprint``: what of the
+            arguments the fingerprint and a derived key cover (see
+            ``celery_idem.fingerprint``).
+        fingerprint_from_app: It was set on the app, not on the task: its paths then
+            need not name parameters of this task (it applies to many tasks).
 
     Raises:
         IdempotencyConfigError: The signature cannot be read, or the rule does not
             fit it (unknown or positional template field, callable that cannot
-            take the task's arguments, rule of another type).
+            take the task's arguments, rule of another type), or ``fingerprint``
+            does not fit it (a path that names no parameter, a callable that cannot
+            take the task's arguments).
     """
 
     __slots__ = (
         "_bind",
+        "_call_coverages",
         "_check_shadowing",
+        "_parameters",
         "_plain",
         "_plain_defaults",
         "_plain_set",
@@ -267,6 +281,7 @@ class KeyRule:
         "_shadowable",
         "_template",
         "_var_keyword",
+        "coverage",
         "rule",
         "signature",
         "task_name",
@@ -277,6 +292,9 @@ class KeyRule:
         task_name: str,
         run: Callable[..., Any],
         rule: str | Callable[..., Any] | None,
+        fingerprint: FingerprintSetting = True,
+        *,
+        fingerprint_from_app: bool = False,
     ) -> None:
         self.task_name = task_name
         self.rule = rule
@@ -303,6 +321,7 @@ class KeyRule:
         )
         self._check_shadowing = bool(self._var_keyword and self._shadowable)
         names = [p.name for p in params.values() if p.kind is not p.VAR_KEYWORD]
+        self._parameters = tuple(names)
         # Most tasks take plain parameters: bind those without inspect (a fifth of the
         # key's cost), and leave every unusual call to Signature.bind and its errors.
         simple = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params.values())
@@ -329,6 +348,43 @@ class KeyRule:
                 None,
                 task_name,
             )
+        self.coverage = self._cover(
+            fingerprint,
+            origin="app configuration" if fingerprint_from_app else "task option",
+            check_roots=not fingerprint_from_app,
+        )
+        """What the fingerprint (and a derived key) covers, unless a call says otherwise."""
+        self._call_coverages: dict[object, Coverage] = {}
+
+    def _cover(self, setting: FingerprintSetting, *, origin: str, check_roots: bool) -> Coverage:
+        return Coverage(
+            self.task_name,
+            setting,
+            parameters=self._parameters,
+            var_keyword=self._var_keyword is not None,
+            origin=origin,
+            check_roots=check_roots,
+        )
+
+    def coverage_for(self, setting: FingerprintSetting) -> Coverage:
+        """The compiled ``idem_fingerprint`` for ``setting``: the task's, or a call's.
+
+        A per-call value (``True``, ``False`` or a list: never a callable) is compiled
+        once and kept; its paths must name parameters of the task.
+
+        Raises:
+            IdempotencyConfigError: A path of a per-call list names no parameter.
+        """
+        own = self.coverage
+        if setting is own.setting or (not callable(setting) and setting == own.setting):
+            return own
+        found = self._call_coverages.get(setting)
+        if found is None:
+            found = self._cover(setting, origin="call option", check_roots=True)
+            if len(self._call_coverages) >= 64:
+                self._call_coverages.clear()  # a bound, not a cache policy: lists are few
+            self._call_coverages[setting] = found
+        return found
 
     def _config_error(self, message: str, cause: BaseException | None = None) -> NoReturn:
         raise IdempotencyConfigError(message, None, self.task_name) from cause
@@ -361,24 +417,13 @@ class KeyRule:
                 )
 
     def _check_callable(self, rule: Callable[..., Any], names: list[str]) -> None:
-        try:
-            rule_signature = inspect.signature(rule)
-        except (TypeError, ValueError):
-            return  # Cannot be checked in advance; a bad call surfaces at resolve.
-        dummy = dict.fromkeys(names)
-        try:
-            if self._var_keyword is None:
-                rule_signature.bind(**dummy)
-            else:
-                # Extra keywords may come at run time; check the known ones only.
-                rule_signature.bind_partial(**dummy)
-        except TypeError as exc:
+        problem = keyword_problem(rule, names, self._var_keyword is not None)
+        if problem is not None:
             self._config_error(
-                f"the idempotency_key rule {_rule_name(rule)} of task '{self.task_name}' "
+                f"the idempotency_key rule {callable_name(rule)} of task '{self.task_name}' "
                 f"cannot be called with the task's arguments as keywords "
-                f"({', '.join(names) or 'none'}): {exc}; give it those parameters "
-                "or a **kwargs parameter",
-                exc,
+                f"({', '.join(names) or 'none'}): {problem}; give it those parameters "
+                "or a **kwargs parameter"
             )
 
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -419,6 +464,7 @@ class KeyRule:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         explicit: object | None = None,
+        fingerprint: FingerprintSetting | None = None,
     ) -> ResolvedKey:
         """Return the key of one execution and the fingerprint of its arguments.
 
@@ -428,38 +474,44 @@ class KeyRule:
         exists precisely for such arguments): it enters the fingerprint as a
         ``{"$unencodable": "<type>"}`` marker.
 
+        What the fingerprint covers, and so what a derived key is computed from, is
+        ``idem_fingerprint`` (:attr:`coverage`, or ``fingerprint`` for one call): with
+        ``False`` the fingerprint is ``""`` (not checked) and a derived key covers
+        every argument.
+
         Args:
             args: Positional arguments of the call.
             kwargs: Keyword arguments of the call.
             explicit: Key given at the call site, if any.
+            fingerprint: This call's ``idem_fingerprint`` if it differs from the
+                task's (``None``: the task's).
 
         Returns:
             The resolved key.
 
         Raises:
             TypeError: The arguments do not fit the run function's signature.
-            UnencodableArgument: No explicit key nor rule, and an argument has no
-                canonical form.
+            UnencodableArgument: No explicit key nor rule, and a covered argument has
+                no canonical form; or the fingerprint callable returned such a value.
             InvalidIdempotencyKey: The explicit key or the rule's result is not a
-                valid key, or the rule raised.
+                valid key, or the rule or the fingerprint callable raised.
+            IdempotencyConfigError: A per-call ``fingerprint`` names no parameter.
         """
+        coverage = self.coverage if fingerprint is None else self.coverage_for(fingerprint)
         arguments = self._arguments(args, kwargs)
         if explicit is not None:
             key = validate_key(explicit, task_name=self.task_name, source=KeySource.CALL)
-            canonical = encode_arguments(arguments, self.task_name, True)
-            return ResolvedKey(key, fingerprint_of(canonical), KeySource.CALL)
+            return ResolvedKey(key, self._fingerprint(coverage, arguments), KeySource.CALL)
         if self._template is None and self._rule is None:
-            data = encode_arguments(arguments, self.task_name, False).encode(
-                "utf-8", "surrogatepass"
-            )
+            data = coverage.encode(arguments, lenient=False).encode("utf-8", "surrogatepass")
             return ResolvedKey(
                 hashlib.blake2b(data, digest_size=16).hexdigest(),
                 b64(hashlib.blake2b(data, digest_size=12).digest()),
                 KeySource.ARGS,
             )
-        # Encode before the rule runs, so a rule that mutates an argument cannot
-        # change the fingerprint.
-        canonical = encode_arguments(arguments, self.task_name, True)
+        # Fingerprint before the rule runs, so a rule that mutates an argument cannot
+        # change it.
+        fingerprinted = self._fingerprint(coverage, arguments)
         try:
             if self._template is not None:
                 value: object = self._template.format_map(arguments)
@@ -478,4 +530,10 @@ class KeyRule:
                 self.task_name,
             ) from exc
         key = validate_key(value, task_name=self.task_name, source=KeySource.RULE)
-        return ResolvedKey(key, fingerprint_of(canonical), KeySource.RULE)
+        return ResolvedKey(key, fingerprinted, KeySource.RULE)
+
+    def _fingerprint(self, coverage: Coverage, arguments: Mapping[str, Any]) -> str:
+        """The fingerprint the claim checks, ``""`` when ``idem_fingerprint`` is False."""
+        if coverage.off:
+            return ""
+        return fingerprint_of(coverage.encode(arguments, lenient=True))

@@ -4,12 +4,13 @@ This module owns the list of celery-idem's settings. Each :class:`Setting` row h
 the name, the default, the validator, the text an error shows as "expected", whether a
 call may override it, and a one-line description. Everything else is derived from the
 rows: ``config`` builds ``DEFAULTS``, ``SETTINGS``, ``CALL_SETTINGS``, the validators
-and the Django spellings from them. What must stay written out is held to the rows by
+(a per-call value may have a stricter one: it travels in a header) and the Django
+spellings from them. What must stay written out is held to the rows by
 tests, so it cannot drift: ``IdemSettings`` has one field per row (type checkers need
 them spelled), ``IdempotentTask`` declares one task option per row with the row's
 ``doc`` as its ``#:`` comment, and docs/configuration.md has one section per row
 (opening with the ``doc``) and one row of its summary table (default, Django spelling,
-per task, per call).
+per task, per call; a setting the app cannot set says so in both).
 
 Pure: imports neither celery nor redis.
 """
@@ -24,9 +25,12 @@ from typing import Any
 from celery_idem.checks import (
     MAX_DURATION,
     MAX_PREFIX_LEN,
+    MAX_SCOPE_LEN,
     check_bool,
     check_cache_errors,
+    check_call_fingerprint,
     check_client_factory,
+    check_fingerprint,
     check_key_prefix,
     check_lease,
     check_max_result_bytes,
@@ -34,6 +38,7 @@ from celery_idem.checks import (
     check_name,
     check_options,
     check_redis_url,
+    check_scope,
     check_sentinels,
     check_ttl,
     policy_parser,
@@ -64,6 +69,15 @@ class StoreErrorPolicy(str, enum.Enum):
     RAISE = "raise"
     """Fail with :class:`~celery_idem.exceptions.StoreUnavailable`."""
 
+    @property
+    def consequence(self) -> str:
+        """What a message meets while the store is down, in words for a log line."""
+        if self is StoreErrorPolicy.RUN:
+            return "run their bodies without protection (duplicates may run twice)"
+        if self is StoreErrorPolicy.RAISE:
+            return "fail with StoreUnavailable"
+        return "are retried later and nothing runs without a claim"
+
 
 DJANGO_PREFIX = "CELERY_"
 """Django's settings carry Celery's namespace: ``idem_ttl`` is ``CELERY_IDEM_TTL``."""
@@ -83,6 +97,10 @@ class Setting:
         per_call: Whether a single call may override it (in the message headers).
         doc: One line saying what it decides: the task option's ``#:`` comment and the
             opening of its section in docs/configuration.md.
+        call_check: The validator of a per-call value, when it is stricter than
+            ``check`` (a value that cannot travel in a message header); None: ``check``.
+        per_app: Whether the app's configuration may set it; False for what names
+            one task alone (``idem_scope``), which the app would give every task.
     """
 
     name: str
@@ -91,6 +109,8 @@ class Setting:
     expected: str
     per_call: bool
     doc: str
+    call_check: Callable[[object], Any] | None = None
+    per_app: bool = True
 
     @property
     def field(self) -> str:
@@ -215,6 +235,27 @@ TABLE: tuple[Setting, ...] = (
         "or '{' '}' (braces would change Redis Cluster hash slots)",
         per_call=False,
         doc="The namespace of every Redis key celery-idem writes.",
+    ),
+    Setting(
+        "idem_scope",
+        default=None,
+        check=check_scope,
+        expected=f"a non-empty str of at most {MAX_SCOPE_LEN} characters, without leading or "
+        "trailing whitespace (usually the task's former name)",
+        per_call=False,
+        doc="The key space of the task's records: its name unless set.",
+        per_app=False,
+    ),
+    Setting(
+        "idem_fingerprint",
+        default=True,
+        check=check_fingerprint,
+        expected="True (every argument), False (no check), a list of argument names and "
+        "dotted paths to leave out, e.g. ['payload.delivery_attempt', 'received_at'], or a "
+        "callable over the bound arguments (not per call)",
+        per_call=True,
+        doc="Which parts of the arguments the mismatch check and derived keys cover.",
+        call_check=check_call_fingerprint,
     ),
     _policy(
         "idem_on_in_progress",

@@ -7,6 +7,7 @@ Every signal is sent with ``sender`` the task instance and these keyword argumen
 - ``key_mismatch``: ``key``, ``task_id``, ``original_task_id`` — the key was used before
   with other arguments; nothing ran.
 - ``duplicate_in_progress``: ``key``, ``task_id``, ``owner_task_id``, ``lease_left``,
+  ``retry_in`` (seconds until this message looks again; None when it does not come back),
   ``policy`` — another run holds the key; this message waits, retries or raises.
 - ``lease_lost``: ``key``, ``task_id``, ``fence``, ``stage`` (``"renew"`` or
   ``"complete"``) — another attempt took the key over; this run's outcome is not stored.
@@ -40,7 +41,7 @@ key_mismatch = Signal(
 )
 duplicate_in_progress = Signal(
     name="idem_duplicate_in_progress",
-    providing_args={"key", "task_id", "owner_task_id", "lease_left", "policy"},
+    providing_args={"key", "task_id", "owner_task_id", "lease_left", "retry_in", "policy"},
 )
 lease_lost = Signal(name="idem_lease_lost", providing_args={"key", "task_id", "fence", "stage"})
 store_error = Signal(

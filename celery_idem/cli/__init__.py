@@ -31,8 +31,10 @@ Every command prints a table for people and JSON with ``--json``. Exit status: 0
 success, 1 failure, 2 usage error, 3 no such record (``inspect``, ``forget``).
 
 Records live under ``PREFIX:TAG:HASH`` (:func:`celery_idem.keys.storage_key`): the
-tag (6 characters of a hash of the task name) is what lets ``list --task`` and
-``stats`` tell records' tasks apart without storing the name in every record.
+tag (6 characters of a hash of the task's scope: its ``idem_scope``, else its name) is
+what lets ``list --task`` and ``stats`` tell records' tasks apart without storing the
+name in every record. ``--task NAME`` finds a task's records through its scope, so a
+task renamed with ``idem_scope`` set to its former name still finds the old records.
 """
 
 from __future__ import annotations

@@ -69,8 +69,9 @@ class Target:
         store: The operators' tools on the store those settings name.
         accept: Content types results may be decoded from (the app's
             ``result_accept_content``, else ``accept_content``).
-        tasks_by_tag: Task tag -> the app's idempotent tasks with that tag whose records
-            live in this store under this prefix.
+        tasks_by_tag: Task tag (of a task's scope: its ``idem_scope``, else its name) ->
+            the app's idempotent tasks with that tag whose records live in this store
+            under this prefix; and ``--task`` itself when it is not registered.
         elsewhere: The app's idempotent tasks whose records live in another store or
             under another prefix (a command without ``--task`` does not see them).
     """
@@ -87,6 +88,11 @@ class Target:
     def prefix(self) -> str:
         """The key prefix of the records."""
         return self.settings.key_prefix
+
+    @property
+    def scope(self) -> str | None:
+        """The key space of ``--task``'s records (its ``idem_scope``, else its name)."""
+        return None if self.task_name is None else self.settings.scope_of(self.task_name)
 
     @property
     def url(self) -> str:
@@ -223,19 +229,24 @@ def resolve(app: Any, task_name: str | None) -> Target:
         raise CliError(str(exc)) from exc
     by_tag: dict[str, list[str]] = {}
     elsewhere: list[str] = []
+    scopes: set[str] = set()
     here = _where(settings)
-    if task_name is not None and task_name not in tasks:
-        by_tag.setdefault(task_tag(task_name), []).append(task_name)
     for name, task in tasks.items():
         try:
-            theirs = _where(task.idem_settings())
+            theirs = task.idem_settings()
         except IdempotencyError as exc:
             click.echo(f"note: task {name!r} is skipped: {exc}", err=True)
             continue
-        if theirs == here:
-            by_tag.setdefault(task_tag(name), []).append(name)
+        if _where(theirs) == here:
+            scope = theirs.scope_of(name)
+            scopes.add(scope)
+            by_tag.setdefault(task_tag(scope), []).append(name)
         else:
             elsewhere.append(name)
+    if task_name is not None and task_name not in tasks and task_name not in scopes:
+        # A task of another service, or a former name no registered task keeps as its
+        # idem_scope: its records are under its own name.
+        by_tag.setdefault(task_tag(task_name), []).insert(0, task_name)
     conf = app.conf
     accept = codec.accepted_content_types(conf.result_accept_content or conf.accept_content)
     return Target(

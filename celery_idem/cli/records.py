@@ -64,7 +64,8 @@ def _locate(
         key = validate_key(key, task_name=task_name, source=KeySource.CALL)
     except InvalidIdempotencyKey as exc:
         raise click.UsageError(str(exc)) from exc
-    return target, storage_key(target.prefix, task_name, key), key, task_name
+    assert target.scope is not None
+    return target, storage_key(target.prefix, target.scope, key), key, task_name
 
 
 _FOREIGN = "another type, or a string that is not a record"

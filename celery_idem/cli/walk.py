@@ -85,7 +85,8 @@ class Walk:
         self.target: Target = resolve(app_of(ctx), task_name)
         self.target.require_shared_store()
         self.task_name = task_name
-        self.pattern = storage_pattern(self.target.prefix, task_name)
+        # --task: SCAN MATCH on the tag of the task's scope (idem_scope, else its name).
+        self.pattern = storage_pattern(self.target.prefix, self.target.scope)
         self.scan_count = scan_count
         self.calls = 0
         """``SCAN`` steps taken so far."""

@@ -368,6 +368,18 @@ class StoreAdmin(Protocol):
         """Facts about the server for ``doctor``: clock, ``INFO``, ``CONFIG``."""
         ...
 
+    def probe(self, timeout: float) -> None:
+        """Answer one ``PING`` within ``timeout`` seconds, on a connection of its own.
+
+        For the worker's start-up check: a store that is down at start is said at start,
+        not at the first task, and a short timeout keeps the worker from hanging on it
+        (the client's own timeouts and retries are for tasks).
+
+        Raises:
+            StoreUnavailable: No answer in time (the message names the store and why).
+        """
+        ...
+
     def eviction_policy(self) -> str | None:
         """The server's ``maxmemory-policy``, or None where it cannot be known.
 

@@ -77,8 +77,8 @@ def client_for(endpoint: Endpoint) -> Any:
 def _unreachable(endpoint: Endpoint, exc: Exception) -> StoreUnavailable:
     return StoreUnavailable(
         f"the idempotency store at {endpoint.display} could not be reached: "
-        f"{type(exc).__name__}: {exc}. Check that Redis is reachable and the store "
-        f"settings are right."
+        f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check that Redis is reachable and "
+        f"the store settings are right."
     )
 
 

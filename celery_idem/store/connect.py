@@ -164,7 +164,7 @@ def _shared(
         return overridden
     if endpoint is None:
         raise IdempotencyConfigError(
-            "celery-idem found no Redis to keep its records in: set idem_redis_url "
+            "no Redis is configured for the idempotency records: set idem_redis_url "
             "(e.g. 'redis://localhost:6379/1'), or use a Redis result_backend or broker_url.",
             task_name=task_name,
         )

@@ -167,6 +167,9 @@ class MemoryAdmin:
         """Nothing to tell: the records live in this process."""
         return ServerFacts(kind="memory", url="memory://")
 
+    def probe(self, timeout: float) -> None:
+        """Nothing to reach: the records live in this process."""
+
     def eviction_policy(self) -> str | None:
         """None: the records live in this process, nothing evicts them."""
         return None

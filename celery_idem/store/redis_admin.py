@@ -16,6 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
 from celery_idem.store.record import RecordState, decode_record
@@ -60,6 +63,30 @@ class RedisAdmin(RedisBase):
     def _primaries(self) -> list[Any]:
         """The Cluster's primaries in a stable order (by ``host:port``)."""
         return sorted(self.client.get_primaries(), key=lambda node: node.name)
+
+    def probe(self, timeout: float) -> None:
+        """See :meth:`celery_idem.store.base.StoreAdmin.probe`.
+
+        A new connection from the data node's pool settings (the Sentinel-managed one
+        asks the Sentinels first), with ``timeout`` for connecting and reading and no
+        retries; the pool's own connections keep their settings.
+        """
+        pool = self._server().connection_pool
+        kwargs = {
+            **pool.connection_kwargs,
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        connection = pool.connection_class(**kwargs)
+        try:
+            connection.connect()
+            connection.send_command("PING")
+            connection.read_response()
+        except ERRORS as exc:
+            raise self.unavailable(None, exc, command="PING") from exc
+        finally:
+            connection.disconnect()
 
     def eviction_policy(self) -> str | None:
         """The server's ``maxmemory-policy``, or None where CONFIG is not allowed.
@@ -141,7 +168,7 @@ class RedisAdmin(RedisBase):
         try:
             next_cursor, keys = server.scan(cursor=cursor, match=match, count=count)
         except ERRORS as exc:
-            raise self.unavailable(match, exc) from exc
+            raise self.unavailable(None, exc, command=f"SCAN MATCH {match}") from exc
         next_cursor = int(next_cursor)
         if nodes > 1:
             if next_cursor:
@@ -236,14 +263,14 @@ class RedisAdmin(RedisBase):
             seconds, micros = client.time()
             after = time.time()
         except ERRORS as exc:
-            raise self.unavailable("TIME", exc) from exc
+            raise self.unavailable(None, exc, command="TIME") from exc
         info: dict[str, str] = {}
         info_error = None
         try:
             info = {str(k): text(v) for k, v in client.info().items()}
         except ERRORS as exc:
             if is_outage(exc):
-                raise self.unavailable("INFO", exc) from exc
+                raise self.unavailable(None, exc, command="INFO") from exc
             info_error = f"{type(exc).__name__}: {exc}"
         config: dict[str, str | None] = {}
         for name in _CONFIG_FACTS:
@@ -251,7 +278,7 @@ class RedisAdmin(RedisBase):
                 reply: dict[Any, Any] = client.config_get(name)
             except ERRORS as exc:
                 if is_outage(exc):
-                    raise self.unavailable("CONFIG", exc) from exc
+                    raise self.unavailable(None, exc, command="CONFIG") from exc
                 config[name] = None
                 continue
             values = {text(k): text(v) for k, v in reply.items()}

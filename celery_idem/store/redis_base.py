@@ -215,25 +215,27 @@ class RedisBase:
         # under our prefix, a damaged record, a script error).
         return IdempotencyError(
             f"the idempotency store at {self.url} refused record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Is another application writing under "
+            f"{type(exc).__name__}: {str(exc).rstrip('.')}. Is another application writing under "
             f"idem_key_prefix?",
             key=key,
         )
 
-    def unavailable(self, key: str, exc: BaseException) -> StoreUnavailable:
-        """The outage ``exc`` (met on ``key``, or on a command name) as StoreUnavailable."""
+    def unavailable(
+        self, key: str | None, exc: BaseException, *, command: str = ""
+    ) -> StoreUnavailable:
+        """The outage ``exc``, met on record ``key`` or on ``command``, as StoreUnavailable."""
+        where = f"record {key!r}" if key is not None else f"{command or 'a command'}"
+        cause = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
         code = outage_code(exc)
         if code is not None:  # the server answered: reachability is not the question
             return StoreUnavailable(
-                f"the idempotency store at {self.url} failed on record {key!r}: Redis "
-                f"answered {code} ({OUTAGE_CODES[code][1]}): {type(exc).__name__}: "
-                f"{str(exc).rstrip('.')}. "
+                f"the idempotency store at {self.url} failed on {where}: Redis "
+                f"answered {code} ({OUTAGE_CODES[code][1]}): {cause}. "
                 f"Treated as an outage: tasks follow idem_on_store_error until it passes.",
                 key=key,
             )
         return StoreUnavailable(
-            f"the idempotency store at {self.url} failed on record {key!r}: "
-            f"{type(exc).__name__}: {exc}. Check that Redis is reachable and "
-            f"idem_redis_url is right.",
+            f"the idempotency store at {self.url} failed on {where}: {cause}. Check that "
+            f"Redis is reachable and idem_redis_url is right.",
             key=key,
         )

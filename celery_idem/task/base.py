@@ -101,6 +101,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     idem_lease: ClassVar[float | None] = None
     #: The namespace of every Redis key celery-idem writes.
     idem_key_prefix: ClassVar[str | None] = None
+    #: The key space of the task's records: its name unless set.
+    idem_scope: ClassVar[str | None] = None
+    #: Which parts of the arguments the mismatch check and derived keys cover.
+    idem_fingerprint: ClassVar[bool | Sequence[str] | Callable[..., Any] | None] = None
     #: What a duplicate does when another live run holds its key.
     idem_on_in_progress: ClassVar[InProgressPolicy | str | None] = None
     #: What a task does when Redis cannot be reached to claim its key.
@@ -236,10 +240,18 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # No client at all (a Cluster with no node answering): each operation is an
             # outage under idem_on_store_error, and the next message tries again.
             store = UnreachableStore(exc)
+        rule = KeyRule(
+            self.name,
+            self.run,
+            type(self)._idem_key_rule,
+            settings.fingerprint,
+            fingerprint_from_app="idem_fingerprint" not in task_options(type(self)),
+        )
         built = Spec(
             max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
-            rule=KeyRule(self.name, self.run, type(self)._idem_key_rule),
+            rule=rule,
+            scope=settings.scope_of(self.name),
             store=store,
             serializer=conf.result_serializer,
             accept=codec.accepted_content_types(accept),

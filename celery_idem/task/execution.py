@@ -64,6 +64,12 @@ logger = logging.getLogger("celery_idem")
 
 FIRST_DEFERRAL = 0.5
 """Seconds before a duplicate of a running key first looks again (doubling each time)."""
+LAST_DEFERRAL = 2.0
+"""The longest a waiting duplicate stays away between two looks: it comes back within
+this of its holder's completion, however long the holder's lease (a takeover starts a
+new one). Each look is one claim round trip and one re-published message."""
+DEFERRAL_NOTE = "celery-idem: the key is held by another run"
+"""How a deferral's ``Retry`` starts, so :class:`QuietDeferrals` knows Celery's line of it."""
 COMPLETE_RETRIES = (0.05, 0.25, 1.0)
 """Pauses between attempts at storing a finished run's outcome when Redis fails."""
 
@@ -107,7 +113,7 @@ class Execution:
         self.settings = settings
         self.key, self.fingerprint = self._key_of(headers)
         request.idem_key = self.key
-        self.storage = storage_key(settings.key_prefix, task.name, self.key)
+        self.storage = storage_key(settings.key_prefix, spec.scope, self.key)
         self.token = os.urandom(9).hex()
         self.task_id = str(request.id)
         self.fence = 0
@@ -129,7 +135,9 @@ class Execution:
             # anything is derived: the retry's arguments may differ or have no
             # canonical encoding, and its record keeps the original fingerprint.
             return retry_key, ""
-        resolved = self.spec.rule.resolve(self.args, self.kwargs, headers.get(HEADER))
+        resolved = self.spec.rule.resolve(
+            self.args, self.kwargs, headers.get(HEADER), self.settings.fingerprint
+        )
         if resolved.source is KeySource.ARGS:
             return resolved.key, ""  # the key is the arguments: nothing else to check
         key = resolved.key
@@ -140,8 +148,11 @@ class Execution:
             if index is not None:
                 # Celery copies a group's (or chord header's) options to every member,
                 # so each member keeps its own record: the key plus its position and
-                # its arguments (nested groups restart their positions at 0).
-                key = f"{key}#{index}.{resolved.fingerprint[:8]}"
+                # its arguments (nested groups restart their positions at 0); with
+                # idem_fingerprint=False, its position alone.
+                key = f"{key}#{index}"
+                if resolved.fingerprint:
+                    key = f"{key}.{resolved.fingerprint[:8]}"
         return key, resolved.fingerprint
 
     # -- what every step shares --------------------------------------------------------------
@@ -246,7 +257,7 @@ class Execution:
         self.log.warning("store unavailable, body not run; retry in %.0f s: %s", countdown, exc)
         self.defer(countdown, exc)
 
-    def defer(self, countdown: float, exc: BaseException) -> NoReturn:
+    def defer(self, countdown: float, exc: BaseException, note: str = "") -> NoReturn:
         """Send this message again after ``countdown``, not counted as one of its retries.
 
         If the new message cannot be published, this one is rejected and requeued rather
@@ -265,44 +276,59 @@ class Execution:
         except Exception as publish_error:
             self.log.error("could not re-queue this message (%s); requeuing it", publish_error)
             raise Reject(publish_error, requeue=True) from publish_error
-        raise Retry(exc=exc, when=countdown, sig=sig)
+        raise Retry(f"{note}; back in {countdown:g} s" if note else None, exc, countdown, sig=sig)
 
-    def signal_in_progress(self, outcome: ClaimOutcome) -> None:
-        """Tell (log, signal) that another run holds the key."""
+    def signal_in_progress(self, outcome: ClaimOutcome, retry_in: float | None = None) -> None:
+        """Tell (log, signal) that another run holds the key.
+
+        Logged at INFO the first time this message finds it held, at DEBUG on its later
+        looks (a waiting duplicate looks every few seconds); Celery's own "retry" line
+        for the deferral is left out (:class:`QuietDeferrals`), so a look is one line.
+        """
         policy = self.settings.on_in_progress
-        self.log.info(
-            "held by %s for %.1f s more; policy %s",
-            outcome.task_id, outcome.lease_left, policy.value,
+        holder = (
+            f"an earlier delivery of this same message (task {outcome.task_id})"
+            if outcome.task_id == self.task_id
+            else f"task {outcome.task_id}"
+        )
+        back = f"; back in {retry_in:g} s" if retry_in is not None else ""
+        level = logging.INFO if not deferrals(self.request) else logging.DEBUG
+        self.log.log(
+            level, "held by %s for %.1f s more; policy %s%s",
+            holder, outcome.lease_left, policy.value, back,
         )  # fmt: skip
         self.signal(
             signals.duplicate_in_progress,
             owner_task_id=outcome.task_id,
             lease_left=outcome.lease_left,
             policy=policy,
+            retry_in=retry_in,
         )
 
     def in_progress(self, outcome: ClaimOutcome) -> NoReturn:
         """Another run holds the key: come back later, or raise (``raise``, eager)."""
         policy = self.settings.on_in_progress
+        # The same task id (a redelivery, or a retry that overtook its own parking) is
+        # this work's only message: it must come back, whatever the policy says.
+        own = outcome.task_id == self.task_id
+        leaves = self.request.is_eager or (policy is InProgressPolicy.RAISE and not own)
+        # Come back soon, then less often, but never later than LAST_DEFERRAL, nor than
+        # the holder's lease would end: by then it has completed (replay), failed (claim
+        # and run) or died (take over). Backing off to the whole lease would keep the
+        # duplicate's caller waiting a minute for a task that takes a second, and after
+        # a takeover the holder's lease starts again.
+        backoff = FIRST_DEFERRAL * 2.0 ** min(deferrals(self.request), 10)
+        countdown = min(max(outcome.lease_left, 0.05), backoff, LAST_DEFERRAL, self.spec.max_defer)
         if policy is not InProgressPolicy.WAIT:  # ``wait`` signalled when it began waiting
-            self.signal_in_progress(outcome)
+            self.signal_in_progress(outcome, None if leaves else countdown)
         error = self.key_error(
             DuplicateInProgress,
             f"is being run by task {outcome.task_id} (lease {outcome.lease_left:.1f} s left); "
             f"this duplicate did not run the body",
         )
-        # The same task id (a redelivery, or a retry that overtook its own parking) is
-        # this work's only message: it must come back, whatever the policy says.
-        own = outcome.task_id == self.task_id
-        if self.request.is_eager or (policy is InProgressPolicy.RAISE and not own):
+        if leaves:
             raise error
-        # Come back soon, then less and less often, but never later than the holder's
-        # lease would end: by then it has completed (replay), failed (claim and run) or
-        # died (take over). Waiting the whole lease at once would keep the duplicate's
-        # caller waiting a minute for a task that takes a second.
-        backoff = FIRST_DEFERRAL * 2.0 ** min(deferrals(self.request), 10)
-        countdown = min(max(outcome.lease_left, 0.05), backoff, self.spec.max_defer)
-        self.defer(countdown, error)
+        self.defer(countdown, error, DEFERRAL_NOTE)
 
     def mismatch(self, outcome: ClaimOutcome) -> NoReturn:
         """The key was used with other arguments: refuse, run nothing."""
@@ -532,3 +558,23 @@ class Execution:
             self.spec.store.dispatched(self.storage, task_id=self.task_id)
         except IdempotencyError as exc:  # a redelivery may send them again: never lost
             self.store_failed(exc, "mark dispatched")
+
+
+class QuietDeferrals(logging.Filter):
+    """Leave out Celery's INFO "retry" line of a duplicate's deferral.
+
+    :meth:`Execution.signal_in_progress` already logged that look (INFO the first
+    time, DEBUG after); Celery's line would repeat it at INFO on every look. Installed
+    on Celery's ``celery.app.trace`` logger when this module is imported; every other
+    retry line passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the line of a deferral that :data:`DEFERRAL_NOTE` marks."""
+        args = record.args
+        return not (
+            isinstance(args, Mapping) and str(args.get("exc", "")).startswith(DEFERRAL_NOTE)
+        )
+
+
+logging.getLogger("celery.app.trace").addFilter(QuietDeferrals())

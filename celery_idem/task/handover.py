@@ -86,7 +86,7 @@ def settle_handover(
     spec = task.idem_spec()
     settings = spec.settings
     key, token = str(handover.get("key")), str(handover.get("token"))
-    storage = storage_key(settings.key_prefix, task.name, key)
+    storage = storage_key(settings.key_prefix, spec.scope, key)
     try:
         if failed:
             spec.store.release(storage, token=token)

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery_idem.config import with_call_overrides
 from celery_idem.exceptions import IdempotencyError
-from celery_idem.keys import KeySource, storage_key, validate_key
+from celery_idem.keys import KeyRule, KeySource, storage_key, validate_key
 from celery_idem.store import ClaimState
 from celery_idem.task.headers import DEFERRALS, GROUP_INDEX, HEADER, RETRY_KEY
 from celery_idem.task.spec import IdemTask
@@ -28,7 +28,8 @@ logger = logging.getLogger("celery_idem")
 def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
     """Move ``idempotency_key`` and ``idem_*`` call options into message headers.
 
-    Validates them here, so a bad key fails at the call site and nothing is sent.
+    Validates them here, so a bad key fails at the call site and nothing is sent;
+    so does a per-call ``idem_fingerprint`` path that names no parameter of the task.
     Accepts ``headers`` absent, None or empty (Celery's retries pass each).
     """
     key = options.pop(HEADER, None)
@@ -46,7 +47,12 @@ def move_call_options(task: IdemTask, options: dict[str, Any]) -> None:
     if key is not None:
         headers[HEADER] = validate_key(key, task_name=task.name, source=KeySource.CALL)
     if overrides:
-        with_call_overrides(task.idem_settings(), overrides, task_name=task.name)
+        base = task.idem_settings()
+        settings = with_call_overrides(base, overrides, task_name=task.name)
+        if settings.fingerprint is not base.fingerprint:
+            # Its paths against the signature (the worker checks them again); a
+            # KeyRule of its own, so a publisher needs no store for it.
+            KeyRule(task.name, task.run, None).coverage_for(settings.fingerprint)
         headers.update(overrides)
     options["headers"] = headers
 
@@ -71,13 +77,17 @@ def published(
     if options.get("group_id") or options.get("chord"):
         return None  # canvas members are keyed by their position, on the worker
     spec = task.idem_spec()
+    # Validated by move_call_options already; the worker applies the same per-call values.
+    settings = with_call_overrides(spec.settings, headers, task_name=task.name)
     try:
-        resolved = spec.rule.resolve(args or (), kwargs or {}, headers.get(HEADER))
+        resolved = spec.rule.resolve(
+            args or (), kwargs or {}, headers.get(HEADER), settings.fingerprint
+        )
     except TypeError:
         if task.typing:
             raise  # Celery itself would refuse these arguments at the call site
         return None
-    storage = storage_key(spec.settings.key_prefix, task.name, resolved.key)
+    storage = storage_key(settings.key_prefix, spec.scope, resolved.key)
     fingerprint = "" if resolved.source is KeySource.ARGS else resolved.fingerprint
     try:
         found = spec.store.peek(storage, fingerprint=fingerprint)

@@ -32,10 +32,12 @@ def invalidate_settings() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """One task's resolved settings, key rule, store and result codec."""
+    """One task's resolved settings, key rule, key space, store and result codec."""
 
     settings: IdemSettings
     rule: KeyRule
+    scope: str
+    """The task's key space in storage keys: ``idem_scope``, else the task's name."""
     store: Store
     serializer: str
     accept: frozenset[str]

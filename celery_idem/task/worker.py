@@ -1,4 +1,6 @@
-"""Worker start: validate every task's settings, warn about evicting or under-replicated stores.
+"""Worker start: validate settings, warn about stores that are down, evict or lack replicas.
+
+Each warning names the store and the tasks that use it.
 
 Connected to Celery's ``celeryd_after_setup`` when ``celery_idem.task`` is imported:
 it comes after the worker set up its logging (so the lines reach ``--logfile``) and
@@ -8,11 +10,13 @@ before the pool starts and the worker says "ready".
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.signals import celeryd_after_setup
 
-from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
+from celery_idem.settings_table import StoreErrorPolicy
 from celery_idem.store import StoreAdmin, admin_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task.base import IdempotentTask
@@ -22,17 +26,37 @@ __all__ = ["validate_on_worker_start"]
 logger = logging.getLogger("celery_idem")
 
 
+PROBE_TIMEOUT = 1.0
+"""Seconds the start-up check waits for each store's PING: enough for a live Redis."""
+
+
+@dataclass
+class _Users:
+    """One store and the tasks that keep their records in it."""
+
+    admin: StoreAdmin
+    url: str
+    min_replicas: int
+    tasks: dict[str, StoreErrorPolicy] = field(default_factory=dict)
+
+    def names(self) -> str:
+        return ", ".join(sorted(self.tasks))
+
+
 def validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """Fail the worker at start, naming the setting, rather than at the first task.
 
-    Also warns when the store may evict records: an evicted record is a key that runs
-    again, and every celery-idem record has a TTL, so ``volatile-*`` policies pick them
-    first.
+    Then, once per store (naming the tasks that use it), warn and keep starting when
+    the store does not answer a PING within :data:`PROBE_TIMEOUT` (saying what those
+    tasks' ``idem_on_store_error`` will do meanwhile), when it may evict records (an
+    evicted record is a key that runs again, and every record has a TTL, so
+    ``volatile-*`` policies pick them first), or when it has fewer replicas than
+    ``idem_min_replicas``.
     """
     app = getattr(instance, "app", None)
     if app is None:
         return
-    checked: set[int] = set()
+    stores: dict[int, _Users] = {}
     for task in list(app.tasks.values()):
         if not isinstance(task, IdempotentTask):
             continue
@@ -41,48 +65,72 @@ def validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any)
         except IdempotencyConfigError as exc:
             logger.critical("celery-idem: %s", exc)
             raise SystemExit(f"celery-idem: task {task.name!r}: {exc}") from exc
+        policy = spec.settings.on_store_error
         if isinstance(spec.store, UnreachableStore):
             logger.warning(
-                "celery-idem: task %r: %s; its messages follow idem_on_store_error until "
-                "the store answers.",
-                task.name,
-                spec.store.cause,
-            )
+                "celery-idem: task %r: %s; until the store answers, its messages %s "
+                "(idem_on_store_error=%s).",
+                task.name, spec.store.cause, policy.consequence, policy.value,
+            )  # fmt: skip
             continue
         endpoint = spec.settings.endpoint
+        if endpoint is None:
+            continue
         # The same store, as StoreAdmin.
         admin = admin_for(endpoint, task_name=task.name, app_name=app.main)
-        if endpoint is not None and id(admin) not in checked:
-            checked.add(id(admin))
-            _warn_if_evicting(admin, endpoint.display)
-            _warn_if_replicas_short(admin, endpoint.min_replicas, endpoint.display)
+        users = stores.setdefault(id(admin), _Users(admin, endpoint.display, endpoint.min_replicas))
+        users.tasks[task.name] = policy
+    for users in stores.values():
+        if _warn_if_unreachable(users):
+            continue
+        _warn_if_evicting(users)
+        _warn_if_replicas_short(users)
 
 
-def _warn_if_evicting(admin: StoreAdmin, url: str) -> None:
-    policy = admin.eviction_policy()
+def _warn_if_unreachable(users: _Users) -> bool:
+    try:
+        users.admin.probe(PROBE_TIMEOUT)
+    except StoreUnavailable as exc:
+        by_policy: dict[StoreErrorPolicy, list[str]] = {}
+        for name, policy in sorted(users.tasks.items()):
+            by_policy.setdefault(policy, []).append(name)
+        meanwhile = "; ".join(
+            f"{', '.join(names)} (idem_on_store_error={policy.value}) {policy.consequence}"
+            for policy, names in by_policy.items()
+        )
+        logger.warning(
+            "celery-idem: the store at %s did not answer within %.1f s (%s). The worker "
+            "keeps starting; until the store answers, the messages of %s.",
+            users.url, PROBE_TIMEOUT, exc, meanwhile,
+        )  # fmt: skip
+        return True
+    return False
+
+
+def _warn_if_evicting(users: _Users) -> None:
+    policy = users.admin.eviction_policy()
     if policy is not None and policy != "noeviction":
         logger.warning(
-            "celery-idem: the store at %s has maxmemory-policy %r: under memory pressure "
-            "Redis may evict idempotency records, and an evicted key runs again. Set "
-            "maxmemory-policy noeviction on the Redis that holds idem_redis_url.",
-            url,
-            policy,
-        )
+            "celery-idem: the store at %s (tasks %s) has maxmemory-policy %r: under "
+            "memory pressure Redis may evict idempotency records, and an evicted key "
+            "runs again. Set maxmemory-policy noeviction on the Redis that holds "
+            "idem_redis_url.",
+            users.url, users.names(), policy,
+        )  # fmt: skip
 
 
-def _warn_if_replicas_short(admin: StoreAdmin, wanted: int, url: str) -> None:
+def _warn_if_replicas_short(users: _Users) -> None:
+    wanted = users.min_replicas
     if not wanted:
         return
-    count = admin.replica_count()
+    count = users.admin.replica_count()
     if count is not None and count < wanted:
         logger.warning(
-            "celery-idem: idem_min_replicas=%d but the primary of the store at %s has %d "
-            "replica(s) connected: every claim will be refused (and its task deferred) "
-            "until enough replicas connect.",
-            wanted,
-            url,
-            count,
-        )
+            "celery-idem: idem_min_replicas=%d but the primary of the store at %s "
+            "(tasks %s) has %d replica(s) connected: every claim will be refused (and "
+            "its task deferred) until enough replicas connect.",
+            wanted, users.url, users.names(), count,
+        )  # fmt: skip
 
 
 celeryd_after_setup.connect(validate_on_worker_start, weak=False)

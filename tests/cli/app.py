@@ -65,6 +65,12 @@ def archive(name: str) -> str:
     return name
 
 
+@app.task(base=IdempotentTask, name="cli.mail.send_email", idem_scope="cli.send_email")
+def send_email(user: int) -> str:
+    """Renamed from ``cli.send_email`` (no longer registered): keeps that name's records."""
+    return f"mail to {user}"
+
+
 @app.task(name="cli.plain")
 def plain() -> None:
     """Not idempotent: keeps no records."""

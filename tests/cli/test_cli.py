@@ -542,3 +542,33 @@ def test_stored_payload_kinds_show_their_reason(cli: Cli) -> None:
     view = cli.json("inspect", "nr", "--task", "cli.add")
     assert (view["state"], view["substate"]) == ("completed", "no_result")
     assert view["result"]["reason"] == "too big"
+
+
+# --------------------------------------------------------------------------- idem_scope
+
+
+def test_a_renamed_task_finds_the_records_of_its_former_name(cli: Cli, cli_app: ModuleType) -> None:
+    """``cli.mail.send_email`` has ``idem_scope="cli.send_email"``, its former name."""
+    old = cli.completed("cli.send_email", "welcome-7", payload=b'"mail to 7"')
+    assert cli_app.send_email.apply((7,), idempotency_key="welcome-7").get() == "mail to 7"
+
+    view = cli.json("inspect", "welcome-7", "--task", "cli.mail.send_email")
+    assert (view["storage_key"], view["task"], view["state"]) == (
+        old,
+        "cli.mail.send_email",
+        "completed",
+    )
+    # The former name, no longer registered, still names the same records.
+    assert cli.json("inspect", "welcome-7", "--task", "cli.send_email")["storage_key"] == old
+
+    listed = cli.json("list", "--task", "cli.mail.send_email")
+    assert [r["storage_key"] for r in listed["records"]] == [old]
+    assert cli.json("list", "--task", "cli.add")["records"] == []
+    by_tag = cli.json("list")
+    assert {r["storage_key"]: r["task"] for r in by_tag["records"]} == {old: "cli.mail.send_email"}
+    stats = cli.json("stats", "--task", "cli.mail.send_email", "--sample", "0")
+    assert stats["by_task"]["cli.mail.send_email"]["result"] == 1
+
+    done = cli.run("forget", "welcome-7", "--task", "cli.mail.send_email", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert cli.store.read(old) is None

@@ -22,6 +22,7 @@ from freezegun import freeze_time
 
 from celery_idem.checks import MAX_DURATION
 from celery_idem.exceptions import IdempotencyConfigError
+from celery_idem.keys import KeyRule
 from celery_idem.store import (
     ClaimRequest,
     ClaimState,
@@ -206,6 +207,35 @@ def test_empty_fingerprint_is_not_checked(backend: Backend) -> None:
     claim(backend, "k", fingerprint="")
     complete(backend, backend.key("k"), token="t1", stored=RESULT, ttl=TTL)
     assert claim(backend, "k", token="t2", fingerprint="").state is ClaimState.COMPLETED
+
+
+def _on_event(event: dict[str, Any], received_at: str) -> None:
+    """A webhook task's signature, for the fingerprints below."""
+
+
+@pytest.mark.parametrize(
+    ("setting", "second"),
+    [
+        (True, ClaimState.MISMATCH),
+        (("event.delivery_attempt", "received_at"), ClaimState.COMPLETED),
+        (False, ClaimState.COMPLETED),
+    ],
+    ids=["all", "leave-out", "off"],
+)
+def test_the_mismatch_check_covers_what_idem_fingerprint_covers(
+    backend: Backend, setting: Any, second: ClaimState
+) -> None:
+    """Two deliveries of one event, their fingerprints computed as a worker does."""
+    rule = KeyRule("hooks.on_event", _on_event, None, setting)
+
+    def fingerprint(attempt: int, received_at: str) -> str:
+        event = {"id": "evt_1", "delivery_attempt": attempt, "data": {"email": "a@b"}}
+        return rule.resolve((event, received_at), {}, "evt_1").fingerprint
+
+    assert claim(backend, "k", fingerprint=fingerprint(1, "10:00")).state is ClaimState.CLAIMED
+    complete(backend, backend.key("k"), token="t1", stored=RESULT, ttl=TTL)
+    again = claim(backend, "k", token="t2", task_id="id-2", fingerprint=fingerprint(2, "10:05"))
+    assert again.state is second
 
 
 def test_release_frees_the_key_and_the_fence_keeps_growing(backend: Backend) -> None:

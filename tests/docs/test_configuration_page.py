@@ -21,6 +21,8 @@ from celery_idem.settings_table import TABLE, Setting
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 SUMMARY_COLUMNS = ["setting", "default", "type", "Django", "per task", "per call"]
+FACTS = [*SUMMARY_COLUMNS, "per app"]
+"""A section's facts: the summary's columns, and "per app" where it is "no"."""
 
 
 def _page() -> str:
@@ -63,7 +65,7 @@ def _sections() -> dict[str, tuple[str, dict[str, str]]]:
         facts = {}
         for line in body.splitlines():
             cells = _cells(line) if line.startswith("|") else []
-            if len(cells) == 2 and cells[0] in SUMMARY_COLUMNS:
+            if len(cells) == 2 and cells[0] in FACTS:
                 facts[cells[0]] = cells[1]
         found[match.group(1)] = (opening, facts)
     return found
@@ -82,6 +84,11 @@ def yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def django(row: Setting) -> str:
+    """The Django cell: the spelling, or that the app (Django's settings) cannot set it."""
+    return f"`{row.django}`" if row.per_app else "none: per task only"
+
+
 def test_the_summary_lists_every_setting_in_table_order() -> None:
     assert list(_summary()) == [row.name for row in TABLE]
 
@@ -94,7 +101,7 @@ def test_the_sections_describe_every_setting_in_table_order() -> None:
 def test_the_summary_row_agrees_with_the_table(row: Setting) -> None:
     cells = _summary()[row.name]
     assert cells["default"].startswith(f"`{shown(row.default)}`"), cells["default"]
-    assert cells["Django"] == f"`{row.django}`"
+    assert cells["Django"] == django(row)
     assert cells["per task"] == yes_no(row.name in vars(IdempotentTask))
     assert cells["per call"] == yes_no(row.per_call)
 
@@ -104,6 +111,7 @@ def test_the_section_agrees_with_the_table(row: Setting) -> None:
     opening, facts = _sections()[row.name]
     assert opening.startswith(row.doc.rstrip(".")), opening
     assert facts["default"].startswith(f"`{shown(row.default)}`"), facts["default"]
-    assert facts["Django"] == f"`{row.django}`"
+    assert facts["Django"] == django(row)
+    assert facts.get("per app", "yes") == yes_no(row.per_app)
     assert facts["per task"] == yes_no(row.name in vars(IdempotentTask))
     assert facts["per call"] == yes_no(row.per_call)

@@ -57,9 +57,10 @@ class Worker:
         concurrency: int = 2,
         extra_env: dict[str, str] | None = None,
         app: str = "tests.integration.tasks",
+        queue: str | None = None,
     ) -> None:
         self.app = app
-        self.queue = f"q-{uuid.uuid4().hex[:10]}"
+        self.queue = queue or f"q-{uuid.uuid4().hex[:10]}"
         self.env = {**os.environ, **env, **(extra_env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(ROOT), self.env.get("PYTHONPATH")])

@@ -457,6 +457,13 @@ def _note_quarantine(sender: Any = None, **fields: Any) -> None:
 idem_signals.quarantined.connect(_note_quarantine, weak=False)
 
 
+def _note_wait(sender: Any = None, **fields: Any) -> None:
+    effect(f"waits:{fields['key']}", task_id=fields["task_id"], retry_in=fields["retry_in"])
+
+
+idem_signals.duplicate_in_progress.connect(_note_wait, weak=False)
+
+
 class CpDieAfterDispatch(WfWatched):
     """SIGKILLs its own process once per name, after Celery sent the callbacks and chain
     and ``IdempotentTask.on_success`` marked them sent; with ``ignore_result`` Celery
@@ -474,3 +481,54 @@ class CpDieAfterDispatch(WfWatched):
 def cp_die_after_dispatch(self: IdempotentTask, name: str) -> dict[str, Any]:
     effect(name, fence=self.idempotency_fence, task_id=self.request.id)
     return {"name": name, "fence": self.idempotency_fence}
+
+
+# -- idem_fingerprint and idem_scope (tests/integration/test_fingerprint_scope.py);
+#    names prefixed t.fs_ ------------------------------------------------------------
+
+FS_LEAVE_OUT = ["event.delivery_attempt", "received_at"]
+"""What a webhook's redelivery changes and the request does not."""
+
+
+def _fs_deliver(
+    task: IdempotentTask, name: str, event: dict[str, Any], received_at: str
+) -> dict[str, Any]:
+    run = effect(name, attempt=event["delivery_attempt"], task_id=task.request.id)
+    return {"email": event["data"]["email"], "run": run, "task_id": task.request.id}
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fs_event", idem_fingerprint=FS_LEAVE_OUT)
+def fs_event(
+    self: IdempotentTask, name: str, event: dict[str, Any], received_at: str
+) -> dict[str, Any]:
+    """A webhook handler whose duplicates differ in their delivery counter and time."""
+    return _fs_deliver(self, name, event, received_at)
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fs_event_strict")
+def fs_event_strict(
+    self: IdempotentTask, name: str, event: dict[str, Any], received_at: str
+) -> dict[str, Any]:
+    """The same handler without idem_fingerprint: every argument is the request."""
+    return _fs_deliver(self, name, event, received_at)
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fs_send_email")
+def fs_send_email(self: IdempotentTask, name: str, user: int) -> dict[str, Any]:
+    """A task before its rename."""
+    effect(name, task=self.name)
+    return {"user": user, "task_id": self.request.id, "task": self.name}
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fs_mail.send_email", idem_scope="t.fs_send_email")
+def fs_send_email_renamed(self: IdempotentTask, name: str, user: int) -> dict[str, Any]:
+    """The same task after its rename, keeping its former name's key space."""
+    effect(name, task=self.name)
+    return {"user": user, "task_id": self.request.id, "task": self.name}
+
+
+@app.task(base=IdempotentTask, bind=True, name="t.fs_mail.send_other")
+def fs_send_other(self: IdempotentTask, name: str, user: int) -> dict[str, Any]:
+    """Renamed without idem_scope: a key space of its own."""
+    effect(name, task=self.name)
+    return {"user": user, "task_id": self.request.id, "task": self.name}

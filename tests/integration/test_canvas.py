@@ -13,7 +13,7 @@ import redis
 from celery import group
 
 from celery_idem.checks import MAX_DURATION
-from devtools.processes import wait_for
+from devtools.processes import free_port, wait_for
 from tests.integration.conftest import Worker, ledger_count
 
 pytestmark = pytest.mark.integration
@@ -89,3 +89,19 @@ def test_invalid_setting_stops_the_worker_at_start_naming_it(
     # A lease of sys.maxsize seconds used to start the worker, then fail every claim.
     with pytest.raises(RuntimeError, match=named):
         start_worker(extra_env={"IDEM_TEST_LEASE": lease})
+
+
+def test_a_store_that_is_down_at_start_is_said_at_start_and_the_worker_starts(
+    start_worker: Any,
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    worker = start_worker(extra_env={"IDEM_TEST_STORE": down})
+    log = worker.log()
+    assert "ready." in log
+    warning = next((line for line in log.splitlines() if "did not answer within" in line), "")
+    assert f"celery-idem: the store at {down} did not answer" in warning
+    assert re.search(r"messages of t\.\w+, t\.\w+", warning)  # names the tasks that use it
+    # The suite's default idem_on_store_error is retry: what those messages will meet.
+    assert "(idem_on_store_error=retry) are retried later and nothing runs without a claim" in (
+        warning
+    )

@@ -11,12 +11,13 @@ import signal
 from types import ModuleType
 from typing import Any
 
+import kombu
 import pytest
 import redis
 
 from celery_idem import DuplicateInProgress
 from celery_idem.keys import storage_key
-from celery_idem.store import RecordState
+from celery_idem.store import ClaimRequest, ClaimState, RecordState
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
 from tests.integration.conftest import Worker, ledger_count
@@ -212,6 +213,11 @@ def test_sigkilled_child_frees_the_key_within_a_lease_and_redelivery_runs_once(
     assert "took over" in w.log()
 
 
+@pytest.mark.skipif(
+    kombu.VERSION[:2] < (5, 7),
+    reason="needs kombu 5.7's unacked_restore_interval: an older Redis transport restores "
+    "unacked messages about every 100 s, after this test's deadline",
+)
 def test_visibility_timeout_redelivery_while_running_does_not_run_the_body(
     start_worker: Any, tasks: ModuleType, ledger: redis.Redis, uid: str
 ) -> None:
@@ -249,3 +255,39 @@ def test_raise_policy_fails_the_duplicate_with_duplicate_in_progress(
         dup.get(timeout=T)
     assert first.get(timeout=T) == f"{uid} done"
     assert ledger_count(ledger, uid) == 1
+
+
+def test_a_waiting_duplicate_looks_again_at_most_every_2_s_and_says_so_once(
+    worker: Worker,
+    tasks: ModuleType,
+    ledger: redis.Redis,
+    uid: str,
+    celery_env: dict[str, str],
+    store_topology: str,
+) -> None:
+    if store_topology != "standalone":
+        pytest.skip("the deferral schedule is under test, not the store: standalone is enough")
+    key = f"wait-{uid}"
+    store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
+    # A holder that stopped renewing (its worker died) with 9 s of lease left: the
+    # duplicate waits it out, then takes the key over and runs. Backing off to 4 s and
+    # more, it used to come back seconds after it could have.
+    held = store.claim(
+        ClaimRequest(
+            storage_key("idem", tasks.record.name, key),
+            token="dead-worker", task_id="dead-task", fingerprint="", lease=9, ttl=60,
+        )
+    )  # fmt: skip
+    assert held.state is ClaimState.CLAIMED
+    duplicate = tasks.record.apply_async((uid,), idempotency_key=key, queue=worker.queue)
+    assert duplicate.get(timeout=T)["name"] == uid
+    assert ledger_count(ledger, uid) == 1
+
+    looks = [entry["retry_in"] for entry in ledger_entries(ledger, f"waits:{key}")]
+    assert len(looks) >= 4, looks
+    assert max(looks) <= 2.0, looks
+    lines = [line for line in worker.log().splitlines() if duplicate.id in line]
+    # One INFO line for the first look, the later ones at DEBUG; Celery's own "retry"
+    # line of each deferral is left out.
+    assert len([line for line in lines if "held by task dead-task" in line]) == 1, lines
+    assert not [line for line in lines if " retry: " in line], lines

@@ -50,8 +50,8 @@ class Env:
         return register
 
     def storage(self, task: Any, key: str) -> str:
-        """The Redis key under which ``task`` keeps ``key``."""
-        return storage_key(self.prefix, task.name, key)
+        """The Redis key under which ``task`` keeps ``key`` (in its ``idem_scope``)."""
+        return storage_key(self.prefix, task.idem_settings().scope_of(task.name), key)
 
     def record(self, task: Any, key: str) -> StoredRecord | None:
         """The store's record for ``key`` of ``task``."""

@@ -82,6 +82,8 @@ def test_settings_table() -> None:
         "idem_ttl",
         "idem_lease",
         "idem_key_prefix",
+        "idem_scope",
+        "idem_fingerprint",
         "idem_on_in_progress",
         "idem_on_store_error",
         "idem_cache_errors",
@@ -93,6 +95,7 @@ def test_settings_table() -> None:
     expected_call = {
         "idem_ttl",
         "idem_lease",
+        "idem_fingerprint",
         "idem_on_in_progress",
         "idem_on_store_error",
         "idem_max_result_bytes",
@@ -480,7 +483,8 @@ def test_unrelated_idem_name_gets_no_forced_suggestion() -> None:
 )
 def test_disallowed_call_option(name: str) -> None:
     err = config_error(call={name: DEFAULTS[name] or "memory://"}, task_name="t")
-    assert str(err).startswith(f"{name} cannot be set per call; set it on the task or the app")
+    layers = "the task" if name == "idem_scope" else "the task or the app"
+    assert str(err).startswith(f"{name} cannot be set per call; set it on {layers} (")
     assert err.task_name == "t"
 
 

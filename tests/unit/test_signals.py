@@ -38,7 +38,14 @@ LOGGER = "celery_idem"
 DOCUMENTED = {
     "replayed": {"key", "task_id", "original_task_id", "fence"},
     "key_mismatch": {"key", "task_id", "original_task_id"},
-    "duplicate_in_progress": {"key", "task_id", "owner_task_id", "lease_left", "policy"},
+    "duplicate_in_progress": {
+        "key",
+        "task_id",
+        "owner_task_id",
+        "lease_left",
+        "retry_in",
+        "policy",
+    },
     "lease_lost": {"key", "task_id", "fence", "stage"},
     "store_error": {"key", "task_id", "exc", "stage", "policy"},
     "result_not_stored": {"key", "task_id", "reason"},
@@ -198,6 +205,7 @@ def test_duplicate_in_progress_fires_with_the_policy(env: Env, policy: InProgres
     assert call["owner_task_id"] == "holder-task"
     assert 0 < call["lease_left"] <= 60
     assert call["policy"] is policy
+    assert call["retry_in"] is None  # eager: it raises, it does not come back
     record = env.store.read(storage)
     assert record is not None
     assert (record.task_id, record.fence, record.stored) == ("holder-task", holder.fence, None)

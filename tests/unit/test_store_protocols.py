@@ -19,6 +19,7 @@ from celery_idem.store import MemoryStore, admin_for, store_for
 from celery_idem.store.redis import RedisStore
 from celery_idem.task import invalidate_settings
 from celery_idem.task.worker import validate_on_worker_start
+from devtools.processes import free_port
 from devtools.redis_server import RedisServer
 
 
@@ -70,9 +71,41 @@ def test_the_worker_start_warns_of_an_evicting_store_and_missing_replicas(
     app = a_worker_app(store_server.url(0), idem_min_replicas=1)
     with caplog.at_level(logging.WARNING, logger="celery_idem"):
         validate_on_worker_start(instance=SimpleNamespace(app=app))
-    where = f"the store at {store_server.url(0)}"
+    where = f"the store at {store_server.url(0)} (tasks protocols.body)"
     assert f"{where} has maxmemory-policy 'allkeys-lru'" in caplog.text
     assert f"idem_min_replicas=1 but the primary of {where} has 0 replica(s)" in caplog.text
+
+
+def test_the_worker_start_warns_of_a_store_that_does_not_answer_and_keeps_starting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = a_worker_app(url, idem_on_store_error="run")
+    with caplog.at_level(logging.WARNING, logger="celery_idem"):
+        validate_on_worker_start(instance=SimpleNamespace(app=app))  # no SystemExit
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert f"the store at {url} did not answer within" in line
+    assert "failed on PING" in line
+    assert "protocols.body (idem_on_store_error=run) run their bodies without protection" in line
+    assert "maxmemory-policy" not in caplog.text  # nothing more asked of a store that is down
+
+
+def test_one_warning_per_store_names_every_task_that_uses_it(
+    store_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_policy(store_server, "allkeys-lru")
+    app = a_worker_app(store_server.url(0))
+
+    def other() -> int:
+        return 1
+
+    app.task(other, base=IdempotentTask, shared=False, name="protocols.other")
+    invalidate_settings()
+    with caplog.at_level(logging.WARNING, logger="celery_idem"):
+        validate_on_worker_start(instance=SimpleNamespace(app=app))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert "(tasks protocols.body, protocols.other)" in lines[0]
 
 
 def test_the_worker_start_says_nothing_of_a_fit_store(
