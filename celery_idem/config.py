@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -32,12 +33,15 @@ from celery_idem.fingerprint import FingerprintSetting
 from celery_idem.settings_table import TABLE, InProgressPolicy, Setting, StoreErrorPolicy
 
 __all__ = [
+    "CALL_OPTIONS",
     "CALL_SETTINGS",
     "DEFAULTS",
+    "KEY_OPTION",
     "SETTINGS",
     "IdemSettings",
     "InProgressPolicy",
     "StoreErrorPolicy",
+    "check_call_names",
     "resolve_settings",
     "with_call_overrides",
 ]
@@ -56,6 +60,13 @@ CALL_SETTINGS: frozenset[str] = frozenset(row.name for row in TABLE if row.per_c
 The others decide *where* a key lives or *which* failures are replayed; changing them
 per call would let two calls with the same key disagree about the record itself.
 """
+
+
+KEY_OPTION = "idempotency_key"
+"""The call option (and message header) that carries an explicit key."""
+
+CALL_OPTIONS: tuple[str, ...] = (KEY_OPTION, *(row.name for row in TABLE if row.per_call))
+"""Every option a call may give celery-idem: the key, then the per-call settings."""
 
 
 def renewal_period(lease: float) -> float:
@@ -106,6 +117,8 @@ class IdemSettings:
         max_result_bytes: Largest encoded result that is stored.
         dedupe_on_publish: Look the key up before publishing (one round trip) and
             return the original task's AsyncResult instead of sending a duplicate.
+        require_key: Refuse a call without an explicit key (``idempotency_key`` absent
+            or ``None``) at the call site, and such a message on the worker.
         max_takeovers: Takeovers of a key from attempts that stopped renewing (dead
             or stalled workers) before the key is quarantined; 0 = no cap.
     """
@@ -119,6 +132,7 @@ class IdemSettings:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     dedupe_on_publish: bool = False
+    require_key: bool = False
     max_takeovers: int = 5
     redis_sentinels: tuple[tuple[str, int], ...] | None = None
     redis_sentinel_master: str | None = None
@@ -221,6 +235,79 @@ def _unknown_name(
 
 _CALL_ORDERED = tuple(row.name for row in TABLE if row.per_call)
 _DJANGO_ORDERED = tuple(_DJANGO_NAMES.values())
+
+
+def _not_per_call(key: str, value: object, task_name: str | None) -> IdempotencyConfigError:
+    layers = "the task or the app" if _ROWS[key].per_app else "the task"
+    return IdempotencyConfigError(
+        f"{key} cannot be set per call; set it on {layers} "
+        f"(call option value {short_repr(value)}; per-call settings: "
+        f"{', '.join(_CALL_ORDERED)}).",
+        None,
+        task_name,
+    )
+
+
+_OURS = (KEY_OPTION, *SETTINGS)
+_CALL_NAMES = frozenset(CALL_OPTIONS)
+_LOOKALIKE = 0.8
+"""How close (difflib's ratio) a name not starting with ``idem`` must come to one of ours
+to be taken for a misspelling of it: ``indempotency_key`` (0.97), ``idm_ttl`` (0.93) are;
+no option of Celery's comes near (``idempotency`` alone is 0.85)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_name_problem(name: str) -> str | None:
+    """Why ``name`` is refused as a call option (a hint), or None if it is not ours.
+
+    Cached: the same few option names come back on every publish.
+    """
+    if name in _CALL_NAMES:
+        return None
+    lowered = name.lower()
+    if not lowered.startswith("idem") and not difflib.get_close_matches(
+        lowered, _OURS, n=1, cutoff=_LOOKALIKE
+    ):
+        return None  # Celery's own options, routing options, the user's own
+    close: list[str] = []
+    if lowered.startswith("idem_"):  # compared without the shared prefix, as settings are
+        stem = difflib.get_close_matches(lowered[5:], [c[5:] for c in _CALL_ORDERED], n=1)
+        close = ["idem_" + stem[0]] if stem else []
+    close = close or difflib.get_close_matches(lowered, CALL_OPTIONS, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    close = difflib.get_close_matches(lowered, SETTINGS, n=1)
+    if close:
+        return f"did you mean {close[0]!r}? (set on the task or the app: it is not per call)"
+    return f"celery-idem's call options: {', '.join(CALL_OPTIONS)}."
+
+
+def check_call_names(options: Mapping[str, Any], *, task_name: str | None = None) -> None:
+    """Refuse a call option that looks like one of celery-idem's but is not one.
+
+    ``apply_async`` hands every option it does not know to Celery, which ignores what
+    it does not know either, so ``idempotancy_key=K`` used to be dropped and the key
+    derived from the arguments instead. A name that starts with ``idem`` (any case), or
+    comes close to one of ours (``indempotency_key``), is refused with the nearest valid
+    name; Celery's own options and every other name are left alone.
+
+    Raises:
+        IdempotencyConfigError: A misspelt option, or a setting that cannot be set per
+            call.
+    """
+    for name, value in options.items():
+        if not isinstance(name, str) or name in _CALL_NAMES:
+            continue
+        if name in _FIELDS:
+            raise _not_per_call(name, value, task_name)
+        hint = _call_name_problem(name)
+        if hint is not None:
+            raise IdempotencyConfigError(
+                f"{name} from {_CALL} is not a celery-idem call option "
+                f"(value {short_repr(value)}); {hint}",
+                None,
+                task_name,
+            )
 
 
 def _check_app_names(app_conf: Mapping[str, Any], task_name: str | None) -> None:
@@ -404,14 +491,7 @@ def with_call_overrides(
         if key not in CALL_SETTINGS:
             if isinstance(key, str) and key.startswith("idem_"):
                 if key in _FIELDS:
-                    layers = "the task or the app" if _ROWS[key].per_app else "the task"
-                    raise IdempotencyConfigError(
-                        f"{key} cannot be set per call; set it on {layers} "
-                        f"(call option value {short_repr(raw)}; per-call settings: "
-                        f"{', '.join(_CALL_ORDERED)}).",
-                        None,
-                        task_name,
-                    )
+                    raise _not_per_call(key, raw, task_name)
                 raise _unknown_name(
                     key,
                     raw,

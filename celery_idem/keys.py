@@ -105,7 +105,9 @@ def _short_repr(value: object) -> str:
     return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + "..."
 
 
-def validate_key(value: object, *, task_name: str, source: KeySource) -> str:
+def validate_key(
+    value: object, *, task_name: str, source: KeySource, origin: str | None = None
+) -> str:
     """Check a key given by a user (call site or rule) and return it as a plain str.
 
     Only the type and length are checked: the key is hashed before it reaches the
@@ -116,30 +118,34 @@ def validate_key(value: object, *, task_name: str, source: KeySource) -> str:
         value: The candidate key.
         task_name: Task concerned, for the error message.
         source: Where the key came from, for the error message.
+        origin: Says where the key came from more precisely than ``source`` does
+            (``"from the message header 'idempotency_key'"`` on a worker), for the
+            error message.
 
     Returns:
         The key (an exact ``str``, even if a ``str`` subclass was given).
 
     Raises:
         InvalidIdempotencyKey: Not a str, empty, or longer than
-            :data:`MAX_KEY_LENGTH`.
+            :data:`MAX_KEY_LENGTH`. Its ``.key`` is ``value`` as given.
     """
-    where = f"idempotency key for task '{task_name}' ({_SOURCE_TEXT[source]})"
+    where = f"idempotency key for task '{task_name}' ({origin or _SOURCE_TEXT[source]})"
+    given = value
     if type(value) is not str:
         if not isinstance(value, str):
             raise InvalidIdempotencyKey(
                 f"{where} must be a str, got {type_name(type(value))} {_short_repr(value)}",
-                _short_repr(value),
+                given,
                 task_name,
             )
         value = str.__str__(value)
     if not value:
-        raise InvalidIdempotencyKey(f"{where} must not be empty", "''", task_name)
+        raise InvalidIdempotencyKey(f"{where} must not be empty", given, task_name)
     if len(value) > MAX_KEY_LENGTH:
         raise InvalidIdempotencyKey(
             f"{where} is {len(value)} characters long, over the limit of {MAX_KEY_LENGTH}; "
             "pass a hash of it instead, e.g. hashlib.sha256(key.encode()).hexdigest()",
-            _short_repr(value),
+            given,
             task_name,
         )
     return value
@@ -465,6 +471,8 @@ class KeyRule:
         kwargs: Mapping[str, Any],
         explicit: object | None = None,
         fingerprint: FingerprintSetting | None = None,
+        *,
+        origin: str | None = None,
     ) -> ResolvedKey:
         """Return the key of one execution and the fingerprint of its arguments.
 
@@ -485,6 +493,8 @@ class KeyRule:
             explicit: Key given at the call site, if any.
             fingerprint: This call's ``idem_fingerprint`` if it differs from the
                 task's (``None``: the task's).
+            origin: Where ``explicit`` came from, when more precise than "the call
+                site" (a worker reads it from a message header), for error messages.
 
         Returns:
             The resolved key.
@@ -500,7 +510,9 @@ class KeyRule:
         coverage = self.coverage if fingerprint is None else self.coverage_for(fingerprint)
         arguments = self._arguments(args, kwargs)
         if explicit is not None:
-            key = validate_key(explicit, task_name=self.task_name, source=KeySource.CALL)
+            key = validate_key(
+                explicit, task_name=self.task_name, source=KeySource.CALL, origin=origin
+            )
             return ResolvedKey(key, self._fingerprint(coverage, arguments), KeySource.CALL)
         if self._template is None and self._rule is None:
             data = coverage.encode(arguments, lenient=False).encode("utf-8", "surrogatepass")

@@ -293,6 +293,14 @@ TABLE: tuple[Setting, ...] = (
         doc="Look the key up before publishing.",
     ),
     Setting(
+        "idem_require_key",
+        default=False,
+        check=check_bool,
+        expected="True or False",
+        per_call=False,
+        doc="Refuse calls and messages that carry no explicit idempotency key.",
+    ),
+    Setting(
         "idem_max_takeovers",
         default=5,
         check=check_min_replicas,

@@ -11,7 +11,9 @@ Every signal is sent with ``sender`` the task instance and these keyword argumen
   ``policy`` — another run holds the key; this message waits, retries or raises.
 - ``lease_lost``: ``key``, ``task_id``, ``fence``, ``stage`` (``"renew"`` or
   ``"complete"``) — another attempt took the key over; this run's outcome is not stored.
-- ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed.
+- ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed;
+  ``exc`` names the task and the key (``.key``, ``.task_name``), the store's own error
+  is its ``__cause__``.
 - ``result_not_stored``: ``key``, ``task_id``, ``reason`` — the body ran but its result
   could not be kept; duplicates will get :class:`~celery_idem.ResultNotStored`.
 - ``quarantined``: ``key``, ``task_id``, ``takeovers``, ``fence`` — the key was taken

@@ -117,12 +117,15 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     idem_max_result_bytes: ClassVar[int | None] = None
     #: Look the key up before publishing.
     idem_dedupe_on_publish: ClassVar[bool | None] = None
+    #: Refuse calls and messages that carry no explicit idempotency key.
+    idem_require_key: ClassVar[bool | None] = None
     #: Takeovers of one key, without a completion, before the key is quarantined.
     idem_max_takeovers: ClassVar[int | None] = None
 
     _idem_key_rule: ClassVar[str | Callable[..., Any] | None] = None
     _idem_spec_cache: Spec | None = None
     _idem_settings_cache: tuple[int, IdemSettings] | None = None
+    _idem_rule_cache: tuple[int, KeyRule] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery's decorator turns task options into class attributes, which would hide
@@ -161,10 +164,14 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ) -> Any:
         """Send the task; ``idempotency_key=...`` and ``idem_*=...`` travel as headers.
 
-        With ``idem_dedupe_on_publish``, a key that is completed or in progress is not
-        sent again: the caller gets the AsyncResult of the task that holds it.
+        Checked before anything is sent (``publish.prepare_call``): the key, the
+        ``idem_*`` values, option names that look like ours but are misspelt, our
+        options passed as task keyword arguments, the task's key rule and
+        ``idem_require_key``. With ``idem_dedupe_on_publish``, a key that is completed
+        or in progress is not sent again: the caller gets the AsyncResult of the task
+        that holds it.
         """
-        publish.move_call_options(self, options)
+        publish.prepare_call(self, kwargs, options)
         if (
             self.idem_settings().dedupe_on_publish
             and not self.app.conf.task_always_eager
@@ -180,8 +187,11 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         )
 
     def apply(self, args: Sequence[Any] | None = None, kwargs: Any = None, **options: Any) -> Any:
-        """Run eagerly, under the same protocol; ``idempotency_key=...`` is honoured."""
-        publish.move_call_options(self, options)
+        """Run eagerly, under the same protocol; ``idempotency_key=...`` is honoured.
+
+        The call is checked as ``apply_async`` checks it.
+        """
+        publish.prepare_call(self, kwargs, options)
         publish.with_eager_group_position(options)
         return super().apply(args, kwargs, **options)
 
@@ -220,6 +230,25 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self._idem_settings_cache = (spec.generation(), settings)
         return settings
 
+    def idem_key_rule(self) -> KeyRule:
+        """The task's key rule and fingerprint coverage, checked once per process (cached).
+
+        Needs no store either: a publisher checks the rule on its first publish, so a
+        rule that cannot fit the task (``"{nope}"``) fails there, not on a worker.
+        """
+        cached = self._idem_rule_cache
+        if cached is not None and cached[0] == spec.generation():
+            return cached[1]
+        rule = KeyRule(
+            self.name,
+            self.run,
+            type(self)._idem_key_rule,
+            self.idem_settings().fingerprint,
+            fingerprint_from_app="idem_fingerprint" not in task_options(type(self)),
+        )
+        self._idem_rule_cache = (spec.generation(), rule)
+        return rule
+
     def idem_spec(self) -> Spec:
         """Settings, key rule, store and codec of this task in this process (cached)."""
         cached = self._idem_spec_cache
@@ -240,17 +269,10 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # No client at all (a Cluster with no node answering): each operation is an
             # outage under idem_on_store_error, and the next message tries again.
             store = UnreachableStore(exc)
-        rule = KeyRule(
-            self.name,
-            self.run,
-            type(self)._idem_key_rule,
-            settings.fingerprint,
-            fingerprint_from_app="idem_fingerprint" not in task_options(type(self)),
-        )
         built = Spec(
             max_defer=float(visibility) / 2 if visibility else float("inf"),
             settings=settings,
-            rule=rule,
+            rule=self.idem_key_rule(),
             scope=settings.scope_of(self.name),
             store=store,
             serializer=conf.result_serializer,

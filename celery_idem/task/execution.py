@@ -33,6 +33,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyError,
     IdempotencyKeyMismatch,
+    InvalidIdempotencyKey,
     KeyQuarantined,
     ReplicasNotReached,
     ResultNotStored,
@@ -52,6 +53,7 @@ from celery_idem.task.headers import (
     DEFERRALS,
     GROUP_INDEX,
     HEADER,
+    HEADER_ORIGIN,
     RETRY_KEY,
     deferrals,
     message_headers,
@@ -135,8 +137,19 @@ class Execution:
             # anything is derived: the retry's arguments may differ or have no
             # canonical encoding, and its record keeps the original fingerprint.
             return retry_key, ""
+        explicit = headers.get(HEADER)
+        if explicit is None and self.settings.require_key:
+            raise InvalidIdempotencyKey(
+                f"task {self.task.name!r} requires an explicit idempotency key "
+                f"(idem_require_key) and this message carries none in its {HEADER!r} header "
+                f"(celery-idem's call site refuses such a call, so a producer that does not "
+                f"check keys sent it, such as app.send_task): send "
+                f"headers={{{HEADER!r}: K}}; nothing was run",
+                None,
+                self.task.name,
+            )
         resolved = self.spec.rule.resolve(
-            self.args, self.kwargs, headers.get(HEADER), self.settings.fingerprint
+            self.args, self.kwargs, explicit, self.settings.fingerprint, origin=HEADER_ORIGIN
         )
         if resolved.source is KeySource.ARGS:
             return resolved.key, ""  # the key is the arguments: nothing else to check
@@ -165,9 +178,14 @@ class Execution:
         """An error of ``kind`` saying ``task 'NAME' key 'KEY'`` and then ``what``."""
         return self.error(kind, f"task {self.task.name!r} key {self.key!r} {what}")
 
-    def claim_error(self, kind: type[IdempotencyError], cause: Exception) -> IdempotencyError:
-        """An error of ``kind``: this execution could not claim its key, because of ``cause``."""
-        message = f"task {self.task.name!r} could not claim key {self.key!r}: {cause}"
+    def stage_error(
+        self, kind: type[IdempotencyError], stage: str, cause: Exception
+    ) -> IdempotencyError:
+        """An error of ``kind``: this execution could not ``stage`` its key (``cause``).
+
+        ``cause`` is the store's error, which names only the hashed record.
+        """
+        message = f"task {self.task.name!r} could not {stage} key {self.key!r}: {cause}"
         return self.error(kind, message)
 
     def set_fence(self, fence: int) -> None:
@@ -216,7 +234,7 @@ class Execution:
                 self.store_down(exc)
                 return None
             except IdempotencyError as exc:  # refused for good (a damaged record)
-                raise self.claim_error(IdempotencyError, exc) from exc
+                raise self.stage_error(IdempotencyError, "claim", exc) from exc
             if (
                 outcome.state is not ClaimState.IN_PROGRESS
                 or settings.on_in_progress is not InProgressPolicy.WAIT
@@ -242,7 +260,7 @@ class Execution:
             policy = StoreErrorPolicy.RETRY
         # The store names only its hashed record; the caller needs the task and key.
         kind = ReplicasNotReached if not_durable else StoreUnavailable
-        exc = self.claim_error(kind, cause)
+        exc = self.stage_error(kind, "claim", cause)
         exc.__cause__ = cause
         self.signal(signals.store_error, exc=exc, stage="claim", policy=policy)
         if policy is StoreErrorPolicy.RUN:
@@ -466,9 +484,15 @@ class Execution:
         self.signal(signals.lease_lost, fence=self.fence, stage=stage)
 
     def store_failed(self, exc: IdempotencyError, stage: str) -> None:
-        """A write after the body failed: the task's own outcome wins; tell (log, signal)."""
+        """A write after the body failed: the task's own outcome wins; tell (log, signal).
+
+        The store's error names only the hashed record; the signal's receivers get one
+        of the same type naming this execution's key and task, caused by it.
+        """
         self.log.error("could not %s the record: %s", stage, exc)
-        self.signal(signals.store_error, exc=exc, stage=stage, policy=None)
+        error = self.stage_error(type(exc), stage, exc)
+        error.__cause__ = exc
+        self.signal(signals.store_error, exc=error, stage=stage, policy=None)
 
     def park(self, exc: Retry) -> None:
         """Hold the key for this task id's own retry (``self.retry()``/``autoretry_for``)."""

@@ -10,18 +10,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from celery_idem.config import KEY_OPTION
+
 __all__ = [
     "DEFERRALS",
     "GROUP_INDEX",
     "HANDOVER",
     "HEADER",
+    "HEADER_ORIGIN",
     "RETRY_KEY",
     "deferrals",
     "message_headers",
 ]
 
-HEADER = "idempotency_key"
+HEADER = KEY_OPTION
 """The message header (and call-site option) that carries an explicit key."""
+HEADER_ORIGIN = (
+    f"from the message header {HEADER!r} of a producer that does not check keys, such as "
+    "app.send_task(..., headers=...)"
+)
+"""Where a worker says a bad explicit key came from: celery-idem's own call site
+(``apply_async``, ``.set()``, ``apply``) refuses one before sending, so a bad key that
+reaches a worker was put in the header by another producer."""
 DEFERRALS = "idem-deferrals"
 """Counts the deferrals of one message (store outages, running duplicates), for backoff."""
 RETRY_KEY = "idem-retry-key"

@@ -67,6 +67,9 @@ class IdemTask(Protocol):
     def idem_settings(self) -> IdemSettings:
         """The task's resolved settings."""
 
+    def idem_key_rule(self) -> KeyRule:
+        """The task's key rule, checked against its signature (cached)."""
+
     def idem_spec(self) -> Spec:
         """The task's :class:`Spec` in this process."""
 

@@ -78,6 +78,15 @@ def deduped(self: IdempotentTask, name: str, pause: float = 0.0) -> dict[str, An
     return {"name": name, "task_id": self.request.id}
 
 
+@app.task(base=IdempotentTask, bind=True, name="t.keyed", idem_require_key=True, max_retries=3)
+def keyed(self: IdempotentTask, name: str, retry: bool = False) -> dict[str, Any]:
+    """Needs an explicit key (``idem_require_key``); retries its first run when asked."""
+    n = effect(name, key=self.idempotency_key, retries=self.request.retries)
+    if retry and n == 1:
+        raise self.retry(countdown=0)
+    return {"name": name, "key": self.idempotency_key, "retries": self.request.retries}
+
+
 @app.task(
     base=IdempotentTask, bind=True, name="t.send_email", idempotency_key="{user_id}:{template}"
 )

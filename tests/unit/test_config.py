@@ -89,6 +89,7 @@ def test_settings_table() -> None:
         "idem_cache_errors",
         "idem_max_result_bytes",
         "idem_dedupe_on_publish",
+        "idem_require_key",
         "idem_max_takeovers",
     )
     assert set(DEFAULTS) == set(SETTINGS)

@@ -332,6 +332,8 @@ def test_invalid_explicit_key_raises_at_the_call_site_before_running(
     with pytest.raises(InvalidIdempotencyKey) as info:
         getattr(guarded, call)((1,), idempotency_key=bad)
     assert info.value.task_name == guarded.name
+    assert info.value.key == bad  # as given, not its repr
+    assert "(from the call site)" in str(info.value)
     assert runs == []
 
 
@@ -360,9 +362,8 @@ def test_task_option_typo_fails_at_first_use_naming_it(env: Env) -> None:
         runs.append(x)
         return x
 
-    result = typo.apply((1,), idempotency_key="K-typo")
-    with pytest.raises(IdempotencyConfigError) as info:
-        result.get()
+    with pytest.raises(IdempotencyConfigError) as info:  # at the call, as apply_async does
+        typo.apply((1,), idempotency_key="K-typo")
     assert "idem_tll" in str(info.value)
     assert "idem_ttl" in str(info.value)  # the suggestion
     assert info.value.task_name == typo.name

@@ -470,6 +470,7 @@ def test_callable_rule_returning_non_str_is_invalid() -> None:
     with pytest.raises(InvalidIdempotencyKey, match="must be a str, got int 5") as info:
         rule.resolve((5, "t"), {})
     assert "from the task's idempotency_key rule" in str(info.value)
+    assert info.value.key == 5  # what the rule returned, as it returned it
 
 
 def test_callable_rule_raising_is_wrapped_with_its_cause() -> None:
@@ -570,8 +571,8 @@ def test_validate_key_rejects(value: object, match: str) -> None:
     with pytest.raises(InvalidIdempotencyKey, match=match) as info:
         validate_key(value, task_name=TASK, source=KeySource.CALL)
     assert info.value.task_name == TASK
-    assert info.value.key is not None
-    assert len(info.value.key) <= 83
+    assert info.value.key is value  # as given: not its repr, not a str made of it
+    assert info.value.args == (str(info.value), value, TASK)
 
 
 def test_validate_key_message_names_task_and_source() -> None:
@@ -583,10 +584,26 @@ def test_validate_key_message_names_task_and_source() -> None:
     )
 
 
-def test_validate_key_truncates_the_key_it_carries() -> None:
+def test_validate_key_carries_a_long_key_whole_but_shows_it_bounded() -> None:
     with pytest.raises(InvalidIdempotencyKey, match="hash") as info:
         validate_key("k" * 5000, task_name=TASK, source=KeySource.CALL)
-    assert info.value.key == repr("k" * 5000)[:80] + "..."
+    assert info.value.key == "k" * 5000
+    # Celery logs a failure with repr(exc): a payload passed as a key stays out of it.
+    assert len(repr(info.value)) < 400
+    assert repr("k" * 5000)[:80] + "..." in repr(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_validate_key_says_where_the_key_came_from_when_told() -> None:
+    origin = "from the message header 'idempotency_key' of another producer"
+    with pytest.raises(InvalidIdempotencyKey) as info:
+        validate_key("", task_name="x.y", source=KeySource.CALL, origin=origin)
+    assert str(info.value) == f"idempotency key for task 'x.y' ({origin}) must not be empty"
+    with pytest.raises(InvalidIdempotencyKey, match=r"\(from the call site\)"):
+        validate_key("", task_name="x.y", source=KeySource.CALL)
+    with pytest.raises(InvalidIdempotencyKey, match=origin) as info:
+        KeyRule(TASK, charge, None).resolve((1,), {}, explicit=5, origin=origin)
+    assert info.value.key == 5
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from celery_idem import (
     signals,
 )
 from celery_idem.store import ClaimRequest, ClaimState
-from celery_idem.task import invalidate_settings
+from celery_idem.task import execution, invalidate_settings
 from devtools.processes import free_port, wait_for
 from tests.unit.conftest import Env, make_app
 
@@ -390,3 +390,43 @@ def test_store_error_with_policy_run_runs_the_body_and_warns(
     assert len(lines) == 1
     assert lines[0].levelno == logging.WARNING
     assert_names_run(lines[0], available, result.id, "K-run")
+
+
+@pytest.mark.parametrize("stage", ["complete", "release"])
+def test_store_error_after_the_body_names_the_users_key_and_the_task(
+    env: Env, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """Issue #14 item 15: it used to carry the storage name of the record and no task."""
+    monkeypatch.setattr(execution, "COMPLETE_RETRIES", (0.0, 0.0, 0.0))
+
+    @env.task()
+    def flaky_store(x: int) -> int:
+        if stage == "release":
+            raise ValueError("the body failed")
+        return x
+
+    store = flaky_store.idem_spec().store
+    cause = StoreUnavailable("Redis went away (record 'idem:abc:def')", key="idem:abc:def")
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise cause
+
+    monkeypatch.setattr(store, stage, down)
+    with received(signals.store_error) as calls:
+        result = flaky_store.apply((1,), idempotency_key="K-after")
+        if stage == "release":
+            with pytest.raises(ValueError, match="the body failed"):  # the task's own error wins
+                result.get()
+        else:
+            assert result.get() == 1
+
+    assert calls
+    call = calls[-1]
+    assert call["stage"] == stage
+    assert call["key"] == "K-after"
+    exc = call["exc"]
+    assert isinstance(exc, StoreUnavailable)
+    assert exc.key == "K-after"
+    assert exc.task_name == flaky_store.name
+    assert f"task {flaky_store.name!r} could not {stage} key 'K-after'" in str(exc)
+    assert exc.__cause__ is cause
