@@ -141,19 +141,42 @@ def _idempotent_tasks(app: Any) -> dict[str, Any]:
     }
 
 
+_CLOSE = 0.7
+"""How similar (difflib's ratio, 0 to 1) a registered name must be to be suggested."""
+
+
+def _similarity(name: str, candidate: str) -> float:
+    """How close two lower-cased task names are, from 0 to 1 (difflib's ratio).
+
+    The dotted parts both start with are left out first, so that tasks of one module
+    are not all alike for sharing it (``cli.ad`` is close to ``cli.add``, not to
+    ``cli.send``); the last dotted parts alone are compared too, for a name given
+    without its module.
+    """
+    ours, theirs = name.split("."), candidate.split(".")
+    common = 0
+    while common < min(len(ours), len(theirs)) - 1 and ours[common] == theirs[common]:
+        common += 1
+    rest = difflib.SequenceMatcher(None, ".".join(ours[common:]), ".".join(theirs[common:]))
+    tails = difflib.SequenceMatcher(None, ours[-1], theirs[-1])
+    return max(rest.ratio(), tails.ratio())
+
+
 def close_names(name: str, names: Iterable[str], *, limit: int = 3) -> list[str]:
     """The names closest to a mistyped ``name``, best first (at most ``limit``).
 
     Names whose last dotted part is ``name``'s come first (``send_welcome_email`` for
-    ``shop.tasks.send_welcome_email``), then :func:`difflib.get_close_matches`, ignoring
-    case.
+    ``shop.tasks.send_welcome_email``), then those at least :data:`_CLOSE` similar, ignoring case.
     """
-    candidates = [n for n in names if n != name]
-    tail = name.rsplit(".", 1)[-1].lower()
-    same_tail = [n for n in candidates if n.rsplit(".", 1)[-1].lower() == tail]
-    by_lower = {n.lower(): n for n in candidates}
-    similar = difflib.get_close_matches(name.lower(), list(by_lower), n=limit, cutoff=0.6)
-    return list(dict.fromkeys([*same_tail, *(by_lower[n] for n in similar)]))[:limit]
+    wanted = name.lower()
+    scored = sorted(
+        ((_similarity(wanted, n.lower()), n) for n in names if n != name),
+        key=lambda pair: -pair[0],
+    )
+    tail = wanted.rsplit(".", 1)[-1]
+    same_tail = [n for _, n in scored if n.lower().rsplit(".", 1)[-1] == tail]
+    similar = [n for score, n in scored if score >= _CLOSE]
+    return list(dict.fromkeys([*same_tail, *similar]))[:limit]
 
 
 def _did_you_mean(name: str, names: Iterable[str]) -> str:
@@ -164,6 +187,20 @@ def _did_you_mean(name: str, names: Iterable[str]) -> str:
     quoted = [repr(n) for n in close]
     listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
     return f" (did you mean {listed}?)"
+
+
+def _unregistered_hint(task_name: str, tasks: Mapping[str, Any]) -> str:
+    """Which tasks keep ``task_name`` as their ``idem_scope`` (a former name), else a typo hint."""
+    keepers = []
+    for name, task in tasks.items():
+        try:
+            if name != task_name and task.idem_settings().scope_of(name) == task_name:
+                keepers.append(repr(name))
+        except IdempotencyError:
+            continue  # resolve() says why, once
+    if keepers:
+        return f" (it is the idem_scope of {', '.join(keepers)}: the same records)"
+    return _did_you_mean(task_name, tasks)
 
 
 def _not_idempotent(task_name: str, tasks: Mapping[str, Any]) -> click.UsageError:
@@ -220,7 +257,7 @@ def resolve(app: Any, task_name: str | None) -> Target:
         else:
             click.echo(
                 f"note: task {task_name!r} is not registered in app {app.main!r}"
-                f"{_did_you_mean(task_name, tasks)}; using the app's settings",
+                f"{_unregistered_hint(task_name, tasks)}; using the app's settings",
                 err=True,
             )
             settings = resolve_settings(app.conf)

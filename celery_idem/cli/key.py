@@ -24,6 +24,7 @@ from celery_idem.keys import KeyRule, KeySource, validate_key
 from celery_idem.task import IdempotentTask
 from celery_idem.task.execution import Execution
 from celery_idem.task.headers import HEADER, RETRY_KEY
+from celery_idem.task.spec import Spec
 
 __all__ = ["key_command"]
 
@@ -63,6 +64,7 @@ def _parameters(rule: KeyRule) -> str:
 
 def _execution(
     task: IdempotentTask,
+    spec: Spec,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     explicit: str | None,
@@ -82,7 +84,7 @@ def _execution(
     else:
         headers = {}
     request = Context(id=f"celery-idem-key-{uuid.uuid4()}", headers=headers, group_index=None)
-    return Execution(task, task.idem_spec(), request, args, kwargs)
+    return Execution(task, spec, request, args, kwargs)
 
 
 @click.command("key", short_help="Print the key and storage key a call of TASK would use.")
@@ -133,33 +135,44 @@ def key_command(
 
     TASK must be an idempotent task of the app: an unknown name is a usage error
     that names the closest registered tasks; so are arguments that do not fit the
-    task's signature, and --args or --kwargs that are not JSON (exit status 2).
+    task's signature, --args or --kwargs that are not JSON, and a missing --key for a
+    task with idem_require_key (exit status 2).
 
     --json prints an object: task, key, storage_key, source (call, rule or args),
     rule (the template, the callable's name, or null), fingerprint (what the record
-    keeps to refuse the key with other arguments; null when the key is derived from
-    them), prefix, store.
+    keeps to refuse the key with other arguments; null when none is checked: the key
+    is derived from them, or idem_fingerprint is False), scope (the task's
+    idem_scope, else its name: the storage key hashes it), prefix, store.
     """
     app = app_of(ctx)
     task = idempotent_task(app, task_name)
     args = _json_value("'--args'", args_json, list, "'[42, 100]'")
     kwargs = _json_value("'--kwargs'", kwargs_json, dict, "'{\"amount\": 100}'")
     with_arguments = args_json is not None or kwargs_json is not None
+    try:
+        spec = task.idem_spec()
+    except IdempotencyError as exc:  # invalid settings, a broken rule, no store URL
+        raise CliError(str(exc)) from exc
+    if explicit is None and spec.settings.require_key:
+        raise click.UsageError(
+            f"task {task_name!r} requires an explicit idempotency key (idem_require_key): "
+            "every call names its own; pass it with --key KEY"
+        )
     if explicit is not None:
         try:
             validate_key(explicit, task_name=task_name, source=KeySource.CALL)
         except InvalidIdempotencyKey as exc:
             raise click.BadParameter(str(exc), param_hint="'--key'") from exc
+    rule = spec.rule
     try:
-        rule = task.idem_spec().rule
-        execution = _execution(task, args, kwargs, explicit, with_arguments=with_arguments)
+        execution = _execution(task, spec, args, kwargs, explicit, with_arguments=with_arguments)
     except InvalidIdempotencyKey as exc:  # before TypeError: UnencodableArgument is one
         raise click.UsageError(str(exc)) from exc
     except TypeError as exc:
         raise click.UsageError(
             f"the arguments do not fit the task's signature, {task_name}{_parameters(rule)}: {exc}"
         ) from exc
-    except IdempotencyError as exc:  # invalid settings, a broken rule, no store URL
+    except IdempotencyError as exc:
         raise CliError(str(exc)) from exc
     if explicit is not None:
         source = KeySource.CALL
@@ -174,6 +187,7 @@ def key_command(
         "source": source.value,
         "rule": _rule_text(rule.rule),
         "fingerprint": execution.fingerprint or None,
+        "scope": spec.scope,
         "prefix": settings.key_prefix,
         "store": endpoint.display if endpoint is not None else None,
     }
@@ -196,4 +210,6 @@ def key_command(
         ("fingerprint", view["fingerprint"] or "-"),
         ("store", view["store"] or "-"),
     ]
+    if view["scope"] != task_name:
+        pairs.insert(3, ("scope", f"{view['scope']} (idem_scope: the storage key hashes it)"))
     click.echo(render.fields(pairs))

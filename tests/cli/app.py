@@ -71,6 +71,12 @@ def send_email(user: int) -> str:
     return f"mail to {user}"
 
 
+@app.task(base=IdempotentTask, name="cli.refund", idem_require_key=True)
+def refund(order: int) -> int:
+    """Every call must name its own key (``idem_require_key``)."""
+    return order
+
+
 @app.task(name="cli.plain")
 def plain() -> None:
     """Not idempotent: keeps no records."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_idem.keys import storage_key
 from devtools.processes import free_port, wait_for
 from tests.cli.conftest import Cli
 from tests.integration.conftest import Worker, with_db
@@ -46,6 +47,7 @@ CALLS = {
     "callable": Call("cli.welcome", (3,), {"locale": "fr"}),
     "explicit": Call("cli.add", (5, 6), key="evt_1"),
     "own prefix": Call("cli.archive", ("a",)),
+    "renamed": Call("cli.mail.send_email", (7,)),  # idem_scope: its former name
 }
 SOURCES = {
     "derived": "args",
@@ -53,6 +55,7 @@ SOURCES = {
     "callable": "rule",
     "explicit": "call",
     "own prefix": "args",
+    "renamed": "args",
 }
 
 
@@ -63,7 +66,7 @@ def _store_keys(cli: Cli) -> set[str]:
 def test_key_names_the_record_each_kind_of_eager_run_writes(cli: Cli, cli_app: ModuleType) -> None:
     runs = {}
     for name, call in CALLS.items():
-        task = getattr(cli_app, call.task.removeprefix("cli."))
+        task = cli_app.app.tasks[call.task]
         runs[name] = task.apply(call.args, call.kwargs, idempotency_key=call.key)
     printed = {name: cli.json("key", *call.options()) for name, call in CALLS.items()}
 
@@ -90,6 +93,10 @@ def test_key_names_the_record_each_kind_of_eager_run_writes(cli: Cli, cli_app: M
     assert printed["own prefix"]["storage_key"].startswith(cli_app.ARCHIVE_PREFIX + ":")
     assert printed["derived"]["prefix"] == "idem"
     assert printed["derived"]["store"] == cli.url
+    assert printed["derived"]["scope"] == "cli.add"
+    renamed = printed["renamed"]
+    assert renamed["scope"] == "cli.send_email"
+    assert renamed["storage_key"] == storage_key("idem", "cli.send_email", renamed["key"])
 
 
 def test_key_binds_arguments_as_the_worker_does(cli: Cli) -> None:
@@ -137,6 +144,25 @@ def test_key_prints_fields_for_people(cli: Cli, via: str) -> None:
     help_text = cli.run("key", "--help", via=via)
     assert help_text.returncode == 0
     assert "exactly as a worker computes it" in " ".join(help_text.stdout.split())
+
+
+def test_key_shows_a_scope_other_than_the_task_name(cli: Cli) -> None:
+    done = cli.run("key", "cli.mail.send_email", "--key", "welcome-7")
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^scope:\s+cli.send_email \(idem_scope: the storage key hashes it\)$", done.stdout, re.M
+    )
+    plain = cli.run("key", "cli.add", "--key", "k")
+    assert not re.search(r"^scope:", plain.stdout, re.M)
+
+
+def test_key_of_a_task_that_requires_a_key_needs_key(cli: Cli) -> None:
+    done = cli.run("key", "cli.refund", "--args", "[1]")
+    assert done.returncode == 2
+    assert "requires an explicit idempotency key (idem_require_key)" in done.stderr
+    assert "pass it with --key KEY" in done.stderr
+    view = cli.json("key", "cli.refund", "--args", "[1]", "--key", "refund-1")
+    assert (view["key"], view["source"]) == ("refund-1", "call")
 
 
 def test_key_needs_no_redis(cli: Cli) -> None:
