@@ -11,7 +11,8 @@
 -- script treat it as absent. A record whose fence is behind the clock is deleted.
 --
 -- KEYS[1]  the record (format: record.lua)
--- ARGV[1]  the fence the operator saw ('' = do not compare)
+-- ARGV[1]  the fence the operator saw ('' = do not compare; '0' = the operator saw a
+--          key that is not a record: no record has fence 0, so any record is kept)
 -- ARGV[2]  '1' = force: forget even while a live attempt or a parked retry holds the
 --          key (deadline not passed), or delete a key that is not a celery-idem record
 -- Returns {code, fence} (fence 0 when unknown), code one of
