@@ -11,7 +11,8 @@
 #   make bench-topologies  per-key cost on standalone, Sentinel and Cluster
 #   make bench-lag how soon a waiting duplicate is answered after its holder completes
 #   make demo      run example_project.demo
-#   make docs      build the documentation site into build/site (mkdocs --strict)
+#   make docs      build the documentation site into build/site (mkdocs --strict), then
+#                  check in headless Chromium that its diagrams render (needs npm)
 #   make chaos     the chaos soak: 3 min of overlapping faults over a mixed workload, then
 #                  the checker (CHAOS_SECONDS, CHAOS_SEED to replay); writes its section
 #                  of docs/reliability.md
@@ -130,15 +131,53 @@ $(DOCS_STAMP): docs/requirements.txt | $(STAMP)
 	$(BIN)/pip install -r docs/requirements.txt
 	touch $@
 
+# The site's JavaScript, pinned in docs/npm/package-lock.json: mermaid (11, the major
+# mkdocs-material's styles are written for), which docs/hooks/mermaid.py copies into the
+# site so that the diagrams need no CDN, and playwright-core for the check below.
+# `npm ci` in build/docs-npm (not under docs/, which MkDocs walks), again when the lock
+# changes; about 20 s the first time.
+DOCS_NPM := build/docs-npm
+DOCS_NPM_STAMP := $(DOCS_NPM)/.installed
+
+$(DOCS_NPM_STAMP): docs/npm/package.json docs/npm/package-lock.json
+	@command -v npm >/dev/null || { echo "docs: npm (Node 20+) is needed to install the site's pinned mermaid (docs/npm/)" >&2; exit 1; }
+	mkdir -p $(DOCS_NPM)
+	cp docs/npm/package.json docs/npm/package-lock.json $(DOCS_NPM)/
+	cd $(DOCS_NPM) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $@
+
+# The browser for the diagram check: CHROMIUM, else chromium on PATH. In CI (CI=true)
+# a missing one is installed with apt-get (CI runs as root); elsewhere the check is
+# skipped, loudly.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+
 # NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, not a build warning.
 # The greps: the protocol page's two diagrams reached the HTML as mermaid blocks (which
-# the theme renders in the browser), not as plain code.
-docs: $(STAMP) $(DOCS_STAMP)
+# the theme renders in the browser), not as plain code. Then docs/npm/check-diagrams.cjs
+# opens every page with a diagram in headless Chromium, from a server on 127.0.0.1 with
+# every other address refused, and fails unless each diagram became an SVG (a few s).
+docs: $(STAMP) $(DOCS_STAMP) $(DOCS_NPM_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_DIR)
 	@for diagram in sequenceDiagram stateDiagram-v2; do \
 	  grep -q "<pre class=\"mermaid\"><code>$$diagram" $(DOCS_DIR)/protocol/index.html \
 	    || { echo "docs: the $$diagram of docs/protocol.md is not a mermaid block in the site" >&2; exit 1; }; \
 	done
+	@chromium="$(CHROMIUM)"; \
+	if [ -z "$$chromium" ] && [ "$$CI" = true ]; then \
+	  echo "docs: no Chromium for the diagram check; CI: apt-get install -y chromium"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || exit 1; \
+	  chromium=$$(command -v chromium); \
+	fi; \
+	if [ -z "$$chromium" ]; then \
+	  echo "" >&2; \
+	  echo "docs: ************************************************************************" >&2; \
+	  echo "docs: SKIPPED the diagram check: no Chromium (apt-get install chromium, or set" >&2; \
+	  echo "docs: CHROMIUM=/path/to/chrome). The site is built, but nothing checked that its" >&2; \
+	  echo "docs: diagrams render. CI (CI=true) installs Chromium and never skips this." >&2; \
+	  echo "docs: ************************************************************************" >&2; \
+	else \
+	  NODE_PATH=$(DOCS_NPM)/node_modules node docs/npm/check-diagrams.cjs $(DOCS_DIR) "$$chromium"; \
+	fi
 
 # Celery's own unit tests for tasks, canvas, tracing, results and chords (t/unit/tasks
 # of the installed Celery's source release, downloaded once into build/celery-src) run

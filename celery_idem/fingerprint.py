@@ -83,8 +83,21 @@ def parse_paths(values: Iterable[object]) -> tuple[str, ...]:
 
 
 def callable_name(fn: Callable[..., Any]) -> str:
-    """How messages name a user's callable."""
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    """How messages name a user's callable: ``shop.tasks.welcome_key``.
+
+    A lambda gets its line (``shop.tasks.<lambda> (line 12)``); a callable without a
+    qualified name (an instance with ``__call__``, a partial) is named by its ``repr``.
+    """
+    name = getattr(fn, "__qualname__", None)
+    if not isinstance(name, str):
+        return repr(fn)
+    module = getattr(fn, "__module__", None)
+    if isinstance(module, str) and module != "builtins":
+        name = f"{module}.{name}"
+    code = getattr(fn, "__code__", None)
+    if name.endswith("<lambda>") and code is not None:
+        name += f" (line {code.co_firstlineno})"
+    return name
 
 
 def keyword_problem(fn: Callable[..., Any], names: Sequence[str], var_keyword: bool) -> str | None:

@@ -532,9 +532,9 @@ class KeyRule:
                 value = self._rule(**arguments)
         except Exception as exc:
             what = (
-                f"the idempotency_key template {self._template!r}"
-                if self._template is not None
-                else "the idempotency_key rule"
+                f"the idempotency_key rule {callable_name(self._rule)}"
+                if self._rule is not None
+                else f"the idempotency_key template {self._template!r}"
             )
             raise InvalidIdempotencyKey(
                 f"{what} of task '{self.task_name}' raised {type(exc).__name__}: {exc}",

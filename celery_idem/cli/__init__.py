@@ -11,13 +11,18 @@ adds every click command of that group to ``celery``), and also runnable as
     ``idem_ttl``. ``--storage-key`` takes a Redis key as ``list`` prints it.
 ``forget KEY --task NAME [--yes] [--force]``
     Deletes one record after confirmation; refused while an attempt holds the key
-    unless ``--force``; atomic, and only deletes the record that was shown.
+    unless ``--force``; atomic, and only deletes the record that was shown. A key
+    under the prefix that is not a record is deleted only with ``--force``; a key
+    outside the prefix never.
 ``list [--task NAME] [--state in_progress|completed|free] [--limit N]``
     Records found with ``SCAN`` (``MATCH`` on the prefix, or the task's tag), never
     ``KEYS``.
 ``stats [--task NAME]``
     Counts by task and state, memory (``MEMORY USAGE`` of a sample), the oldest claim
     in progress.
+``key TASK [--args JSON] [--kwargs JSON] [--key KEY]``
+    The idempotency key and storage key a call would use, computed by the worker's
+    own code (explicit, rule or derived), and the task's prefix and store; no Redis.
 ``doctor [--task NAME] [--strict]``
     Checks the store: reachable, version, scripts, eviction policy, persistence,
     topology, clock offset; each finding with a fix; exits 1 on a failure.
@@ -39,12 +44,15 @@ from typing import Any
 import click
 
 from celery_idem.cli.doctor import doctor_command
+from celery_idem.cli.key import key_command
 from celery_idem.cli.records import forget_command, inspect_command, list_command
 from celery_idem.cli.stats import stats_command
 
 __all__ = ["idem", "main"]
 
-_COMMANDS = (inspect_command, forget_command, list_command, stats_command, doctor_command)
+_COMMANDS = (
+    key_command, inspect_command, forget_command, list_command, stats_command, doctor_command,
+)  # fmt: skip
 
 _HELP = """Inspect and repair celery-idem records; check their store.
 
@@ -55,7 +63,8 @@ worker). Tables are for people; --json prints JSON for scripts.
 Records live in Redis under PREFIX:TAG:HASH: TAG is 6 characters of a hash of the
 task name, HASH a hash of task name and key. The idempotency key cannot be read
 back from Redis: `list` and `stats` show storage keys, which `inspect` and
-`forget` accept with --storage-key.
+`forget` accept with --storage-key; `key TASK --args JSON` prints the key and
+storage key a call would use.
 
 \b
 States of a record:

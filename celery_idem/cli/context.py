@@ -8,7 +8,8 @@ store talks to Redis; this module only builds it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ __all__ = [
     "NotFound",
     "Target",
     "app_of",
+    "close_names",
+    "idempotent_task",
     "json_option",
     "resolve",
     "store_errors",
@@ -138,6 +141,95 @@ def _idempotent_tasks(app: Any) -> dict[str, Any]:
     }
 
 
+_CLOSE = 0.7
+"""How similar (difflib's ratio, 0 to 1) a registered name must be to be suggested."""
+
+
+def _similarity(name: str, candidate: str) -> float:
+    """How close two lower-cased task names are, from 0 to 1 (difflib's ratio).
+
+    The dotted parts both start with are left out first, so that tasks of one module
+    are not all alike for sharing it (``cli.ad`` is close to ``cli.add``, not to
+    ``cli.send``); the last dotted parts alone are compared too, for a name given
+    without its module.
+    """
+    ours, theirs = name.split("."), candidate.split(".")
+    common = 0
+    while common < min(len(ours), len(theirs)) - 1 and ours[common] == theirs[common]:
+        common += 1
+    rest = difflib.SequenceMatcher(None, ".".join(ours[common:]), ".".join(theirs[common:]))
+    tails = difflib.SequenceMatcher(None, ours[-1], theirs[-1])
+    return max(rest.ratio(), tails.ratio())
+
+
+def close_names(name: str, names: Iterable[str], *, limit: int = 3) -> list[str]:
+    """The names closest to a mistyped ``name``, best first (at most ``limit``).
+
+    Names whose last dotted part is ``name``'s come first (``send_welcome_email`` for
+    ``shop.tasks.send_welcome_email``), then those at least :data:`_CLOSE` similar, ignoring case.
+    """
+    wanted = name.lower()
+    scored = sorted(
+        ((_similarity(wanted, n.lower()), n) for n in names if n != name),
+        key=lambda pair: -pair[0],
+    )
+    tail = wanted.rsplit(".", 1)[-1]
+    same_tail = [n for _, n in scored if n.lower().rsplit(".", 1)[-1] == tail]
+    similar = [n for score, n in scored if score >= _CLOSE]
+    return list(dict.fromkeys([*same_tail, *similar]))[:limit]
+
+
+def _did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'a' or 'b'?)``, or ``""`` when nothing is close."""
+    close = close_names(name, names)
+    if not close:
+        return ""
+    quoted = [repr(n) for n in close]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f" (did you mean {listed}?)"
+
+
+def _unregistered_hint(task_name: str, tasks: Mapping[str, Any]) -> str:
+    """Which tasks keep ``task_name`` as their ``idem_scope`` (a former name), else a typo hint."""
+    keepers = []
+    for name, task in tasks.items():
+        try:
+            if name != task_name and task.idem_settings().scope_of(name) == task_name:
+                keepers.append(repr(name))
+        except IdempotencyError:
+            continue  # resolve() says why, once
+    if keepers:
+        return f" (it is the idem_scope of {', '.join(keepers)}: the same records)"
+    return _did_you_mean(task_name, tasks)
+
+
+def _not_idempotent(task_name: str, tasks: Mapping[str, Any]) -> click.UsageError:
+    return click.UsageError(
+        f"task {task_name!r} is not an IdempotentTask: it keeps no records "
+        f"(idempotent tasks of this app: {', '.join(tasks) or 'none'})"
+    )
+
+
+def idempotent_task(app: Any, task_name: str) -> IdempotentTask:
+    """The app's idempotent task ``task_name``, which must be registered.
+
+    Raises:
+        click.UsageError: No task of that name (the message suggests the closest
+            idempotent tasks), or it is not an ``IdempotentTask``.
+        CliError: Importing the app's task modules failed.
+    """
+    tasks = _idempotent_tasks(app)
+    if task_name in tasks:
+        task: IdempotentTask = tasks[task_name]
+        return task
+    if task_name in app.tasks:
+        raise _not_idempotent(task_name, tasks)
+    raise click.UsageError(
+        f"task {task_name!r} is not registered in app {app.main!r}"
+        f"{_did_you_mean(task_name, tasks)}; its idempotent tasks: {', '.join(tasks) or 'none'}"
+    )
+
+
 def _where(settings: IdemSettings) -> tuple[object, str]:
     endpoint = settings.endpoint
     return (endpoint.location if endpoint else None), settings.key_prefix
@@ -147,7 +239,8 @@ def resolve(app: Any, task_name: str | None) -> Target:
     """Settings and store for ``task_name`` (or the app), and the app's task tags.
 
     An unregistered ``task_name`` (a task of another service) is allowed: the app's
-    settings are used and a note says so on stderr.
+    settings are used and a note says so on stderr, with the closest registered names
+    (a typo).
 
     Raises:
         CliError: The task is registered but not idempotent, a setting is invalid, or
@@ -160,14 +253,11 @@ def resolve(app: Any, task_name: str | None) -> Target:
         elif task_name in tasks:
             settings = tasks[task_name].idem_settings()
         elif task_name in app.tasks:
-            raise click.UsageError(
-                f"task {task_name!r} is not an IdempotentTask: it keeps no records "
-                f"(idempotent tasks of this app: {', '.join(tasks) or 'none'})"
-            )
+            raise _not_idempotent(task_name, tasks)
         else:
             click.echo(
-                f"note: task {task_name!r} is not registered in app {app.main!r}; "
-                "using the app's settings",
+                f"note: task {task_name!r} is not registered in app {app.main!r}"
+                f"{_unregistered_hint(task_name, tasks)}; using the app's settings",
                 err=True,
             )
             settings = resolve_settings(app.conf)

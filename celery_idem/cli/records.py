@@ -26,9 +26,9 @@ from celery_idem.cli.context import (
     task_option,
 )
 from celery_idem.cli.walk import Walk, count_option, scan_command
-from celery_idem.exceptions import InvalidIdempotencyKey
+from celery_idem.exceptions import IdempotencyError, InvalidIdempotencyKey, StoreUnavailable
 from celery_idem.keys import KeySource, storage_key, storage_task_tag, validate_key
-from celery_idem.store.base import ForgetResult, StoredRecord
+from celery_idem.store.base import NOT_A_RECORD_FENCE, ForgetResult, RecordSummary, StoredRecord
 from celery_idem.store.record import RecordState
 
 __all__ = ["forget_command", "inspect_command", "list_command"]
@@ -68,12 +68,39 @@ def _locate(
     return target, storage_key(target.prefix, target.scope, key), key, task_name
 
 
-def _read(target: Target, stored: str) -> StoredRecord | None:
+_FOREIGN = "another type, or a string that is not a record"
+"""What a key that holds something else than a celery-idem record may hold."""
+
+
+def _read(target: Target, stored: str) -> StoredRecord | RecordSummary | None:
+    """The record; None when absent; for a key holding something else, its summary.
+
+    A key of another type makes the read script fail (``WRONGTYPE``) and a string that
+    is not a record fails to decode: the summary script, which checks the type first,
+    then says whether it is foreign (state ``""``), with its expiry.
+    """
     with store_errors():
         try:
             return target.store.read(stored)
-        except (ValueError, IndexError) as exc:
-            raise CliError(f"{stored!r} does not hold a celery-idem record ({exc})") from exc
+        except StoreUnavailable:
+            raise
+        except (ValueError, IndexError, IdempotencyError) as exc:
+            summary = target.store.summarize([stored])[0]
+            if summary is not None and summary.state:  # a record after all: the error stands
+                if isinstance(exc, IdempotencyError):
+                    raise
+                raise CliError(f"{stored!r} does not hold a celery-idem record ({exc})") from exc
+            return summary
+
+
+def _foreign(stored: str, summary: RecordSummary, label: str, as_json: bool) -> CliError:
+    """``inspect`` of a key under which something else lives (exit status 1)."""
+    if as_json:
+        click.echo(render.to_json(views.summary_view(summary, label)))
+    return CliError(
+        f"{stored} does not hold a celery-idem record ({_FOREIGN}); `forget --storage-key "
+        "--force` deletes it"
+    )
 
 
 def _absent(stored: str, key: str | None, label: str, as_json: bool) -> NotFound:
@@ -144,6 +171,8 @@ def inspect_command(
     record = _read(target, stored)
     if record is None:
         raise _absent(stored, key_or_none, label, as_json)
+    if isinstance(record, RecordSummary):
+        raise _foreign(stored, record, label, as_json)
     limit = 0 if full else _PREVIEW
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=limit)
     click.echo(render.to_json(view) if as_json else render.fields(views.record_pairs(view)))
@@ -159,7 +188,8 @@ def inspect_command(
     is_flag=True,
     help="Delete the record even while an attempt holds it (in progress with a live lease, "
     "parked for a retry, or queued: reserved for a message not yet claimed): a duplicate "
-    "may then run the body concurrently.",
+    "may then run the body concurrently. Also delete a key under the prefix that is not a "
+    "celery-idem record.",
 )
 @json_option
 @click.pass_context
@@ -186,6 +216,11 @@ def forget_command(
     attempt claimed the key in the meantime, nothing is deleted (exit 1). Exit status
     3 when there is no record.
 
+    A key of the form PREFIX:TAG:HASH under the prefix that holds something else
+    (another type, or a string that is not a record) is kept unless --force; forced,
+    it is deleted only while it still is not a record. A key outside the prefix is
+    never deleted.
+
     --json prints {"forgotten": true, "record": <as inspect --json>}; the record and
     the question then go to stderr.
     """
@@ -193,6 +228,9 @@ def forget_command(
     record = _read(target, stored)
     if record is None:
         raise _absent(stored, key_or_none, label, as_json)
+    if isinstance(record, RecordSummary):
+        _forget_foreign(target, record, label=label, yes=yes, force=force, as_json=as_json)
+        return
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=_PREVIEW)
     held = record.state in _HOLDING and (record.lease_left or 0) > 0
     if held and not force:
@@ -240,6 +278,56 @@ def _holder(state: str) -> str:
     return "this attempt still runs"
 
 
+def _forget_foreign(
+    target: Target, summary: RecordSummary, *, label: str, yes: bool, force: bool, as_json: bool
+) -> None:
+    """``forget`` of a key that holds something else than a record: only forced, only ours.
+
+    Only a key named like a record under the prefix (``PREFIX:TAG:HASH``) is deleted,
+    and only while it still is not a record: the script compares the fence with
+    :data:`~celery_idem.store.base.NOT_A_RECORD_FENCE`, which no record has, so a
+    record written there since it was shown is kept.
+    """
+    stored = summary.key
+    if storage_task_tag(target.prefix, stored) is None:
+        raise CliError(
+            f"{stored} does not hold a celery-idem record ({_FOREIGN}) and is not a storage "
+            f"key under the prefix {target.prefix!r} (PREFIX:TAG:HASH): nothing deleted; "
+            "celery idem never deletes a key outside its prefix (with another task's "
+            "prefix, pass --task NAME)"
+        )
+    if not force:
+        raise CliError(
+            f"{stored} does not hold a celery-idem record ({_FOREIGN}): kept; --force deletes it"
+        )
+    view = views.summary_view(summary, label)
+    if not yes:
+        expires = render.duration(summary.ttl) if summary.ttl is not None else "never"
+        pairs = [
+            ("task", label),
+            ("storage key", stored),
+            ("store", target.url),
+            ("state", f"not_a_record ({_FOREIGN})"),
+            ("expires in", expires),
+        ]
+        click.echo(render.fields(pairs), err=as_json)
+        if not click.confirm("Delete this key?", default=False, err=True):
+            raise CliError("not confirmed: nothing deleted")
+    with store_errors():
+        outcome = target.store.forget_if(stored, fence=NOT_A_RECORD_FENCE, force=True)
+    if outcome is ForgetResult.ABSENT:
+        raise NotFound(f"{stored} expired or was deleted meanwhile")
+    if outcome is not ForgetResult.DELETED:  # CHANGED: a record was written there since
+        raise CliError(
+            f"{stored} holds a celery-idem record now (written after it was shown): "
+            "nothing deleted; inspect it again"
+        )
+    if as_json:
+        click.echo(render.to_json({"forgotten": True, "record": view}))
+    else:
+        click.echo(f"Deleted: {stored} (not a celery-idem record).")
+
+
 def _wanted(view: dict[str, Any], state: str | None) -> bool:
     return state is None or view["state"] == state
 
@@ -279,6 +367,11 @@ def list_command(
     stops once that many matched, so they are not the oldest of the whole store. A
     record that expires during the walk is skipped; one written during it may or may
     not be seen (SCAN's guarantee).
+
+    --json prints an object: store, prefix, task, state, records (a list, one object
+    per record: storage_key, task, state, substate, task_id, fence, claimed_at,
+    lease_left, expires_in, result_bytes, codec, takeovers), truncated (stopped at
+    --limit with more keys left) and scan_calls. `jq '.records[]'` walks the records.
     """
     walk = Walk(ctx, task_name, scan_count)
     found: list[dict[str, Any]] = []

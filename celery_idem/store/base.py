@@ -21,6 +21,7 @@ from typing import Protocol
 from celery_idem.store.record import ClaimState, RecordKind
 
 __all__ = [
+    "NOT_A_RECORD_FENCE",
     "ClaimOutcome",
     "ClaimRequest",
     "ClaimState",
@@ -203,6 +204,12 @@ class RecordSummary:
     takeovers: int = 0
 
 
+NOT_A_RECORD_FENCE = 0
+"""The fence to pass :meth:`StoreAdmin.forget_if` for a key that was shown as not a
+celery-idem record: no record has fence 0 (a claim's fence is at least the server's
+clock in ms), so a forced forget deletes the key only while it still is not a record."""
+
+
 class ForgetResult(enum.Enum):
     """What :meth:`StoreAdmin.forget_if` did."""
 
@@ -267,8 +274,10 @@ class Store(Protocol):
         (take-over), or when the owner parked it for a retry of this same ``task_id``
         (a retry sends ``fingerprint=""``, as it may change its arguments; a new request
         reusing the task id with other arguments is a ``MISMATCH``). The new fence is
-        one more than the last, and at least the store's clock in ms, so it only grows,
-        even after the record expired. The record lives ``ttl + lease``.
+        ``max(last fence + 1, the store's clock in ms)``, so it only grows, even after the
+        record expired; in practice it is the clock, thousands above the last one (a
+        take-over comes a lease later), and only claims within one millisecond get
+        exactly one more. The record lives ``ttl + lease``.
 
         A takeover from an owner that stopped renewing is counted in the record; with
         ``max_takeovers`` > 0, the claim that would be takeover number
@@ -380,9 +389,10 @@ class StoreAdmin(Protocol):
         Args:
             key: The storage key.
             fence: Delete only while the record still has this fence (what the operator
-                saw and confirmed); None does not compare.
+                saw and confirmed); None does not compare. :data:`NOT_A_RECORD_FENCE`
+                when what was shown is not a record: any record is then kept.
             force: Delete even while a live attempt or a parked retry holds the key, or
-                when the key is not a celery-idem record.
+                when the key is not a celery-idem record (whatever ``fence``).
         """
         ...
 

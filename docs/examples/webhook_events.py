@@ -30,6 +30,7 @@ def send_welcome_email(address: str) -> str:
     idem_fingerprint=["event.delivery_attempt", "received_at"],
 )
 def on_customer_created(event: dict[str, Any], received_at: str) -> str:
+    """Welcomes the new customer: one email per event id, resends included."""
     return send_welcome_email(event["data"]["object"]["email"])
 
 

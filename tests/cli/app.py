@@ -4,7 +4,8 @@
 ``IDEM_CLI_ACCEPT`` its comma-separated ``accept_content`` (default ``json``). Tasks run
 eagerly, so the test process fills the store by calling them; the CLI subprocesses load
 this same module with ``-A tests.cli.app``. Each test has a Redis of its own, so the
-key prefixes are the defaults.
+key prefixes are the defaults. ``IDEM_CLI_BROKER`` (default ``memory://``) lets a real
+worker of this app consume messages another process sends (``app.send_task``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from celery import Celery
 
 from celery_idem import IdempotentTask
 
-app = Celery("tests.cli.app", broker="memory://", backend="cache+memory://", set_as_current=False)
+app = Celery(
+    "tests.cli.app",
+    broker=os.environ.get("IDEM_CLI_BROKER", "memory://"),
+    backend="cache+memory://",
+    set_as_current=False,
+)
 app.conf.update(
     task_always_eager=True,
     idem_redis_url=os.environ.get("IDEM_CLI_STORE", "memory://cli-tests"),
@@ -38,6 +44,17 @@ def send(user: int, template: str) -> str:
     return f"sent {template} to {user}"
 
 
+def welcome_key(user: int, **_: object) -> str:
+    """The key rule of ``cli.welcome``: one welcome per user, whatever the rest."""
+    return f"welcome:{user}"
+
+
+@app.task(base=IdempotentTask, name="cli.welcome", idempotency_key=welcome_key)
+def welcome(user: int, locale: str = "en") -> str:
+    """Key from a callable over the arguments."""
+    return f"welcome {user} ({locale})"
+
+
 @app.task(
     base=IdempotentTask,
     name="cli.archive",
@@ -52,6 +69,12 @@ def archive(name: str) -> str:
 def send_email(user: int) -> str:
     """Renamed from ``cli.send_email`` (no longer registered): keeps that name's records."""
     return f"mail to {user}"
+
+
+@app.task(base=IdempotentTask, name="cli.refund", idem_require_key=True)
+def refund(order: int) -> int:
+    """Every call must name its own key (``idem_require_key``)."""
+    return order
 
 
 @app.task(name="cli.plain")

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from celery_idem.keys import storage_key, task_tag
-from celery_idem.store import ClaimRequest, CompleteRequest, RecordKind, ReserveRequest, Stored
+from celery_idem.store import (
+    ClaimRequest,
+    CompleteRequest,
+    MemoryStore,
+    RecordKind,
+    ReserveRequest,
+    Stored,
+)
+from celery_idem.store.base import NOT_A_RECORD_FENCE, ForgetResult
 from devtools.processes import free_port, wait_for
 from devtools.redis_server import RedisServer
 from tests.cli.conftest import Cli
@@ -38,7 +46,7 @@ def _iso(text: str) -> float:
 def test_help_lists_every_command_with_exit_statuses(cli: Cli, via: str) -> None:
     done = cli.run("--help", via=via)
     assert done.returncode == 0, done.stderr
-    for command in ("inspect", "forget", "list", "stats", "doctor"):
+    for command in ("key", "inspect", "forget", "list", "stats", "doctor"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.M), done.stdout
     assert "3 no such" in done.stdout
     inspect_help = cli.run("inspect", "--help", via=via)
@@ -143,6 +151,26 @@ def test_inspect_by_storage_key_names_the_task_from_its_tag(cli: Cli) -> None:
     assert view["result"]["preview"] == "'sent bye to 1'"
 
 
+def test_inspect_of_an_unknown_task_suggests_the_closest_names(cli: Cli) -> None:
+    done = cli.run("inspect", "k", "--task", "cli.ad")
+    assert done.returncode == 3  # maybe another service's task: looked up, not refused
+    assert (
+        "note: task 'cli.ad' is not registered in app 'tests.cli.app' (did you mean "
+        "'cli.add'?); using the app's settings"
+    ) in done.stderr  # not every task of the module 'cli'
+    # The last dotted part alone, and a case slip, find the task too.
+    assert "(did you mean 'cli.send'?)" in cli.run("inspect", "k", "--task", "send").stderr
+    assert "(did you mean 'cli.archive'?)" in cli.run("list", "--task", "CLI.Archive").stderr
+    # A former name kept as a task's idem_scope is no typo: the note says whose it is.
+    former = cli.run("inspect", "k", "--task", "cli.send_email")
+    assert (
+        "not registered in app 'tests.cli.app' (it is the idem_scope of "
+        "'cli.mail.send_email': the same records); using the app's settings"
+    ) in former.stderr
+    far = cli.run("inspect", "k", "--task", "billing.charge_card")
+    assert "not registered in app 'tests.cli.app'; using" in far.stderr  # nothing close
+
+
 def test_inspect_without_task_is_a_usage_error(cli: Cli) -> None:
     done = cli.run("inspect", "order-1")
     assert done.returncode == 2
@@ -203,6 +231,76 @@ def test_forget_of_a_missing_record_exits_3(cli: Cli) -> None:
     done = cli.run("forget", "nope", "--task", "cli.add", "--yes")
     assert done.returncode == 3
     assert "no record" in done.stderr
+
+
+def test_forget_force_deletes_a_key_under_the_prefix_that_is_not_a_record(cli: Cli) -> None:
+    client = cli.store.client
+    garbage = cli.key("cli.add", "garbage")  # a string that does not decode
+    client.set(garbage, "not a record", ex=600)
+    other_type = f"idem:{task_tag('gone.task')}:{'B' * 22}"  # a hash, WRONGTYPE for GET
+    client.hset(other_type, "field", "value")
+
+    for stored in (garbage, other_type):
+        seen = cli.run("inspect", stored, "--storage-key")
+        assert seen.returncode == 1
+        assert "does not hold a celery-idem record (another type, or a string" in seen.stderr
+        assert "WRONGTYPE" not in seen.stderr
+        as_json = cli.json("inspect", stored, "--storage-key", code=1)
+        assert (as_json["storage_key"], as_json["state"]) == (stored, "not_a_record")
+        kept = cli.run("forget", stored, "--storage-key", "--yes")
+        assert kept.returncode == 1
+        assert "kept; --force deletes it" in kept.stderr
+        assert client.exists(stored)
+
+    no = cli.run("forget", "garbage", "--task", "cli.add", "--force", input="n\n")
+    assert no.returncode == 1
+    assert re.search(r"^state:\s+not_a_record", no.stdout, re.M), no.stdout
+    assert re.search(r"^expires in:\s+(9|10)m", no.stdout, re.M), no.stdout
+    assert "Delete this key? [y/N]" in no.stderr
+    assert client.exists(garbage)
+    yes = cli.run("forget", "garbage", "--task", "cli.add", "--force", input="y\n")
+    assert yes.returncode == 0, yes.stderr
+    assert f"Deleted: {garbage} (not a celery-idem record)." in yes.stdout
+    assert not client.exists(garbage)
+
+    forced = cli.json("forget", other_type, "--storage-key", "--force", "--yes", via="celery")
+    assert forced["forgotten"] is True
+    record = forced["record"]
+    assert (record["storage_key"], record["task"], record["state"]) == (
+        other_type,
+        f"?{task_tag('gone.task')}",
+        "not_a_record",
+    )
+    assert not client.exists(other_type)
+
+
+def test_forget_never_deletes_a_key_outside_the_prefix(cli: Cli, cli_app: ModuleType) -> None:
+    client = cli.store.client
+    archived = f"{cli_app.ARCHIVE_PREFIX}:{task_tag('cli.archive')}:{'C' * 22}"
+    outside = ["unrelated:key", "idem:short", archived]
+    for stored in outside:
+        client.set(stored, "someone else's")
+        done = cli.run("forget", stored, "--storage-key", "--force", "--yes")
+        assert done.returncode == 1, (stored, done.stderr)
+        assert "is not a storage key under the prefix 'idem'" in done.stderr
+        assert "never deletes a key outside its prefix" in done.stderr
+    assert all(client.get(stored) == b"someone else's" for stored in outside)
+    # Under cli.archive's own prefix, with its --task, the key is ours to delete.
+    done = cli.run("forget", archived, "--storage-key", "--task", "cli.archive", "--force", "-y")
+    assert done.returncode == 0, done.stderr
+    assert not client.exists(archived)
+
+
+def test_a_forced_forget_of_a_non_record_keeps_a_record_written_since(cli: Cli) -> None:
+    # What `forget --force` sends after showing a non-record: a record that took the
+    # key's place in between (a claim) is kept, on Redis and in memory alike.
+    stored = cli.running("cli.add", "claimed-meanwhile")
+    memory = MemoryStore()
+    memory.claim(ClaimRequest(stored, token="t", task_id="i", fingerprint="", lease=60, ttl=60))
+    for store in (cli.store, memory):
+        outcome = store.forget_if(stored, fence=NOT_A_RECORD_FENCE, force=True)
+        assert outcome is ForgetResult.CHANGED
+        assert store.read(stored) is not None
 
 
 # --------------------------------------------------------------------------- list

@@ -259,7 +259,9 @@ def test_expired_lease_is_taken_over_with_a_higher_fence(backend: Backend) -> No
     backend.advance(backend.key("k"), LEASE + 0.05)
     out = claim(backend, "k", token="t2", task_id="id-2")
     assert out.state is ClaimState.CLAIMED
-    assert out.fence > first.fence
+    # max(last fence + 1, clock in ms): the clock, a lease later, not the last fence + 1
+    # (what the docs tell a downstream system that compares fences).
+    assert out.fence >= first.fence + int(LEASE * 1000)
     assert out.took_over is True
     k = backend.key("k")
     # The stale owner can neither renew, complete nor release the newer attempt's key.

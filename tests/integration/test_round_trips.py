@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +24,17 @@ from devtools.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 T = 30
+DEPLOYMENT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
+MEMORY_COLUMNS = [
+    "Redis",
+    "keys",
+    "result",
+    "`MEMORY USAGE` per record",
+    "`used_memory` growth per record",
+]
+# used_memory moves with the hash tables' resizing and the server's own buffers.
+GROWTH_SLACK = 8
+COPIES = 10_000
 
 
 @pytest.fixture(autouse=True)
@@ -150,16 +162,92 @@ def test_dedupe_on_publish_reserves_in_the_one_round_trip_of_its_look_up(
         monitor.close()
 
 
-def test_completed_record_with_a_100_byte_result_fits_in_300_bytes(
+def _memory_table() -> dict[tuple[str, str, int], tuple[int, int]]:
+    """docs/deployment.md's measured sizes: (Redis, keys, result bytes) -> (usage, growth)."""
+    text = DEPLOYMENT_PAGE.read_text(encoding="utf-8")
+    chapter = text[text.index("\n## Memory sizing\n") :]
+    chapter = chapter[: chapter.index("\n## ", 1)]
+    table_text = chapter[chapter.index("\n| Redis |") + 1 :].split("\n\n", 1)[0]
+    header, rule, *rows = table_text.splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")] == MEMORY_COLUMNS, header
+    assert set(rule) <= set("|-: "), rule
+    table: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for line in rows:
+        version, keys, result, usage, growth = (c.strip() for c in line.strip("|").split("|"))
+        size = int(result.removesuffix(" bytes"))
+        table[version, keys.split()[0], size] = (
+            int(usage.removesuffix(" B")),
+            int(growth.removeprefix("about ").removesuffix(" B")),
+        )
+    return table
+
+
+def test_record_sizes_are_the_ones_docs_deployment_quotes(
     start_worker: Any, store_server: RedisServer, tasks: ModuleType, uid: str
 ) -> None:
+    """Completed records, written by a worker, measured on this Redis against the page.
+
+    ``MEMORY USAGE`` of one record (exact: allocator size classes make it move in
+    16-byte steps), then ``used_memory`` growth per record over ``COPIES`` copies of
+    it (same key length, value and expiry), which adds what ``MEMORY USAGE`` leaves out:
+    the keyspace and expiry hash-table entries. A Redis version the page has no rows
+    for must not exceed the largest figure the page gives, so its sizing advice holds.
+    """
     w = start_worker(pool="solo", concurrency=1, extra_env={"IDEM_TEST_STORE": store_server.url(0)})
     client = store_server.client(0)
-    # t.big returns "x" * size; JSON adds two quotes: a result of exactly 100 bytes.
-    assert tasks.big.apply_async((uid, 98), queue=w.queue).get(timeout=T) == "x" * 98
-    (key,) = list(client.scan_iter("idem:*"))
-    raw = client.get(key)
-    assert raw.endswith(b'"' + b"x" * 98 + b'"')  # the 100-byte result, stored as it is
-    usage = client.memory_usage(key, samples=0)
-    assert usage is not None
-    assert usage <= 300, (usage, raw)
+    version = ".".join(client.info("server")["redis_version"].split(".")[:2])
+    measured: dict[tuple[str, int], tuple[int, float]] = {}
+    for keys in ("derived", "explicit"):
+        for size in (50, 100):
+            name = f"{uid}-{keys}-{size}"
+            opts = {"idempotency_key": f"key-{name}"} if keys == "explicit" else {}
+            before = set(client.scan_iter("idem:*"))
+            # t.big returns "x" * n; JSON adds two quotes: a result of exactly `size` bytes.
+            assert tasks.big.apply_async((name, size - 2), queue=w.queue, **opts).get(
+                timeout=T
+            ) == "x" * (size - 2)
+            (key,) = set(client.scan_iter("idem:*")) - before
+            raw = client.get(key)
+            assert raw.endswith(b'"' + b"x" * (size - 2) + b'"')  # stored as it is
+            assert raw.startswith(b"C")  # completed
+            # An explicit key keeps the 16-character arguments fingerprint.
+            assert (b":16:" in raw) == (keys == "explicit"), raw
+            usage = client.memory_usage(key, samples=0)
+            assert usage is not None
+            db = 5 + len(measured)  # an empty database for each record's copies
+            measured[keys, size] = (usage, _growth_per_copy(store_server, db, key, raw, usage))
+
+    table = _memory_table()
+    report = {k: (u, round(g)) for k, (u, g) in measured.items()}
+    for (keys, size), (usage, growth) in measured.items():
+        if (version, keys, size) in table:
+            want_usage, want_growth = table[version, keys, size]
+            assert usage == want_usage, (version, report)
+            assert abs(growth - want_growth) <= GROWTH_SLACK, (version, report)
+        else:
+            worst = [v for (_, k, s), v in table.items() if (k, s) == (keys, size)]
+            assert worst, (keys, size)
+            assert usage <= max(u for u, _ in worst), (version, report)
+            assert growth <= max(g for _, g in worst) + GROWTH_SLACK, (version, report)
+
+
+def _growth_per_copy(server: RedisServer, db: int, key: bytes, raw: bytes, usage: int) -> float:
+    """``used_memory`` growth per record over ``COPIES`` copies of ``raw`` in database ``db``.
+
+    The server is this test's own (``store_server``), stopped afterwards: nothing to clean.
+    """
+    client = server.client(db)
+    try:
+        assert client.dbsize() == 0
+        names = [key[:-8] + b"%08d" % i for i in range(COPIES)]  # same length as ``key``
+        base = int(client.info("memory")["used_memory"])
+        for start in range(0, COPIES, 1000):
+            pipe = client.pipeline(transaction=False)
+            for name in names[start : start + 1000]:
+                pipe.set(name, raw, px=86_400_000)  # idem_ttl
+            pipe.execute()
+        grown = int(client.info("memory")["used_memory"]) - base
+        assert client.memory_usage(names[0], samples=0) == usage  # a copy is the same size
+        return grown / COPIES
+    finally:
+        client.close()

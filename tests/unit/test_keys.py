@@ -479,11 +479,41 @@ def test_callable_rule_raising_is_wrapped_with_its_cause() -> None:
 
     with pytest.raises(InvalidIdempotencyKey) as info:
         KeyRule("mail.welcome", welcome, key_of).resolve((5, "t"), {})
+    # Which rule, which task, what it raised.
     assert str(info.value) == (
-        "the idempotency_key rule of task 'mail.welcome' raised ValueError: no user"
+        f"the idempotency_key rule {__name__}.test_callable_rule_raising_is_wrapped_with_"
+        "its_cause.<locals>.key_of of task 'mail.welcome' raised ValueError: no user"
     )
     assert isinstance(info.value.__cause__, ValueError)
     assert info.value.task_name == "mail.welcome"
+
+
+def test_a_raising_lambda_rule_is_named_with_its_line() -> None:
+    key_of = lambda **arguments: arguments["missing"]  # noqa: E731
+    line = key_of.__code__.co_firstlineno
+    with pytest.raises(InvalidIdempotencyKey) as info:
+        KeyRule("mail.welcome", welcome, key_of).resolve((5, "t"), {})
+    assert str(info.value) == (
+        f"the idempotency_key rule {__name__}.test_a_raising_lambda_rule_is_named_with_its_"
+        f"line.<locals>.<lambda> (line {line}) of task 'mail.welcome' raised KeyError: "
+        "'missing'"
+    )
+
+
+def test_a_raising_callable_object_rule_is_named_by_its_repr() -> None:
+    class KeyOf:
+        def __call__(self, **arguments: Any) -> str:
+            raise LookupError("no such user")
+
+        def __repr__(self) -> str:
+            return "KeyOf(users)"
+
+    with pytest.raises(InvalidIdempotencyKey) as info:
+        KeyRule("mail.welcome", welcome, KeyOf()).resolve((5, "t"), {})
+    assert str(info.value) == (
+        "the idempotency_key rule KeyOf(users) of task 'mail.welcome' raised "
+        "LookupError: no such user"
+    )
 
 
 def test_callable_rule_that_cannot_take_the_arguments_fails_at_construction() -> None:

@@ -82,7 +82,8 @@ if r then
   end
 end
 -- The fence only grows, even across the record's expiry: it is at least the
--- server's clock in ms, and one more than the last claim's.
+-- server's clock in ms, and at least one more than the last claim's (so a take-over,
+-- a lease later, gets the clock: thousands above the last fence, not one).
 fence = math.max(fence + 1, now)
 local record = {s = 'P', f = fence, d = now + tonumber(ARGV[4]), n = takeovers, o = ARGV[1],
                 a = fingerprint, i = ARGV[2], c = '', r = ''}

@@ -11,7 +11,9 @@
 -- script treat it as absent. A record whose fence is behind the clock is deleted.
 --
 -- KEYS[1]  the record (format: record.lua)
--- ARGV[1]  the fence the operator saw ('' = do not compare)
+-- ARGV[1]  the fence the operator saw ('' = do not compare; '0' = the operator saw a
+--          key that is not a record: no record has fence 0 (a reservation's neither),
+--          so any record is kept)
 -- ARGV[2]  '1' = force: forget even while a live attempt, a parked retry or a
 --          publisher's reservation holds the key (deadline not passed), or delete a
 --          key that is not a celery-idem record

@@ -1,8 +1,9 @@
 -- record.lua: the record format, prepended to every other script (not run alone).
 --
--- One Redis STRING per key, so a completed record with a 100-byte result stays
--- near 230 bytes (a hash would turn into a hashtable once a value passes
--- hash-max-listpack-value, 64 bytes by default, and double that):
+-- One Redis STRING per key, so a completed record with a 100-byte result takes 264 to
+-- 280 bytes of MEMORY USAGE (tests/integration/test_round_trips.py; a hash would turn
+-- into a hashtable once a value passes hash-max-listpack-value, 64 bytes by default,
+-- and double that):
 --
 --   <state><fence>:<deadline>:<takeovers>:<len>:<owner><len>:<fingerprint><len>:<task id><len>:<codec><payload>
 --
@@ -10,9 +11,10 @@
 --                (result, cached error, no result kept), Q quarantined, R reserved by
 --                a publisher for the message it is sending (reserve.lua; the worker
 --                that gets that task id claims it as its own)
---   fence        grows by one on every claim (a reservation hands none out: it keeps
---                the one it found, or the clock in ms on a new record; never 0);
---                survives a release, and a forget until
+--   fence        max(last fence + 1, server clock in ms) at every claim (claim.lua), so
+--                it only grows (a reservation hands none out: it keeps the one it
+--                found, or the clock in ms on a new record; never 0); survives a
+--                release, and a forget until
 --                the server's clock has passed it (a tombstone, see forget.lua)
 --   deadline     lease deadline in ms on the server's clock (P); the end of the
 --                reservation (R: after it the record holds nothing); in an F record 0
