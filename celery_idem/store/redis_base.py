@@ -13,7 +13,7 @@ permanent :class:`~celery_idem.exceptions.IdempotencyError`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from types import MappingProxyType
 from typing import Any
@@ -134,21 +134,13 @@ def text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _load_sources() -> Mapping[str, str]:
+def _load_sources(names: Iterable[str]) -> Mapping[str, str]:
     """Each script with the record codec (``record.lua``) in front of it."""
     lua = resources.files("celery_idem.store").joinpath("lua")
     prelude = lua.joinpath("record.lua").read_text("utf-8")
-    names = (
-        "claim", "renew", "complete", "dispatched", "release", "park", "peek", "reserve",
-        "unreserve", "read", "summary", "forget",
-    )  # fmt: skip
     return MappingProxyType(
         {name: prelude + lua.joinpath(f"{name}.lua").read_text("utf-8") for name in names}
     )
-
-
-SOURCES = _load_sources()
-"""Script name -> its full source, as sent to Redis (Redis names it by its SHA1)."""
 
 
 class Scripts:
@@ -159,19 +151,27 @@ class Scripts:
     runs them on it.
     """
 
+    claim: Script
+    renew: Script
+    complete: Script
+    dispatched: Script
+    release: Script
+    park: Script
+    peek: Script
+    reserve: Script
+    unreserve: Script
+    read: Script
+    summary: Script
+    forget: Script
+
     def __init__(self, client: redis.Redis | RedisCluster) -> None:
-        self.claim: Script = client.register_script(SOURCES["claim"])
-        self.renew: Script = client.register_script(SOURCES["renew"])
-        self.complete: Script = client.register_script(SOURCES["complete"])
-        self.dispatched: Script = client.register_script(SOURCES["dispatched"])
-        self.release: Script = client.register_script(SOURCES["release"])
-        self.park: Script = client.register_script(SOURCES["park"])
-        self.peek: Script = client.register_script(SOURCES["peek"])
-        self.reserve: Script = client.register_script(SOURCES["reserve"])
-        self.unreserve: Script = client.register_script(SOURCES["unreserve"])
-        self.read: Script = client.register_script(SOURCES["read"])
-        self.summary: Script = client.register_script(SOURCES["summary"])
-        self.forget: Script = client.register_script(SOURCES["forget"])
+        # The attributes declared above, one per file of lua/ (the list of scripts).
+        for name, source in SOURCES.items():
+            setattr(self, name, client.register_script(source))
+
+
+SOURCES = _load_sources(Scripts.__annotations__)
+"""Script name -> its full source, as sent to Redis (Redis names it by its SHA1)."""
 
 
 class RedisBase:
