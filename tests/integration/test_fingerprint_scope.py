@@ -46,7 +46,8 @@ def test_two_deliveries_of_one_event_run_once_and_answer_alike(
     )
     answer = first.get(timeout=T)
     assert again.get(timeout=T) == answer
-    assert answer["task_id"] == first.id
+    # Two pool children take them: either may claim first; the other replays its value.
+    assert answer["task_id"] in {first.id, again.id}
     assert ledger_count(ledger, uid) == 1
     # Another customer's data under the same event id is still a mismatch.
     clash = tasks.fs_event.apply_async(
