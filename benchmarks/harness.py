@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,22 @@ def count_round_trips(
     return {side: dict(c) for side, c in counts.items()}
 
 
+def bench_env(broker: RedisServer, stores: Mapping[str, RedisServer]) -> dict[str, str]:
+    """The environment ``benchmarks.app`` reads (``BENCH_*``), the checkout on PYTHONPATH.
+
+    One broker server holds the broker, the result backend and the completion counter
+    (three databases); each contender's store is a server of its own.
+    """
+    return {
+        **os.environ,
+        "BENCH_BROKER": broker.url(BROKER_DB),
+        "BENCH_BACKEND": broker.url(BACKEND_DB),
+        "BENCH_COUNTER": broker.url(COUNTER_DB),
+        **{f"BENCH_STORE_{name.upper()}": store.url(0) for name, store in stores.items()},
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+
+
 class Bench:
     """Servers, the worker and the runs."""
 
@@ -155,14 +172,7 @@ class Bench:
         self.broker = RedisServer().start()
         self.stores = {name: RedisServer().start() for name in STORES}
         self.cli = find_redis_cli(self.broker.executable)
-        self.env = {
-            **os.environ,
-            "BENCH_BROKER": self.broker.url(BROKER_DB),
-            "BENCH_BACKEND": self.broker.url(BACKEND_DB),
-            "BENCH_COUNTER": self.broker.url(COUNTER_DB),
-            **{f"BENCH_STORE_{n.upper()}": s.url(0) for n, s in self.stores.items()},
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
+        self.env = bench_env(self.broker, self.stores)
         self.worker: Process | None = None
         self.worker_log = workdir / "worker.log"
 

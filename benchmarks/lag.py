@@ -10,15 +10,15 @@ backend, written by the same worker host). Two cases, each over several rounds:
   store, as a killed worker leaves it); the duplicates wait it out, one of them takes
   the key over and runs 2 s, the others wait for that run.
 
-One prefork worker (2 processes), a Redis broker and result backend, celery-idem's
-default lease (60 s). Prints a Markdown table; lag is noisy at the scale of the
-polling interval, so the table gives median and max over every duplicate of every round.
+The servers and the prefork worker (2 processes) of ``make bench`` (``Bench``): a Redis
+broker and result backend, celery-idem's default lease (60 s). Prints a Markdown table;
+lag is noisy at the scale of the polling interval, so the table gives median and max
+over every duplicate of every round.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -30,13 +30,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import Bench
 from celery_idem.keys import storage_key
 from celery_idem.store import ClaimRequest
 from celery_idem.store.redis import RedisStore
-from devtools.processes import Process, wait_for
-from devtools.redis_server import RedisServer
+from devtools.processes import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 DUPLICATES = 5
 TIMEOUT = 120.0
 
@@ -84,34 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    with (
-        RedisServer() as broker,
-        RedisServer() as store_server,
-        tempfile.TemporaryDirectory(prefix="idem-lag-") as tmp,
-    ):
-        env = {
-            **os.environ,
-            "BENCH_BROKER": broker.url(0),
-            "BENCH_BACKEND": broker.url(1),
-            "BENCH_COUNTER": broker.url(2),
-            "BENCH_STORE_IDEM": store_server.url(0),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
-        from benchmarks.app import app, task_for  # noqa: PLC0415 - reads BENCH_* at import
+    with tempfile.TemporaryDirectory(prefix="idem-lag-") as tmp:
+        bench = Bench(Path(tmp), concurrency=2)  # the servers and worker of `make bench`
+        try:
+            os.environ.update({k: v for k, v in bench.env.items() if k.startswith("BENCH_")})
+            from benchmarks.app import app, task_for  # noqa: PLC0415 - reads BENCH_* at import
 
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker", "-P", "prefork",
-            "-c", "2", "-Q", "bench", "-l", "WARNING", "--without-gossip", "--without-mingle",
-            "--without-heartbeat",
-        ]  # fmt: skip
-        worker = Process("the lag worker", cmd, Path(tmp) / "worker.log", env, ROOT)
-        with contextlib.ExitStack() as stack:
-            stack.callback(worker.stop)
-            worker.start()
+            bench.start_worker()
             task = task_for("idem")
             wait_for(lambda: task.apply_async(("warm", 0)).get(timeout=30), 60, 0.1, "warm-up")
-            store = RedisStore.from_url(store_server.url(0))
+            store = RedisStore.from_url(bench.stores["idem"].url(0))
             lags: dict[str, list[float]] = {name: [] for name, _ in CASES}
             for round_no in range(1, args.rounds + 1):
                 for name, case in CASES:
@@ -119,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                     lags[name] += got
                     print(f"round {round_no} {name}: " + ", ".join(f"{x:.2f}" for x in got))
             app.close()
+        finally:
+            bench.close()
     print("\n| waiting duplicates | duplicates | lag median | lag max |")
     print("|---|---|---|---|")
     for name, values in lags.items():

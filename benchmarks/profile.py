@@ -17,16 +17,16 @@ Options: ``-n`` measured tasks (default 3000), ``--top`` lines per section (15).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import bench_env
+from devtools.processes import Process
 from devtools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,14 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     broker, store = RedisServer().start(), RedisServer().start()
-    env = {
-        **os.environ,
-        "BENCH_BROKER": broker.url(0),
-        "BENCH_BACKEND": broker.url(1),
-        "BENCH_COUNTER": broker.url(2),
-        "BENCH_STORE_IDEM": store.url(0),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    env = bench_env(broker, {"idem": store})
     os.environ.update(env)
     with tempfile.TemporaryDirectory(prefix="idem-profile-") as tmp:
         out = Path(tmp) / ("profile.txt" if args.pyinstrument else "profile.pstats")
@@ -157,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.executable, "-m", "benchmarks.profile", "--worker", str(out),
             "--contender", args.contender, "-n", str(args.n),
         ] + (["--pyinstrument"] if args.pyinstrument else [])  # fmt: skip
-        log = (Path(tmp) / "worker.log").open("wb")
-        worker = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        worker = Process("the profiled worker", cmd, Path(tmp) / "worker.log", env, ROOT)
+        worker.start()
         try:
             from benchmarks.app import task_for  # noqa: PLC0415 - after the environment
 
@@ -171,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 task.apply_async((f"profile-{i}", 0), ignore_result=False)
             done = out.with_suffix(".done")
             while not done.exists():
-                if worker.poll() is not None or time.monotonic() - started > 600:
-                    print((Path(tmp) / "worker.log").read_text()[-3000:], file=sys.stderr)
+                if not worker.alive() or time.monotonic() - started > 600:
+                    print(worker.output()[-3000:], file=sys.stderr)
                     return 1
                 time.sleep(0.1)
             header = (
@@ -186,13 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(_per_task_table(out, args.n, args.top))
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, 15)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.wait(timeout=15)
-            if worker.poll() is None:
-                os.killpg(worker.pid, 9)
-            log.close()
+            worker.stop(timeout=15)
             broker.close()
             store.close()
     return 0
