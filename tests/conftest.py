@@ -15,10 +15,12 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import redis
+from redis.connection import AbstractConnection
 
 from devtools import redis_server as servers
 from devtools.redis_server import RedisServer
@@ -59,18 +61,44 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"redis-server: {servers.server_version(executable)} ({executable}; from {how})"
 
 
+SHARED_REDIS_PORT = 6379
+"""Where a machine's own Redis listens (shared by whoever uses the machine)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def never_the_shared_redis() -> Iterator[None]:
+    """Fail any connection of the test process to a Redis on the shared port.
+
+    The suite starts its own servers on free ports; a test (or a library default, or a
+    docs example's ``localhost:6379``) that dials 6379 fails here before its socket
+    opens, unless ``REDIS_URL`` names that server. Workers started as subprocesses get
+    their URLs from the fixtures, which never name it.
+    """
+    allowed = urlsplit(os.environ.get("REDIS_URL", "")).port
+    original = AbstractConnection.connect
+
+    def guarded(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        port = getattr(self, "port", None)
+        if port == SHARED_REDIS_PORT and allowed != SHARED_REDIS_PORT:
+            raise AssertionError(
+                f"the suite reached for the shared Redis at {getattr(self, 'host', '?')}:"
+                f"{port}; it must use the servers it starts (or REDIS_URL)"
+            )
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AbstractConnection, "connect", guarded)
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer | None]:
     """The suite's private redis-server, or None when ``REDIS_URL`` is set."""
     if os.environ.get("REDIS_URL"):
         yield None
         return
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="session")
@@ -159,12 +187,8 @@ def store_server() -> Iterator[RedisServer]:
     otherwise need a server nobody else uses. Always private, even with
     ``REDIS_URL`` set.
     """
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(params=servers.redis_server_binaries(), ids=servers.server_version)

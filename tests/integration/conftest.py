@@ -138,6 +138,12 @@ def store_topology(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def standalone_only(store_topology: str, why: str) -> None:
+    """Skip the Cluster and Sentinel runs of a test whose subject is not the store."""
+    if store_topology != "standalone":
+        pytest.skip(f"{why}: the standalone run is enough")
+
+
 @pytest.fixture(scope="session")
 def celery_env(
     redis_url: str, store_topology: str, request: pytest.FixtureRequest

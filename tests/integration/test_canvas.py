@@ -14,7 +14,7 @@ from celery import group
 
 from celery_idem.checks import MAX_DURATION
 from devtools.processes import free_port, wait_for
-from tests.integration.conftest import Worker, ledger_count
+from tests.integration.conftest import Worker, ledger_count, standalone_only
 
 pytestmark = pytest.mark.integration
 T = 30
@@ -92,8 +92,9 @@ def test_invalid_setting_stops_the_worker_at_start_naming_it(
 
 
 def test_a_store_that_is_down_at_start_is_said_at_start_and_the_worker_starts(
-    start_worker: Any,
+    start_worker: Any, store_topology: str
 ) -> None:
+    standalone_only(store_topology, "the store is a closed port in every run")
     down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     worker = start_worker(extra_env={"IDEM_TEST_STORE": down})
     log = worker.log()

@@ -20,7 +20,7 @@ from celery_idem.keys import storage_key
 from celery_idem.store import ClaimRequest, ClaimState, RecordState
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
-from tests.integration.conftest import Worker, ledger_count
+from tests.integration.conftest import Worker, ledger_count, standalone_only
 
 pytestmark = pytest.mark.integration
 T = 60
@@ -113,8 +113,7 @@ def test_a_body_three_leases_long_runs_once_on_every_pool(
     # yields under gevent) or computes, while duplicates (same key, new task ids) reach
     # the same worker and another one. Without renewal the other worker's duplicate,
     # coming back every 0.5 to 2 s, would take the key over and run the body again.
-    if store_topology != "standalone":
-        pytest.skip("the pool is under test, not the store: the standalone run is enough")
+    standalone_only(store_topology, "the pool is under test, not the store")
     w = start_worker(pool=pool, concurrency=concurrency)
     other = start_worker(pool="solo", concurrency=1)
     task = tasks.slow if body == "sleeps" else tasks.compute
@@ -172,8 +171,7 @@ def test_under_gevent_a_body_that_never_yields_starves_the_renewer_which_says_so
     # gevent is cooperative: while a body computes without yielding, no other greenlet
     # runs, the renewal one included, so its lease runs out (another worker could take
     # the key over: docs/failure-modes.md, "Pools"). The worker's log must say why.
-    if store_topology != "standalone":
-        pytest.skip("the pool is under test, not the store: the standalone run is enough")
+    standalone_only(store_topology, "the pool is under test, not the store")
     w = start_worker(pool="gevent", concurrency=10)
     key = f"starved-{uid}"
     store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
@@ -265,8 +263,7 @@ def test_a_waiting_duplicate_looks_again_at_most_every_2_s_and_says_so_once(
     celery_env: dict[str, str],
     store_topology: str,
 ) -> None:
-    if store_topology != "standalone":
-        pytest.skip("the deferral schedule is under test, not the store: standalone is enough")
+    standalone_only(store_topology, "the deferral schedule is under test, not the store")
     key = f"wait-{uid}"
     store = RedisStore.from_url(celery_env["IDEM_TEST_STORE"])
     # A holder that stopped renewing (its worker died) with 9 s of lease left: the

@@ -21,6 +21,7 @@ from celery import Celery
 from celery_idem import IdempotentTask
 from devtools.processes import wait_for
 from devtools.redis_server import RedisServer
+from tests.integration.conftest import standalone_only
 
 pytestmark = pytest.mark.integration
 T = 30
@@ -40,8 +41,7 @@ COPIES = 10_000
 @pytest.fixture(autouse=True)
 def _once(store_topology: str) -> None:
     """These tests bring their own private store server: one run is enough."""
-    if store_topology != "standalone":
-        pytest.skip("counted on a private standalone server, in the standalone run")
+    standalone_only(store_topology, "counted on a private standalone server")
 
 
 class Monitor:

@@ -85,3 +85,22 @@ def env(request: pytest.FixtureRequest, redis_url: str, key_prefix: str) -> Iter
         yield Env(app, store_for_url(url), key_prefix)
     finally:
         invalidate_settings()
+
+
+class Sent:
+    """Records what reached ``app.send_task``: what would have gone to the broker."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        self.calls.append({"name": name, "args": args, "kwargs": kwargs, **options})
+        return None
+
+
+@pytest.fixture
+def sent(app: Celery, monkeypatch: pytest.MonkeyPatch) -> Sent:
+    """``app.send_task`` recorded, not sent (the test module provides ``app``)."""
+    recorder = Sent()
+    monkeypatch.setattr(app, "send_task", recorder)
+    return recorder

@@ -24,19 +24,8 @@ from celery_idem import (
 from celery_idem.config import CALL_OPTIONS, check_call_names
 from celery_idem.task import invalidate_settings
 from celery_idem.testing import use_memory_store
-from tests.unit.conftest import Env
+from tests.unit.conftest import Env, Sent
 from tests.unit.test_worker_paths import run_as_worker
-
-
-class Sent:
-    """Records what reached ``app.send_task``: what would have gone to the broker."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        self.calls.append({"name": name, "args": args, "kwargs": kwargs, **options})
-        return None
 
 
 @pytest.fixture
@@ -46,13 +35,6 @@ def app() -> Iterator[Celery]:
     invalidate_settings()
     yield app
     invalidate_settings()
-
-
-@pytest.fixture
-def sent(app: Celery, monkeypatch: pytest.MonkeyPatch) -> Sent:
-    recorder = Sent()
-    monkeypatch.setattr(app, "send_task", recorder)
-    return recorder
 
 
 def make_task(app: Celery, name: str = "cs.task", **options: Any) -> Any:

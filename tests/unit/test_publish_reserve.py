@@ -18,7 +18,7 @@ from celery_idem import IdempotentTask
 from celery_idem.keys import storage_key
 from celery_idem.store import RecordState
 from celery_idem.task import invalidate_settings
-from tests.unit.test_call_site import Sent
+from tests.unit.conftest import Sent
 
 LEASE = 60.0
 
@@ -31,13 +31,6 @@ def app() -> Iterator[Celery]:
     invalidate_settings()
     yield app
     invalidate_settings()
-
-
-@pytest.fixture
-def sent(app: Celery, monkeypatch: pytest.MonkeyPatch) -> Sent:
-    recorder = Sent()
-    monkeypatch.setattr(app, "send_task", recorder)
-    return recorder
 
 
 @pytest.fixture

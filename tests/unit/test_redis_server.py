@@ -8,18 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 import devtools.redis_server as helper
-from devtools.redis_server import (
-    RedisServer,
-    RedisServerError,
-    find_redis_server,
-    free_port,
-    port_is_open,
-    wait_for,
-)
+from devtools.processes import free_port, port_is_open, wait_for
+from devtools.redis_server import RedisServer, RedisServerError, find_redis_server
+from tests.conftest import SHARED_REDIS_PORT
 
-DEV_REDIS_PORT = 6379
+DEV_REDIS_PORT = SHARED_REDIS_PORT
 
 
 @pytest.fixture
@@ -206,3 +202,16 @@ def test_wait_for_returns_truthy_value() -> None:
 def test_wait_for_raises_with_message() -> None:
     with pytest.raises(AssertionError, match="never happens"):
         wait_for(lambda: False, timeout=0.05, message="never happens")
+
+
+def test_the_suite_refuses_the_shared_redis_before_its_socket_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if os.environ.get("REDIS_URL"):
+        pytest.skip("REDIS_URL may name the shared server on purpose")
+    opened: list[object] = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: opened.append(a) or [])
+    client = redis.Redis(host="127.0.0.1", port=SHARED_REDIS_PORT, socket_connect_timeout=0.2)
+    with pytest.raises(AssertionError, match=r"shared Redis at 127\.0\.0\.1:6379"):
+        client.ping()
+    assert opened == []  # refused before any socket: nothing reached that server

@@ -31,12 +31,8 @@ pytest_plugins = ["pytester"]
 @pytest.fixture(scope="module")
 def user_redis() -> Iterator[RedisServer]:
     """The user's "real" Redis: a private throwaway server, never the one on 6379."""
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 def keyspace(server: RedisServer) -> dict[int, int]:
