@@ -22,6 +22,7 @@ __all__ = [
     "IdempotencyKeyMismatch",
     "InvalidIdempotencyKey",
     "KeyQuarantined",
+    "LeaseLost",
     "MisplacedCallOption",
     "ReplicasNotReached",
     "ResultNotStored",
@@ -114,6 +115,16 @@ class ReplicasNotReached(StoreUnavailable):
 
     The primary has the write but a failover could lose it, so it does not count: a
     claim is released and its body not run; a completion is retried and reported.
+    """
+
+
+class LeaseLost(IdempotencyError):
+    """This attempt no longer owns its key: its lease ran out and another attempt took over.
+
+    Raised by ``self.step()`` when the step's value cannot be stored because the key
+    was taken over (the worker stalled past its lease: a long GC pause, a stopped
+    process, a partition). The new owner's steps win; this attempt stops at its step
+    boundary instead of running on beside it. Nothing of this attempt's step is kept.
     """
 
 

@@ -9,8 +9,12 @@ Every signal is sent with ``sender`` the task instance and these keyword argumen
 - ``duplicate_in_progress``: ``key``, ``task_id``, ``owner_task_id``, ``lease_left``,
   ``retry_in`` (seconds until this message looks again; None when it does not come back),
   ``policy`` — another run holds the key; this message waits, retries or raises.
-- ``lease_lost``: ``key``, ``task_id``, ``fence``, ``stage`` (``"renew"`` or
-  ``"complete"``) — another attempt took the key over; this run's outcome is not stored.
+- ``lease_lost``: ``key``, ``task_id``, ``fence``, ``stage`` (``"renew"``, ``"step"``,
+  ``"complete"``, ...) — another attempt took the key over; this run's outcome is not
+  stored (at ``"step"``, the run stops there with :class:`~celery_idem.LeaseLost`).
+- ``step_replayed``: ``key``, ``task_id``, ``step`` (its name), ``occurrence``, ``fence``
+  — a durable step (``self.step``) that an earlier attempt of the key finished was
+  answered from the record; its function did not run.
 - ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed;
   ``exc`` names the task and the key (``.key``, ``.task_name``), the store's own error
   is its ``__cause__``.
@@ -32,6 +36,7 @@ __all__ = [
     "quarantined",
     "replayed",
     "result_not_stored",
+    "step_replayed",
     "store_error",
 ]
 
@@ -51,6 +56,9 @@ store_error = Signal(
 )
 result_not_stored = Signal(
     name="idem_result_not_stored", providing_args={"key", "task_id", "reason"}
+)
+step_replayed = Signal(
+    name="idem_step_replayed", providing_args={"key", "task_id", "step", "occurrence", "fence"}
 )
 quarantined = Signal(
     name="idem_quarantined", providing_args={"key", "task_id", "takeovers", "fence"}

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
-from celery_idem.store.record import ClaimState, RecordKind
+from celery_idem.store.record import ClaimState, RecordKind, StepRecord
 
 __all__ = [
     "NOT_A_RECORD_FENCE",
@@ -31,6 +31,8 @@ __all__ = [
     "RecordSummary",
     "ReserveRequest",
     "ServerFacts",
+    "StepRecord",
+    "StepRequest",
     "Store",
     "StoreAdmin",
     "Stored",
@@ -126,6 +128,32 @@ class CompleteRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StepRequest:
+    """What :meth:`Store.step` is asked: keep one finished durable step of attempt ``token``.
+
+    Attributes:
+        key: The storage key.
+        token: The owner token of the attempt that claimed the key.
+        position: The step's place in the run, from 1: every ``self.step()`` call counts,
+            the ones replayed from the claim's reply included, so the store appends
+            exactly after the steps it holds.
+        name: The step's name.
+        occurrence: The n-th step of that name in the run, from 1.
+        codec: The value's codec tag; ``""`` when the value could not be kept.
+        value: The serialized value (or, codec ``""``, why there is none).
+    """
+
+    key: str
+    _: KW_ONLY
+    token: str
+    position: int
+    name: str
+    occurrence: int
+    codec: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimOutcome:
     """The answer of :meth:`Store.claim`.
 
@@ -140,6 +168,8 @@ class ClaimOutcome:
             confirmed sent (see :meth:`Store.dispatched`).
         takeovers: ``QUARANTINED``: the takeovers counted.
         quarantined_now: ``QUARANTINED`` by this very claim (the first to be refused).
+        steps: ``CLAIMED``: the durable steps earlier attempts of the key finished, in
+            the order they ran (the attempt replays them instead of running them).
     """
 
     state: ClaimState
@@ -151,6 +181,7 @@ class ClaimOutcome:
     continuation_pending: bool = False
     takeovers: int = 0
     quarantined_now: bool = False
+    steps: tuple[StepRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +201,10 @@ class StoredRecord:
     """State ``P`` with no owner: held for a retry of ``task_id`` (see :meth:`Store.park`)."""
     takeovers: int = 0
     """How many claims took the key from an attempt that stopped renewing."""
+    steps: tuple[StepRecord, ...] = ()
+    """The finished durable steps a record that is not completed holds, in run order."""
+    steps_done: int = 0
+    """A completed record: how many durable steps its run stored (they are dropped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +222,8 @@ class RecordSummary:
         lease_left: Seconds to the lease deadline for ``P``, or to the end of the
             reservation for ``R`` (negative once it passed), else None.
         ttl: Seconds until the record expires, None when it never does.
-        payload_bytes: Size of the stored payload (0 unless completed).
+        payload_bytes: Size of the stored payload: the result of a completed record, the
+            finished durable steps of any other (0 when there are none).
         codec: The payload's codec tag (see ``celery_idem.codec``).
         takeovers: How many claims took the key from an attempt that stopped renewing.
     """
@@ -311,8 +347,26 @@ class Store(Protocol):
         """
         ...
 
+    def step(self, request: StepRequest) -> bool:
+        """Append one finished durable step to the record ``request.token`` owns.
+
+        The steps stay in the record until it completes (then only their number is
+        kept) or expires: a release, a park, a takeover and a reservation keep them,
+        and the next claim returns them (:attr:`ClaimOutcome.steps`). Asking again for
+        a position already stored (a client retry after a lost reply) answers True.
+        False (nothing written) when ``token`` no longer owns the key.
+
+        Raises:
+            IdempotencyError: The record holds fewer steps than ``position`` needs.
+        """
+        ...
+
     def release(self, key: str, *, token: str) -> bool:
-        """Free the key for the next attempt, keeping its fence; False when not the owner."""
+        """Free the key for the next attempt, keeping its fence; False when not the owner.
+
+        Finished durable steps stay, with the fingerprint and task id of the request
+        that ran them (a claim with other arguments is then a ``MISMATCH``).
+        """
         ...
 
     def park(self, key: str, *, token: str, hold: float) -> bool:

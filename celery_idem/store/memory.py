@@ -17,9 +17,16 @@ import time
 from collections.abc import Callable
 
 from celery_idem.checks import check_store_durations
-from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, ReserveRequest
+from celery_idem.exceptions import IdempotencyError
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimRequest,
+    CompleteRequest,
+    ReserveRequest,
+    StepRequest,
+)
 from celery_idem.store.memory_admin import MemoryAdmin, MemoryRecord
-from celery_idem.store.record import ClaimState, RecordKind, RecordState
+from celery_idem.store.record import ClaimState, RecordKind, RecordState, StepRecord
 
 __all__ = ["MemoryStore"]
 
@@ -56,21 +63,23 @@ class MemoryStore(MemoryAdmin):
             record = self.live(key, now)
             fence = record.fence if record else 0
             takeovers = record.takeovers if record else 0
+            steps = record.steps if record else ()  # they pass to the new claim
             took_over = False
             if record is not None and _lapsed_reservation(record, now, task_id):
-                record = None  # holds nothing: as a free record (fence and count kept)
+                # Holds nothing: as a free record (fence, count and steps kept).
+                if steps and _other_arguments(record, fingerprint):
+                    return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
+                fingerprint = fingerprint or (record.fingerprint if steps else "")
+                record = None
             if record is not None:
                 if record.state is RecordState.IN_PROGRESS and record.owner == token:
-                    return ClaimOutcome(ClaimState.CLAIMED, fence, task_id)
+                    return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, steps=steps)
                 if record.state is RecordState.QUARANTINED:
                     return ClaimOutcome(
                         ClaimState.QUARANTINED, fence, record.task_id, takeovers=takeovers
                     )
-                if (
-                    record.state is not RecordState.FREE
-                    and fingerprint
-                    and record.fingerprint
-                    and record.fingerprint != fingerprint
+                if (record.state is not RecordState.FREE or steps) and _other_arguments(
+                    record, fingerprint
                 ):
                     return ClaimOutcome(ClaimState.MISMATCH, fence, record.task_id)
                 if record.stored is not None:
@@ -78,6 +87,8 @@ class MemoryStore(MemoryAdmin):
                         ClaimState.COMPLETED, fence, record.task_id, stored=record.stored,
                         continuation_pending=record.continuation,
                     )  # fmt: skip
+                if steps and not fingerprint and record.state is not RecordState.IN_PROGRESS:
+                    fingerprint = record.fingerprint  # resumed steps keep their request's
                 if record.state is RecordState.RESERVED:
                     if record.task_id != task_id:  # another message's, still queued
                         left = record.deadline - now
@@ -111,8 +122,11 @@ class MemoryStore(MemoryAdmin):
                 fingerprint=fingerprint,
                 task_id=task_id,
                 takeovers=takeovers,
+                steps=steps,
             )
-            return ClaimOutcome(ClaimState.CLAIMED, fence, task_id, took_over=took_over)
+            return ClaimOutcome(
+                ClaimState.CLAIMED, fence, task_id, took_over=took_over, steps=steps
+            )
 
     def peek(self, key: str, *, fingerprint: str) -> ClaimOutcome | None:
         """See ``lua/peek.lua``."""
@@ -144,6 +158,14 @@ class MemoryStore(MemoryAdmin):
             record = self.live(request.key, now)
             if record is not None and _lapsed_reservation(record, now, None):
                 record.state = RecordState.FREE  # as the script reads it; rewritten below
+            steps = record.steps if record else ()
+            if (
+                record is not None
+                and record.state is RecordState.FREE
+                and steps
+                and _other_arguments(record, request.fingerprint)
+            ):
+                return ClaimOutcome(ClaimState.MISMATCH, record.fence, record.task_id)
             if record is not None and record.state is not RecordState.FREE:
                 found = self._look_up(request.key, request.fingerprint, now)
                 if found is None or found.state is not ClaimState.IN_PROGRESS:
@@ -157,9 +179,10 @@ class MemoryStore(MemoryAdmin):
                 fence=fence,
                 expires_at=max(record.expires_at if record else 0.0, now + hold),
                 deadline=now + hold,
-                fingerprint=request.fingerprint,
+                fingerprint=request.fingerprint or (record.fingerprint if record and steps else ""),
                 task_id=task_id,
                 takeovers=record.takeovers if record else 0,
+                steps=steps,  # kept for the reserved message to resume
             )
             return ClaimOutcome(ClaimState.RESERVED, fence, task_id)
 
@@ -174,10 +197,14 @@ class MemoryStore(MemoryAdmin):
                 or record.task_id != task_id
             ):
                 return False
-            if record.takeovers == 0 and record.fence < int(now * 1000):
+            if record.takeovers == 0 and record.fence < int(now * 1000) and not record.steps:
                 del self.records[key]
                 return True
-            record.state, record.fingerprint, record.task_id = RecordState.FREE, "", ""
+            record.state, record.task_id = RecordState.FREE, ""
+            if record.steps:  # kept, as a release keeps them: free, not a tombstone
+                record.deadline = 0.0
+                return True
+            record.fingerprint = ""
             record.deadline = now if record.takeovers == 0 else 0.0  # a tombstone, or free
             return True
 
@@ -206,6 +233,7 @@ class MemoryStore(MemoryAdmin):
                 )
             record.state = request.stored.kind.state
             record.stored = request.stored
+            record.steps_done, record.steps = len(record.steps), ()
             record.owner = None
             record.continuation = request.continuation
             record.deadline = 0.0
@@ -228,10 +256,39 @@ class MemoryStore(MemoryAdmin):
             record.state = RecordState.FREE
             record.owner = None
             record.deadline = 0.0
-            record.fingerprint = ""
-            record.task_id = ""
+            if not record.steps:  # steps keep the request that ran them
+                record.fingerprint = ""
+                record.task_id = ""
 
         return self._change_owned(key, token, free)
+
+    def step(self, request: StepRequest) -> bool:
+        """See ``lua/step.lua``."""
+        with self.lock:
+            now = time.time()
+            record = self.live(request.key, now)
+            if (
+                record is None
+                or record.state is not RecordState.IN_PROGRESS
+                or record.owner != request.token
+            ):
+                return False
+            count = len(record.steps)
+            if request.position <= count:
+                return True  # this attempt stored it already
+            if request.position != count + 1:
+                raise IdempotencyError(
+                    f"record {request.key!r} holds fewer durable steps than step "
+                    f"{request.name!r} (position {request.position}) follows; nothing "
+                    f"was written",
+                    key=request.key,
+                )
+            step = StepRecord(
+                request.name, request.occurrence, int(now * 1000) / 1000.0, request.codec,
+                request.value,
+            )  # fmt: skip
+            record.steps = (*record.steps, step)
+            return True
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""
@@ -248,6 +305,11 @@ class MemoryStore(MemoryAdmin):
         """Drop every record (between users' tests)."""
         with self.lock:
             self.records.clear()
+
+
+def _other_arguments(record: MemoryRecord, fingerprint: str) -> bool:
+    """Both fingerprints are known and differ (``''`` on either side is not checked)."""
+    return bool(fingerprint and record.fingerprint and record.fingerprint != fingerprint)
 
 
 def _lapsed_reservation(record: MemoryRecord, now: float, task_id: str | None) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
-from celery_idem.store.record import RecordState
+from celery_idem.store.record import RecordState, StepRecord, encode_steps
 
 __all__ = ["MemoryAdmin", "MemoryRecord"]
 
@@ -48,6 +48,10 @@ class MemoryRecord:
     stored: Stored | None = None
     takeovers: int = 0
     continuation: bool = False
+    steps: tuple[StepRecord, ...] = ()
+    """Finished durable steps (any state but completed)."""
+    steps_done: int = 0
+    """Completed: how many durable steps the completing run stored."""
 
     @property
     def parked(self) -> bool:
@@ -198,6 +202,8 @@ def _stored_record(record: MemoryRecord, now: float) -> StoredRecord:
         stored=record.stored,
         parked=record.parked,
         takeovers=record.takeovers,
+        steps=record.steps,
+        steps_done=record.steps_done,
     )
 
 
@@ -207,7 +213,7 @@ def _summary(key: str, record: MemoryRecord, now: float) -> RecordSummary:
     stored = full.stored
     return RecordSummary(
         key, full.state, full.fence, full.task_id, full.parked, full.lease_left, full.ttl,
-        payload_bytes=len(stored.payload) if stored else 0,
+        payload_bytes=len(stored.payload) if stored else len(encode_steps(full.steps)),
         codec=stored.codec if stored else "",
         takeovers=full.takeovers,
     )  # fmt: skip
@@ -216,7 +222,7 @@ def _summary(key: str, record: MemoryRecord, now: float) -> RecordSummary:
 def _estimated_size(key: str, record: MemoryRecord, _now: float) -> int:
     stored = record.stored
     fields = len(record.fingerprint) + len(record.task_id) + 40
-    body = len(stored.payload) + len(stored.codec) if stored else 0
+    body = len(stored.payload) + len(stored.codec) if stored else len(encode_steps(record.steps))
     return len(key.encode("utf-8", "surrogatepass")) + fields + body + 70
 
 

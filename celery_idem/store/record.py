@@ -14,7 +14,16 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["ClaimState", "RecordFields", "RecordKind", "RecordState", "decode_record"]
+__all__ = [
+    "ClaimState",
+    "RecordFields",
+    "RecordKind",
+    "RecordState",
+    "StepRecord",
+    "decode_record",
+    "decode_steps",
+    "encode_steps",
+]
 
 
 class RecordState(enum.Enum):
@@ -155,3 +164,83 @@ def decode_record(raw: bytes) -> RecordFields:
     return RecordFields(
         state, fence, deadline, takeovers, owner, fingerprint, task_id, codec, raw[pos:]
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One finished durable step, as a record keeps it (``lua/record.lua``, ``lua/step.lua``).
+
+    Attributes:
+        name: The name the run gave the step (``self.step(name, ...)``).
+        occurrence: The n-th step of that name in the run, from 1.
+        at: When it was stored: seconds since the epoch on the store's clock.
+        codec: The value's codec tag (``celery_idem.codec``); ``""`` when the step ran
+            but its value could not be kept (:attr:`value` then says why, as text).
+        value: The serialized value (or why there is none).
+    """
+
+    name: str
+    occurrence: int
+    at: float
+    codec: str
+    value: bytes
+
+    @property
+    def kept(self) -> bool:
+        """The value was stored (False: the step ran, its value could not be kept)."""
+        return self.codec != ""
+
+    @property
+    def label(self) -> str:
+        """``name``, or ``name#n`` for occurrence n >= 2: how messages and keys name it."""
+        return self.name if self.occurrence == 1 else f"{self.name}#{self.occurrence}"
+
+
+def decode_steps(payload: bytes) -> tuple[StepRecord, ...]:
+    """The durable steps in the payload of a record that is not completed.
+
+    The format is ``lua/record.lua``'s: ``<count>:`` then, per step,
+    ``<len>:<name><occurrence>:<at>:<len>:<codec><len>:<value>``.
+
+    Raises:
+        ValueError: ``payload`` is not in that format.
+    """
+    if not payload:
+        return ()
+    colon = payload.index(b":")
+    count, pos = int(payload[:colon]), colon + 1
+    steps: list[StepRecord] = []
+    for _ in range(count):
+        name, pos = _field(payload, pos)
+        colon = payload.index(b":", pos)
+        occurrence, pos = int(payload[pos:colon]), colon + 1
+        colon = payload.index(b":", pos)
+        at_ms, pos = int(payload[pos:colon]), colon + 1
+        codec, pos = _field(payload, pos)
+        value, pos = _field(payload, pos)
+        steps.append(StepRecord(name.decode(), occurrence, at_ms / 1000.0, codec.decode(), value))
+    if pos != len(payload):
+        raise ValueError(f"{len(payload) - pos} bytes after the last of {count} steps")
+    return tuple(steps)
+
+
+def encode_steps(steps: tuple[StepRecord, ...]) -> bytes:
+    """The payload ``lua/step.lua`` builds for ``steps`` (``MemoryStore`` sizes, tests)."""
+    if not steps:
+        return b""
+    parts = [f"{len(steps)}:".encode()]
+    for step in steps:
+        name, codec = step.name.encode(), step.codec.encode()
+        parts.append(b"%d:%s%d:%d:" % (len(name), name, step.occurrence, round(step.at * 1000)))
+        parts.append(b"%d:%s%d:%s" % (len(codec), codec, len(step.value), step.value))
+    return b"".join(parts)
+
+
+def _field(raw: bytes, pos: int) -> tuple[bytes, int]:
+    """A ``<length>:<bytes>`` field at ``pos``; returns it and the position after it."""
+    colon = raw.index(b":", pos)
+    start = colon + 1
+    end = start + int(raw[pos:colon])
+    if end > len(raw):
+        raise ValueError(f"a field of {end - start} bytes runs past the record's end")
+    return raw[start:end], end

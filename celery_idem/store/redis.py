@@ -34,10 +34,11 @@ from celery_idem.store.base import (
     ClaimRequest,
     CompleteRequest,
     ReserveRequest,
+    StepRequest,
     Stored,
 )
 from celery_idem.store.clients import client_for
-from celery_idem.store.record import ClaimState, RecordKind
+from celery_idem.store.record import ClaimState, RecordKind, StepRecord, decode_steps
 from celery_idem.store.redis_admin import RedisAdmin
 from celery_idem.store.redis_base import ERRORS, RedisBase, Scripts, text
 
@@ -179,7 +180,10 @@ class RedisHotPath(RedisBase):
                 if isinstance(acked, BaseException):
                     raise self.error_for(key, acked) from acked
                 raise self._not_durable(key, "claim", acked)
-            return ClaimOutcome(state, fence, request.task_id, took_over=bool(reply[2]))
+            return ClaimOutcome(
+                state, fence, request.task_id, took_over=bool(reply[2]),
+                steps=self._steps(key, token, reply[3]),
+            )  # fmt: skip
         owner = text(reply[2])
         if state is ClaimState.COMPLETED:
             stored = Stored(RecordKind(text(reply[3])), bytes(reply[4]), text(reply[5]))
@@ -193,6 +197,21 @@ class RedisHotPath(RedisBase):
                 state, fence, owner, takeovers=int(reply[3]), quarantined_now=bool(int(reply[4]))
             )
         return ClaimOutcome(state, fence, owner)  # MISMATCH
+
+    def _steps(self, key: str, token: str, raw: Any) -> tuple[StepRecord, ...]:
+        """The durable steps of a claim's reply; a damaged list is refused for good."""
+        if not raw:
+            return ()
+        try:
+            return decode_steps(bytes(raw))
+        except ValueError as exc:
+            self._release_quietly(key, token)  # claimed, but nothing will run
+            raise IdempotencyError(
+                f"record {key!r} in the idempotency store at {self.url} holds durable steps "
+                f"that cannot be read ({exc}); nothing was run. Forget the key "
+                f"(celery idem forget) if the record is not celery-idem's.",
+                key=key,
+            ) from exc
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.renew`."""
@@ -223,6 +242,21 @@ class RedisHotPath(RedisBase):
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
         return bool(self.run_script(self.scripts.dispatched, key, [task_id]))
+
+    def step(self, request: StepRequest) -> bool:
+        """See :meth:`celery_idem.store.base.Store.step` and ``lua/step.lua``."""
+        args = [
+            request.token, request.position, request.name, request.occurrence, request.codec,
+            request.value,
+        ]  # fmt: skip
+        reply = int(self.run_script(self.scripts.step, request.key, args))
+        if reply < 0:
+            raise IdempotencyError(
+                f"record {request.key!r} holds fewer durable steps than step "
+                f"{request.name!r} (position {request.position}) follows; nothing was written",
+                key=request.key,
+            )
+        return bool(reply)
 
     def release(self, key: str, *, token: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.release`."""

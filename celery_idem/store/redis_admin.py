@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
-from celery_idem.store.record import RecordState, decode_record
+from celery_idem.store.record import RecordState, decode_record, decode_steps
 from celery_idem.store.redis_base import (
     ERRORS,
     OUTAGE_CODES,
@@ -126,6 +126,7 @@ class RedisAdmin(RedisBase):
         stored = Stored(kind, r.payload, text(r.codec)) if kind else None
         in_progress = state is RecordState.IN_PROGRESS
         deadlined = in_progress or state is RecordState.RESERVED
+        completed = kind is not None
         return StoredRecord(
             state=r.state,
             fence=r.fence,
@@ -136,6 +137,8 @@ class RedisAdmin(RedisBase):
             stored=stored,
             parked=in_progress and r.owner == b"",
             takeovers=r.takeovers,
+            steps=() if completed else decode_steps(r.payload),
+            steps_done=r.deadline if completed else 0,
         )
 
     def forget(self, key: str) -> bool:

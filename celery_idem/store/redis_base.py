@@ -156,6 +156,7 @@ class Scripts:
     complete: Script
     dispatched: Script
     release: Script
+    step: Script
     park: Script
     peek: Script
     reserve: Script

@@ -13,7 +13,13 @@ from __future__ import annotations
 from typing import NoReturn
 
 from celery_idem.exceptions import StoreUnavailable
-from celery_idem.store.base import ClaimOutcome, ClaimRequest, CompleteRequest, ReserveRequest
+from celery_idem.store.base import (
+    ClaimOutcome,
+    ClaimRequest,
+    CompleteRequest,
+    ReserveRequest,
+    StepRequest,
+)
 
 __all__ = ["UnreachableStore"]
 
@@ -53,6 +59,10 @@ class UnreachableStore:
     def release(self, key: str, *, token: str) -> bool:
         """Always an outage."""
         self._fail(key)
+
+    def step(self, request: StepRequest) -> bool:
+        """Always an outage."""
+        self._fail(request.key)
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """Always an outage."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from celery import Task
 
@@ -29,6 +29,7 @@ from celery_idem.exceptions import (
     DuplicateInProgress,
     IdempotencyKeyMismatch,
     KeyQuarantined,
+    LeaseLost,
     ResultNotStored,
     StoreUnavailable,
 )
@@ -39,11 +40,17 @@ from celery_idem.task import handover, publish, spec
 from celery_idem.task.execution import Execution
 from celery_idem.task.headers import RETRY_KEY
 from celery_idem.task.spec import Spec
+from celery_idem.task.steps import Steps
 
 __all__ = ["IdempotentTask", "task_options"]
 
-_EXPECTED = (IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined)
+_EXPECTED = (
+    IdempotencyKeyMismatch, DuplicateInProgress, ResultNotStored, KeyQuarantined, LeaseLost
+)  # fmt: skip
 """Exceptions a worker logs as expected (Celery's ``Task.throws``), at INFO."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def task_options(cls: type[IdempotentTask]) -> dict[str, Any]:
@@ -148,6 +155,46 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def idempotency_fence(self) -> int | None:
         """The fence of the running execution: it only grows for one key."""
         return getattr(self.request, "idem_fence", None)
+
+    # -- durable steps (steps.py) ------------------------------------------------
+
+    def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` once per key: a later attempt gets its stored value.
+
+        Inside the body of an execution that claimed its key, the value is stored
+        (serialized as results are, fenced by this attempt's claim) before it is
+        returned; a retry, redelivery or takeover of the same key that reaches the
+        same step (the n-th call with this ``name``) returns the stored value without
+        calling ``fn`` and sends ``step_replayed``. The value returned is the decoded
+        one on every attempt, the first included. Outside such an execution (a plain
+        call ``task(x)``, a store down under ``idem_on_store_error='run'``) it just
+        calls ``fn``. See ``docs/durable-steps.md``.
+
+        Raises:
+            LeaseLost: Another attempt took the key over; nothing was stored.
+            ResultNotStored: The value could not be kept (the step counts as done).
+            IdempotencyError: A different step stands at this place in the record.
+        """
+        request = self.request
+        steps = getattr(request, "idem_steps", None)
+        if steps is None:
+            execution = getattr(request, "idem_run", None)
+            if execution is None or execution.finished_steps is None:
+                return fn(*args, **kwargs)
+            steps = request.idem_steps = Steps(execution, execution.finished_steps)
+        value: T = steps.run(name, fn, args, kwargs)
+        return value
+
+    @property
+    def step_key(self) -> str | None:
+        """The running step's downstream idempotency key: ``f"{idempotency_key}/{name}"``.
+
+        ``#n`` is appended for the n-th step of the same name (n >= 2). Stable across
+        attempts, so pass it to the payment provider or the mailer the step calls.
+        None outside a step, or outside an execution that claimed its key.
+        """
+        steps = getattr(self.request, "idem_steps", None)
+        return None if steps is None else steps.current_key
 
     # -- publishing ---------------------------------------------------------------
 

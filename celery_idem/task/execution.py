@@ -17,7 +17,7 @@ import shlex
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from celery.exceptions import Reject, Retry
 
@@ -47,6 +47,7 @@ from celery_idem.store import (
     ClaimState,
     CompleteRequest,
     RecordKind,
+    StepRecord,
     Stored,
 )
 from celery_idem.task.headers import (
@@ -63,6 +64,8 @@ from celery_idem.task.spec import IdemTask, Spec
 __all__ = ["Execution", "RunLog"]
 
 logger = logging.getLogger("celery_idem")
+
+E = TypeVar("E", bound=IdempotencyError)
 
 FIRST_DEFERRAL = 0.5
 """Seconds before a duplicate of a running key first looks again (doubling each time)."""
@@ -123,6 +126,9 @@ class Execution:
         self.lease: Lease | None = None
         self.handed_over = False
         """``self.replace()`` gave the key to the replacement: not released on ``Ignore``."""
+        self.finished_steps: tuple[StepRecord, ...] | None = None
+        """While the claimed body runs: the durable steps earlier attempts finished
+        (``self.step`` replays them, see ``steps.py``); None when no claimed body runs."""
         self.log = RunLog(
             logger,
             {"idem_task": task.name, "idem_task_id": self.task_id, "idem_key": self.key,
@@ -170,17 +176,15 @@ class Execution:
 
     # -- what every step shares --------------------------------------------------------------
 
-    def error(self, kind: type[IdempotencyError], message: str) -> IdempotencyError:
+    def error(self, kind: type[E], message: str) -> E:
         """An error of ``kind`` naming this execution's key and task."""
         return kind(message, key=self.key, task_name=self.task.name)
 
-    def key_error(self, kind: type[IdempotencyError], what: str) -> IdempotencyError:
+    def key_error(self, kind: type[E], what: str) -> E:
         """An error of ``kind`` saying ``task 'NAME' key 'KEY'`` and then ``what``."""
         return self.error(kind, f"task {self.task.name!r} key {self.key!r} {what}")
 
-    def stage_error(
-        self, kind: type[IdempotencyError], stage: str, cause: Exception
-    ) -> IdempotencyError:
+    def stage_error(self, kind: type[E], stage: str, cause: Exception) -> E:
         """An error of ``kind``: this execution could not ``stage`` its key (``cause``).
 
         ``cause`` is the store's error, which names only the hashed record.
@@ -443,6 +447,7 @@ class Execution:
                 describe=f"{self.task.name}[{self.task_id}] key={self.key!r}",
             )
         )
+        self.finished_steps = outcome.steps
         try:
             retval = self.task.run(*self.args, **self.kwargs)
         except Retry as exc:
@@ -457,6 +462,7 @@ class Execution:
                 self.failed(exc)
             raise
         renewer.remove(lease)
+        self.finished_steps = None
         sent = getattr(self.request, "idem_retry_sent", None)
         retry = retval if isinstance(retval, Retry) else sent
         if isinstance(retry, Retry):

@@ -12,8 +12,12 @@
 -- A publisher's reservation (state R, reserve.lua) for this task id is claimed as this
 -- attempt's own; one for another task id is IN_PROGRESS while it stands, and free once
 -- it ran out (never a takeover: nobody ran).
+-- The durable steps a record holds (record.lua) pass to the new claim: an attempt that
+-- failed, parked, died or reserved left them, and this one resumes after them.
 -- Returns one of
---   {1, fence, took_over}                                 CLAIMED (took_over 1 = the lease had run out)
+--   {1, fence, took_over, steps}                          CLAIMED (took_over 1 = the lease had
+--                                                         run out; steps: the payload's
+--                                                         finished steps, '' for none)
 --   {2, fence, task_id, kind, payload, codec, pending}    COMPLETED (kind C result, E error,
 --                                                         X no result; pending 1 = the
 --                                                         completing run's callbacks and
@@ -34,14 +38,15 @@ if r then
   end
   if r.s == 'P' and r.o == ARGV[1] then
     -- This very attempt asked before (a client retry after a lost reply): same answer.
-    return {1, fence, 0}
+    return {1, fence, 0, r.r}
   end
   if r.s == 'Q' then
     return {5, fence, r.i, takeovers, 0}
   end
-  if r.s ~= 'F' and ARGV[3] ~= '' and r.a ~= '' and r.a ~= ARGV[3] then
+  if (r.s ~= 'F' or r.r ~= '') and ARGV[3] ~= '' and r.a ~= '' and r.a ~= ARGV[3] then
     -- Checked before the parked retry: a new request reusing the task id with other
-    -- arguments must not take the retry's place (a retry itself sends '').
+    -- arguments must not take the retry's place (a retry itself sends ''); nor resume
+    -- the steps another request's attempt left in a free record.
     return {4, fence, r.i}
   end
   if completed(r) then
@@ -50,6 +55,11 @@ if r then
   if r.s == 'R' and r.i ~= ARGV[2] then
     -- Reserved for another message, still queued: wait for it as for a running holder.
     return {3, fence, r.i, r.d - now}
+  end
+  if (r.s == 'R' or r.s == 'F') and fingerprint == '' and r.r ~= '' then
+    -- Resuming steps under a key derived from the arguments (or a retry): they keep
+    -- the fingerprint of the request that started them.
+    fingerprint = r.a
   end
   if r.s == 'R' and fingerprint == '' then
     -- This message's own reservation, claimed as it is, whatever its deadline (nobody
@@ -85,7 +95,8 @@ end
 -- server's clock in ms, and at least one more than the last claim's (so a take-over,
 -- a lease later, gets the clock: thousands above the last fence, not one).
 fence = math.max(fence + 1, now)
+local steps = r and r.r or ''
 local record = {s = 'P', f = fence, d = now + tonumber(ARGV[4]), n = takeovers, o = ARGV[1],
-                a = fingerprint, i = ARGV[2], c = '', r = ''}
+                a = fingerprint, i = ARGV[2], c = '', r = steps}
 redis.call('SET', KEYS[1], encode(record), 'PX', ARGV[5])
-return {1, fence, took_over}
+return {1, fence, took_over, steps}

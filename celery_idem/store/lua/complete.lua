@@ -10,6 +10,7 @@
 -- ARGV[7]  task id of the attempt
 -- ARGV[8]  '+' when the attempt still has callbacks or a chain to send (the tracer
 --          sends them after the body returns; dispatched.lua confirms), else ''
+-- The run's durable steps are dropped; their count stays in the deadline field.
 -- Returns 1 when stored (or already stored by this same attempt: a client retry
 -- after a lost reply finds its own fence and task id), 0 when another attempt owns
 -- the key now: nothing is written.
@@ -23,6 +24,6 @@ if r.s ~= 'P' or r.o ~= ARGV[1] then
   end
   return 0
 end
-r.s, r.d, r.o, r.c, r.r = ARGV[3], 0, ARGV[8], ARGV[5], ARGV[4]
+r.s, r.d, r.o, r.c, r.r = ARGV[3], step_count(r), ARGV[8], ARGV[5], ARGV[4]
 redis.call('SET', KEYS[1], encode(r), 'PX', ARGV[6])
 return 1

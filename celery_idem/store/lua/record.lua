@@ -19,7 +19,9 @@
 --   deadline     lease deadline in ms on the server's clock (P); the end of the
 --                reservation (R: after it the record holds nothing); in an F record 0
 --                after a release, or the server's clock in ms at the forget that
---                left it as a tombstone (see forget.lua); 0 in any other state
+--                left it as a tombstone (see forget.lua); in C/E/X the number of
+--                durable steps the completing run stored (complete.lua); 0 in any
+--                other state
 --   takeovers    how many times a claim took the key from an attempt that stopped
 --                renewing (a dead or stalled worker) since the record was created;
 --                kept across release and parking, so a poison message that kills
@@ -31,7 +33,25 @@
 --   task id      the owner's, the completing run's, or (R) the reserved message's Celery
 --                task id
 --   codec        how the payload is serialized (see celery_idem/codec.py)
---   payload      everything after the codec, bytes as they are (no escaping)
+--   payload      everything after the codec, bytes as they are (no escaping): in a
+--                completed record the result (or the cached error, or why there is
+--                none); in P, F, R and Q the run's finished durable steps (below), ''
+--                when there are none
+--
+-- Durable steps (``self.step``, step.lua) live in the payload of a record that is not
+-- completed, so they survive what does not complete the key (a release, a park, a
+-- takeover, a reservation; claim.lua hands them to the next attempt in its reply):
+--
+--   <count>:<step>...
+--   step         <len>:<name><occurrence>:<at>:<len>:<codec><len>:<value>
+--                name and occurrence (the n-th step of that name in the run, from 1);
+--                at: the server's clock in ms when it was stored; codec and value as a
+--                result's (celery_idem/codec.py); codec '' = the step ran but its value
+--                could not be kept, and value says why
+--
+-- A completion drops them and keeps their count in the deadline field (below); a
+-- forget drops them with the record. While steps stand, an F record keeps its
+-- fingerprint, so a request with other arguments cannot resume them (MISMATCH).
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -80,3 +100,11 @@ local function forgotten(r)
   return r.s == 'F' and r.d > 0
 end
 
+
+-- How many durable steps a record that is not completed holds (see the payload above).
+local function step_count(r)
+  if r.r == '' then
+    return 0
+  end
+  return read_number(r.r, 1)
+end

@@ -25,6 +25,10 @@ end
 if r and r.s == 'Q' then
   return {0}
 end
+if r and r.s == 'F' and r.r ~= '' and ARGV[2] ~= '' and r.a ~= '' and r.a ~= ARGV[2] then
+  -- A free record with durable steps: they belong to its request's arguments.
+  return {4, r.f, r.i}
+end
 if r and r.s ~= 'F' then
   if ARGV[2] ~= '' and r.a ~= '' and r.a ~= ARGV[2] then
     return {4, r.f, r.i}
@@ -48,8 +52,14 @@ if r then
   fence, takeovers = r.f, r.n
 end
 local hold = tonumber(ARGV[3])
-local record = {s = 'R', f = fence, d = now + hold, n = takeovers, o = '', a = ARGV[2],
-                i = ARGV[1], c = '', r = ''}
+-- Durable steps a free record holds are kept for the reserved message to resume.
+local steps = r and r.r or ''
+local fingerprint = ARGV[2]
+if fingerprint == '' and steps ~= '' then
+  fingerprint = r.a
+end
+local record = {s = 'R', f = fence, d = now + hold, n = takeovers, o = '', a = fingerprint,
+                i = ARGV[1], c = '', r = steps}
 redis.call('SET', KEYS[1], encode(record), 'KEEPTTL')
 if redis.call('PTTL', KEYS[1]) < hold then
   redis.call('PEXPIRE', KEYS[1], hold)
