@@ -70,6 +70,9 @@ class Lease:
     cancelled: bool = False
     renewals: int = field(default=0)
     due: float = 0.0
+    confirmed: float = 0.0
+    """When (renewer clock) the store last confirmed the lease: the claim, or the start
+    of the last successful renewal (the server's deadline runs from a moment later)."""
 
 
 class Renewer:
@@ -98,7 +101,8 @@ class Renewer:
 
     def add(self, lease: Lease) -> Lease:
         """Renew ``lease`` every lease/3 until :meth:`remove`."""
-        lease.due = next_due(self._clock(), lease.lease)
+        lease.confirmed = self._clock()
+        lease.due = next_due(lease.confirmed, lease.lease)
         with self._lock:
             if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork)
                 self._reset()
@@ -147,6 +151,24 @@ class Renewer:
                 period,
             )
 
+    def may_have_lapsed(self, lease: Lease) -> bool:
+        """A whole lease passed since the store last confirmed ``lease`` (or it is lost).
+
+        The renewal thread did not get to run for that long (a paused process, a long
+        GC or GIL hold): the key may have been taken over meanwhile. The body asks before
+        a durable step, so a stalled attempt learns it before running the step's side
+        effect, not only when storing it.
+        """
+        return lease.lost or self._clock() - lease.confirmed >= lease.lease
+
+    def confirm(self, lease: Lease, since: float) -> None:
+        """The store confirmed ``lease`` by a renewal that started at ``since``."""
+        lease.confirmed = max(lease.confirmed, since)
+
+    def clock(self) -> float:
+        """The clock leases are timed on (monotonic)."""
+        return self._clock()
+
     def _due_now(self) -> list[Lease]:
         now = self._clock()
         with self._lock:
@@ -170,7 +192,7 @@ class Renewer:
             self._wake.wait(self._plan())
 
     def _renew(self, lease: Lease) -> None:
-        failed = False
+        failed, started = False, self._clock()
         try:
             owned = lease.store.renew(lease.key, token=lease.token, lease=lease.lease)
         except StoreUnavailable as exc:
@@ -191,6 +213,7 @@ class Renewer:
             return
         if not failed:
             lease.renewals += 1
+            self.confirm(lease, started)
         lease.due = next_due(self._clock(), lease.lease, failed=failed)
 
 

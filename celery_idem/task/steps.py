@@ -26,6 +26,7 @@ from celery_idem.exceptions import (
     ResultNotStored,
     StoreUnavailable,
 )
+from celery_idem.renewer import renewer
 from celery_idem.store import StepRecord, StepRequest, Stored
 from celery_idem.store.record import RecordKind
 from celery_idem.task.execution import COMPLETE_RETRIES, Execution
@@ -82,6 +83,7 @@ class Steps:
         self.position += 1
         if self.position <= len(self.finished):
             return self.replay(self.finished[self.position - 1], name, occurrence)
+        self.check_lease(step_label(name, occurrence))
         self.current_key = f"{execution.key}/{step_label(name, occurrence)}"
         try:
             value = fn(*args, **kwargs)
@@ -121,6 +123,42 @@ class Steps:
         )
         return value
 
+    def check_lease(self, label: str) -> None:
+        """Before a step's side effect: stop here if this attempt lost its key.
+
+        Free while the renewals keep up (a local check). When a whole lease passed
+        without one (this process was paused, or its renewal thread starved), the key
+        may be another attempt's by now: one renewal, in the body's thread, settles it.
+        """
+        execution, lease = self.execution, self.execution.lease
+        if lease is None or not renewer.may_have_lapsed(lease):
+            return
+        owned = not lease.lost
+        if owned:
+            started = renewer.clock()
+            try:
+                owned = execution.spec.store.renew(
+                    execution.storage, token=execution.token, lease=execution.settings.lease
+                )
+            except StoreUnavailable:
+                return  # unknown: storing the step decides (and retries)
+            if owned:
+                renewer.confirm(lease, started)
+                return
+        raise self.lost(label, "run")
+
+    def lost(self, label: str, what: str) -> LeaseLost:
+        """This attempt no longer owns its key: tell once, and stop the body here."""
+        execution = self.execution
+        execution.report_lost("step")
+        return execution.key_error(
+            LeaseLost,
+            f"lost its lease before step {label!r} could {what}: another attempt took the "
+            f"key over (this one stalled past idem_lease). This run stops here and the step "
+            f"is not recorded; the new owner decides. Pass self.step_key downstream so a "
+            f"step run twice is still applied once",
+        )
+
     def keep(self, name: str, occurrence: int, value: Any) -> Any:
         """Store a finished step, fenced by this attempt's token; return its value decoded."""
         execution = self.execution
@@ -145,14 +183,7 @@ class Steps:
         )
         owned = self.store(request, label)
         if not owned:
-            execution.report_lost("step")
-            raise execution.key_error(
-                LeaseLost,
-                f"lost its lease before step {label!r} could be stored: another attempt "
-                f"took the key over (this one stalled past idem_lease). This run stops "
-                f"here and the step is not recorded; the new owner decides. Pass "
-                f"self.step_key downstream so a step run twice is still applied once",
-            )
+            raise self.lost(label, "be stored")
         if reason is not None:
             execution.signal(signals.result_not_stored, reason=f"step {label!r}: {reason}")
             raise self.not_stored(label, reason, earlier=False)

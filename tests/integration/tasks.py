@@ -30,6 +30,8 @@ VISIBILITY = float(os.environ.get("IDEM_TEST_VISIBILITY", "3600"))
 
 app = Celery("idemtest", broker=BROKER, backend=BACKEND)
 app.conf.update(
+    # The durable-step tasks (t.st_*) live in their own module; workers import it too.
+    include=["tests.integration.step_tasks"],
     idem_redis_url=STORE,
     idem_lease=float(os.environ.get("IDEM_TEST_LEASE", "60")),
     idem_min_replicas=int(os.environ.get("IDEM_TEST_MIN_REPLICAS", "0")),
