@@ -19,9 +19,12 @@ HTTP requests:
    the broker redelivers the message and it sends the one email;
 4. event A's id again with another customer: refused with ``IdempotencyKeyMismatch``,
    nothing sent;
+5. an order (``example_project.steps_demo``): the worker is SIGKILLed between the
+   task's durable steps, after the row and before the email; the redelivered message
+   replays the row step (one row in SQLite) and sends the one email;
 
 and prints a summary table. It exits 1 unless every event produced exactly one email
-and every delivery got the expected answer.
+(and E one row) and every delivery got the expected answer.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from example_project.stack import (
     running,
     say,
 )
+from example_project.steps_demo import killed_between_steps
 
 
 def customer_created(event_id: str, customer_id: str, email: str, name: str) -> dict[str, Any]:
@@ -124,7 +128,7 @@ class Events:
 
 
 class Demo:
-    """The four scenarios; each appends its row to ``rows``."""
+    """The five scenarios; each appends its row to ``rows``."""
 
     def __init__(
         self, webhook: Webhook, observer: Observer, worker: Worker, events: Events, rows: list[Row]
@@ -243,7 +247,7 @@ class Demo:
         worker.kill()
         say(f"   SIGKILL to the whole worker (process group {worker.pid}): nothing acknowledged")
         say("   the message, and nothing renews its run's lease any more.")
-        worker.env.pop("DEMO_PAUSE_KEY", None)
+        worker.unpause(key)
         worker.start()
         say(f"   Worker restarted (pid {worker.pid}). The broker redelivers the message after")
         say(
@@ -302,6 +306,9 @@ class Demo:
         say(f"   Nothing ran and nothing was sent; event A still has its {first.emails} email.")
         self.rows.append(row)
 
+    def scenario_e(self) -> None:
+        self.rows.append(killed_between_steps(self, Row("E", "killed between row and email")))
+
 
 def summary(rows: list[Row], error: str | None) -> bool:
     """Print the table and the verdict; True for PASS."""
@@ -317,23 +324,24 @@ def summary(rows: list[Row], error: str | None) -> bool:
             f"{row.emails:>8}{row.from_store:>12}  {row.answer_column()}"
         )
     print(
-        "\n  executions: times the task body started (C: once killed mid-send, once after"
+        "\n  executions: times the task body started (C, E: once killed, once after"
         "\n  redelivery); emails: messages in the mailbox for that event (D: to its new"
         "\n  customer); from store: deliveries answered from the stored result.\n"
     )
     failures = [f"{row.label}: {failure}" for row in rows for failure in row.failures]
     if error is not None:
         failures.append(f"the demo stopped early: {error}")
-    elif len(rows) < 4:
-        failures.append(f"only {len(rows)} of the 4 scenarios ran")
+    elif len(rows) < 5:
+        failures.append(f"only {len(rows)} of the 5 scenarios ran")
     for failure in failures:
         print(f"  FAIL {failure}")
     if failures:
         print("FAIL", flush=True)
         return False
     print(
-        "PASS: A, B and C each sent exactly one email and every delivery got its Message-ID;"
-        "\n      D (a reused event id) was refused and sent nothing.",
+        "PASS: A, B, C and E each sent exactly one email and every delivery got its Message-ID;"
+        "\n      D (a reused event id) was refused and sent nothing; E's row step was replayed"
+        "\n      after the kill, not run again: one row in the database, marked notified.",
         flush=True,
     )
     return True
@@ -358,8 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="celery-idem-demo-") as tmp,
-            running(Path(tmp), pause_key=events.id("C")) as stack,
-            contextlib.closing(Observer(stack.maildir, stack.report_url)) as observer,
+            running(Path(tmp), pause_keys=[events.id("C"), events.id("E")]) as stack,
+            contextlib.closing(
+                Observer(stack.maildir, stack.orders_db, stack.report_url)
+            ) as observer,
         ):
             say()
             demo = Demo(Webhook(stack.webhook_port), observer, stack.worker, events, rows)
@@ -367,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo.scenario_b()
             demo.scenario_c()
             demo.scenario_d(rows[0])
+            demo.scenario_e()
     except KeyboardInterrupt:
         say("Interrupted; everything the demo started is stopped.")
         return 130

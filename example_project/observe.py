@@ -1,14 +1,16 @@
 """The two ends the demo watches: the provider's HTTP side and what really happened.
 
 :class:`Webhook` posts events and polls answers like the payment provider does;
-:class:`Observer` reads the mailbox and the tasks' own counters, so the demo's verdict
-never rests on what celery-idem says about itself.
+:class:`Observer` reads the mailbox, the shop's database and the tasks' own counters,
+so the demo's verdict never rests on what celery-idem says about itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mailbox
+import sqlite3
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,15 +68,25 @@ class Email:
     fence: str
 
 
-class Observer:
-    """Reads what really happened: the mailbox, and the tasks' counters in Redis.
+@dataclass
+class Order:
+    """A row of the shop's ``orders`` table, as the task left it."""
 
-    Emails are found by recipient (every event has its own customer) and executions
-    are counted per customer id, so neither depends on the key celery-idem computed.
+    row_id: int
+    message_id: str | None
+    notified_at: str | None
+
+
+class Observer:
+    """Reads what really happened: the mailbox, the orders table, the tasks' counters.
+
+    Emails are found by recipient (every event has its own customer), orders by the
+    provider's order id, and executions are counted per customer or order id, so none
+    of them depends on the key celery-idem computed.
     """
 
-    def __init__(self, maildir: Path, report_url: str) -> None:
-        self.maildir = maildir
+    def __init__(self, maildir: Path, orders_db: Path, report_url: str) -> None:
+        self.maildir, self.orders_db = maildir, orders_db
         self.report = redis.Redis.from_url(report_url, socket_timeout=5)
 
     def emails(self, to: str) -> list[Email]:
@@ -89,9 +101,27 @@ class Observer:
             if f"<{to}>" in str(message["To"])
         ]
 
-    def executions(self, customer_id: str) -> int:
-        """How many times the task body started for this customer."""
-        return int(self.report.get(f"demo:executions:{customer_id}") or 0)
+    def orders(self, order_ref: str) -> list[Order]:
+        """Every row the tasks inserted for this order (none before the first order)."""
+        if not self.orders_db.exists():
+            return []
+        # Read-only, so that looking never creates the file or takes a write lock.
+        uri = f"{self.orders_db.as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+            rows = db.execute(
+                "SELECT id, message_id, notified_at FROM orders WHERE order_ref = ? ORDER BY id",
+                (order_ref,),
+            ).fetchall()
+        return [Order(int(i), m, n) for i, m, n in rows]
+
+    def executions(self, name: str) -> int:
+        """How many times the task body started for this customer (or order) id."""
+        return int(self.report.get(f"demo:executions:{name}") or 0)
+
+    def step_replays(self, key: str) -> list[str]:
+        """The names of the durable steps of ``key`` answered from its record, in order."""
+        names = self.report.lrange(f"demo:step-replays:{key}", 0, -1)
+        return [name.decode() if isinstance(name, bytes) else name for name in names]
 
     def replays(self, key: str) -> int:
         """How many deliveries (task ids) of this key were answered from the store."""

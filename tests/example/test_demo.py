@@ -1,7 +1,7 @@
 """The example project's demo, run end to end exactly as ``make demo`` runs it.
 
 ``python -m example_project.demo`` starts its own throwaway redis-server, an SMTP
-server, a real worker and the webhook server, plays the four scenarios over HTTP and
+server, a real worker and the webhook server, plays the five scenarios over HTTP and
 prints a summary table. This test runs it as a subprocess and checks what the report
 says about each event, not just the exit code.
 """
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_TIMEOUT = 150  # the demo itself takes ~15 s; `make demo` promises under 2 minutes
 
 ROW = re.compile(
-    r"^\s+(?P<event>[ABCD])\s{2,}.*?\s(?P<deliveries>\d+)\s+(?P<executions>\d+)"
+    r"^\s+(?P<event>[ABCDE])\s{2,}.*?\s(?P<deliveries>\d+)\s+(?P<executions>\d+)"
     r"\s+(?P<emails>\d+)\s+(?P<from_store>\d+)\s+(?P<answer>\S+)\s*$",
     re.MULTILINE,
 )
@@ -78,7 +78,7 @@ def test_demo_sends_one_email_per_event_and_refuses_a_reused_id() -> None:
     output = result.stdout
     assert result.returncode == 0, output
     rows = summary_rows(output)
-    assert sorted(rows) == ["A", "B", "C", "D"], output
+    assert sorted(rows) == ["A", "B", "C", "D", "E"], output
 
     # A: five deliveries (three at once), the body ran once, one email, four answers
     # replayed from the store, and every delivery answered with that email's Message-ID.
@@ -92,12 +92,17 @@ def test_demo_sends_one_email_per_event_and_refuses_a_reused_id() -> None:
     assert counts(rows["D"]) == (1, 0, 0, 0), output
     assert rows["D"]["answer"] == "IdempotencyKeyMismatch", output
 
-    message_ids = [rows[event]["answer"] for event in "ABC"]
+    # E: the order's body started twice (SIGKILLed between its row and email steps,
+    # then redelivered) and sent exactly one email.
+    assert counts(rows["E"]) == (1, 2, 1, 0), output
+
+    message_ids = [rows[event]["answer"] for event in "ABCE"]
     assert all(MESSAGE_ID.match(m) for m in message_ids), output
-    assert len(set(message_ids)) == 3, output
+    assert len(set(message_ids)) == 4, output
     # Every single delivery's own answer (GET /tasks/<id>) was the event's Message-ID.
     answers = re.findall(r"answer \d+: SUCCESS (\S+)", output)
-    assert answers == [message_ids[0]] * 5 + [message_ids[1]] * 2 + [message_ids[2]], output
+    expected = [message_ids[0]] * 5 + [message_ids[1]] * 2 + [message_ids[2], message_ids[3]]
+    assert answers == expected, output
     assert re.search(r"answer 1: FAILURE IdempotencyKeyMismatch: idempotency key", output)
     # C's email was sent by the run that took the key over: a higher fence.
     killed = re.search(r"runs it \(fence (\d+)\)", output)
@@ -105,9 +110,33 @@ def test_demo_sends_one_email_per_event_and_refuses_a_reused_id() -> None:
     assert killed, output
     assert sent, output
     assert int(sent[1]) > int(killed[1]), output
+
+    # E, read from the database, the mailbox and the step_replayed receiver: at the kill
+    # the row existed, not yet notified, and no email had left; afterwards the row step
+    # was replayed (not run again), so the table still holds that one row, now marked
+    # notified with the Message-ID of the one email, which carries the step's key.
+    at_kill = re.search(
+        r"\(orders: 1 row\(s\): row (\d+), notified at None\).*\n.*\(mailbox: 0 email\(s\)\)",
+        output,
+    )
+    assert at_kill, output
+    assert re.search(r"not run again: row$", output, re.MULTILINE), output
+    assert re.search(r"Orders: 1 row\(s\) for ord_\w+ in the database:$", output, re.M), output
+    notified = re.search(
+        rf"^\[[^\]]*\]      row {at_kill[1]}, notified at \S+, (\S+)$", output, re.M
+    )
+    assert notified, output
+    assert notified[1] == message_ids[3], output
+    assert re.search(r"Mailbox: 1 email\(s\) for the order:", output), output
+    sent = re.search(
+        r"Idempotency-Key: (evt_\w+_E/email) .*\n.*Fence: (\d+) \(the killed run had (\d+)\)",
+        output,
+    )
+    assert sent, output
+    assert int(sent[2]) > int(sent[3]), output
     assert re.search(r"^PASS: ", output, re.MULTILINE), output
 
-    # Everything the demo started is stopped: Redis and both workers' main processes.
+    # Everything the demo started is stopped: Redis and the three workers' main processes.
     pids = [int(p) for p in re.findall(r"\(pid (\d+)", output)]
-    assert len(pids) == 3, output
+    assert len(pids) == 4, output
     assert all(gone(pid) for pid in pids), pids
