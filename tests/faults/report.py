@@ -56,6 +56,10 @@ For every idempotency key `K` of a task `T`, with records kept in one Redis:
    even after the record expired (it starts from the server clock in ms).
 5. **A stale run cannot win.** A run that lost its lease cannot overwrite the record of
    the run that took over; it is told (`lease_lost`, a warning).
+6. **A finished step is not run again.** Within one run of `K` that has not completed, a
+   durable step (`self.step`) whose value was stored is replayed, never run again, by
+   every later attempt (a retry, a redelivery, a takeover); a run that lost its lease
+   cannot store a step (`LeaseLost`), so the new owner's steps stand.
 
 ## Limits
 
