@@ -45,7 +45,8 @@ import click
 
 from celery_idem.cli.doctor import doctor_command
 from celery_idem.cli.key import key_command
-from celery_idem.cli.records import forget_command, inspect_command, list_command
+from celery_idem.cli.listing import list_command
+from celery_idem.cli.records import forget_command, inspect_command
 from celery_idem.cli.stats import stats_command
 
 __all__ = ["idem", "main"]
