@@ -125,11 +125,17 @@ def _view(
     )
 
 
-@click.command("inspect", short_help="Show one record: state, owner, fence, lease, expiry, result.")
+@click.command(
+    "inspect", short_help="Show one record: state, owner, fence, lease, expiry, result, steps."
+)
 @click.argument("key")
 @task_option(_KEY_HELP)
 @click.option("--storage-key", "is_storage_key", is_flag=True, help=_STORAGE_KEY_HELP)
-@click.option("--full", is_flag=True, help=f"Show the whole result (default: {_PREVIEW} chars).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help=f"Show the whole result and step values (default: {_PREVIEW} chars).",
+)
 @json_option
 @click.pass_context
 def inspect_command(
@@ -141,7 +147,7 @@ def inspect_command(
     full: bool,
     as_json: bool,
 ) -> None:
-    """Show one record: state, owner, fence, lease, expiry and result.
+    """Show one record: state, owner, fence, lease, expiry, result and durable steps.
 
     KEY is the effective idempotency key of --task NAME (what the body sees as
     self.idempotency_key; a group member's is KEY#<position>.<fingerprint>).
@@ -154,14 +160,26 @@ def inspect_command(
     when the result was stored (its expiry minus the task's idem_ttl), when the record
     expires, and a preview of the result.
 
-    The preview is decoded only with the content types the app accepts
-    (result_accept_content, else accept_content): a pickled result is never
-    unpickled unless the app accepts pickle. Exit status 3 when there is no record.
+    Then the durable steps (self.step) the key's attempts finished, which a later
+    attempt replays instead of running them: one line each with its position, name,
+    occurrence (the n-th step of that name), size, when it was stored (the server's
+    clock) and a preview of its value, or "not kept" and why (the step ran, but its
+    value could not be stored: the task cannot go past it). A completed record drops
+    its steps and keeps only how many the run stored.
+
+    The previews are decoded only with the content types the app accepts
+    (result_accept_content, else accept_content): a pickled result or step value
+    is never unpickled unless the app accepts pickle. Exit status 3 when there is no
+    record.
 
     --json prints an object: task, key, storage_key, store, state, substate,
     task_id, fence, fingerprint, takeovers, claimed_at and stored_at (ISO 8601, UTC, or null),
     claimed_ago, lease_left and expires_in (seconds, or null), result (null, or kind,
-    content_type, bytes, and decoded + preview, or note, error or reason);
+    content_type, bytes, and decoded + preview, or note, error or reason), steps (a
+    list, one object per step: position, name, occurrence, at (ISO 8601, UTC), ago
+    (seconds), kept, content_type and bytes (null when not kept), and decoded + preview,
+    or note, or reason when not kept; empty for a completed record) and steps_done (the
+    steps the run finished: a completed record's count, else how many are listed);
     {"state": "absent", ...} with exit status 3 when there is no record.
     """  # noqa: D301 - \b is click's no-rewrap marker
     target, stored, key_or_none, label = _locate(ctx, key, task_name, is_storage_key)
@@ -172,7 +190,7 @@ def inspect_command(
         raise _foreign(stored, record, label, as_json)
     limit = 0 if full else _PREVIEW
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=limit)
-    click.echo(render.to_json(view) if as_json else render.fields(views.record_pairs(view)))
+    click.echo(render.to_json(view) if as_json else views.record_text(view))
 
 
 @click.command("forget", short_help="Delete one record (asks first; refuses one in progress).")
@@ -238,7 +256,7 @@ def forget_command(
             "for it, or pass --force"
         )
     if not yes:
-        click.echo(render.fields(views.record_pairs(view)), err=as_json)
+        click.echo(views.record_text(view), err=as_json)
         if held:
             click.echo("warning: an attempt still holds this key (--force)", err=True)
         if not click.confirm("Forget this record?", default=False, err=True):
