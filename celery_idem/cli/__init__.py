@@ -8,7 +8,8 @@ adds every click command of that group to ``celery``), and also runnable as
     One record: state, owner task id, fence, claim time (the fence is the server's
     clock in ms at the claim), lease left, expiry, and a result preview decoded only
     with the app's accepted content types; "stored at" is the expiry minus the task's
-    ``idem_ttl``. ``--storage-key`` takes a Redis key as ``list`` prints it.
+    ``idem_ttl``; the durable steps the key's attempts finished (or, completed, how
+    many the run stored). ``--storage-key`` takes a Redis key as ``list`` prints it.
 ``forget KEY --task NAME [--yes] [--force]``
     Deletes one record after confirmation; refused while an attempt holds the key
     unless ``--force``; atomic, and only deletes the record that was shown. A key
@@ -45,7 +46,8 @@ import click
 
 from celery_idem.cli.doctor import doctor_command
 from celery_idem.cli.key import key_command
-from celery_idem.cli.records import forget_command, inspect_command, list_command
+from celery_idem.cli.listing import list_command
+from celery_idem.cli.records import forget_command, inspect_command
 from celery_idem.cli.stats import stats_command
 
 __all__ = ["idem", "main"]

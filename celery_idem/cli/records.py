@@ -1,10 +1,8 @@
-"""``celery idem inspect``, ``forget`` and ``list``: one record, or a store's records.
+"""``celery idem inspect`` and ``forget``: one record (``list`` is in :mod:`.listing`).
 
 ``inspect KEY --task NAME`` reads one record (one round trip); ``forget`` deletes one
 with a compare-and-delete script (it is refused while a live attempt holds the key, and
-when the record changed after it was shown); ``list`` walks the store with ``SCAN``
-(``MATCH`` on the prefix, and on the task's tag with ``--task``), reading each page of
-keys in one pipelined round trip; it never uses ``KEYS``.
+when the record changed after it was shown).
 """
 
 from __future__ import annotations
@@ -25,13 +23,12 @@ from celery_idem.cli.context import (
     store_errors,
     task_option,
 )
-from celery_idem.cli.walk import Walk, count_option, scan_command
 from celery_idem.exceptions import IdempotencyError, InvalidIdempotencyKey, StoreUnavailable
 from celery_idem.keys import KeySource, storage_key, storage_task_tag, validate_key
 from celery_idem.store.base import NOT_A_RECORD_FENCE, ForgetResult, RecordSummary, StoredRecord
 from celery_idem.store.record import RecordState
 
-__all__ = ["forget_command", "inspect_command", "list_command"]
+__all__ = ["forget_command", "inspect_command"]
 
 _PREVIEW = 200
 
@@ -128,11 +125,17 @@ def _view(
     )
 
 
-@click.command("inspect", short_help="Show one record: state, owner, fence, lease, expiry, result.")
+@click.command(
+    "inspect", short_help="Show one record: state, owner, fence, lease, expiry, result, steps."
+)
 @click.argument("key")
 @task_option(_KEY_HELP)
 @click.option("--storage-key", "is_storage_key", is_flag=True, help=_STORAGE_KEY_HELP)
-@click.option("--full", is_flag=True, help=f"Show the whole result (default: {_PREVIEW} chars).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help=f"Show the whole result and step values (default: {_PREVIEW} chars).",
+)
 @json_option
 @click.pass_context
 def inspect_command(
@@ -144,7 +147,7 @@ def inspect_command(
     full: bool,
     as_json: bool,
 ) -> None:
-    """Show one record: state, owner, fence, lease, expiry and result.
+    """Show one record: state, owner, fence, lease, expiry, result and durable steps.
 
     KEY is the effective idempotency key of --task NAME (what the body sees as
     self.idempotency_key; a group member's is KEY#<position>.<fingerprint>).
@@ -157,14 +160,26 @@ def inspect_command(
     when the result was stored (its expiry minus the task's idem_ttl), when the record
     expires, and a preview of the result.
 
-    The preview is decoded only with the content types the app accepts
-    (result_accept_content, else accept_content): a pickled result is never
-    unpickled unless the app accepts pickle. Exit status 3 when there is no record.
+    Then the durable steps (self.step) the key's attempts finished, which a later
+    attempt replays instead of running them: one line each with its position, name,
+    occurrence (the n-th step of that name), size, when it was stored (the server's
+    clock) and a preview of its value, or "not kept" and why (the step ran, but its
+    value could not be stored: the task cannot go past it). A completed record drops
+    its steps and keeps only how many the run stored.
+
+    The previews are decoded only with the content types the app accepts
+    (result_accept_content, else accept_content): a pickled result or step value
+    is never unpickled unless the app accepts pickle. Exit status 3 when there is no
+    record.
 
     --json prints an object: task, key, storage_key, store, state, substate,
     task_id, fence, fingerprint, takeovers, claimed_at and stored_at (ISO 8601, UTC, or null),
     claimed_ago, lease_left and expires_in (seconds, or null), result (null, or kind,
-    content_type, bytes, and decoded + preview, or note, error or reason);
+    content_type, bytes, and decoded + preview, or note, error or reason), steps (a
+    list, one object per step: position, name, occurrence, at (ISO 8601, UTC), ago
+    (seconds), kept, content_type and bytes (null when not kept), and decoded + preview,
+    or note, or reason when not kept; empty for a completed record) and steps_done (the
+    steps the run finished: a completed record's count, else how many are listed);
     {"state": "absent", ...} with exit status 3 when there is no record.
     """  # noqa: D301 - \b is click's no-rewrap marker
     target, stored, key_or_none, label = _locate(ctx, key, task_name, is_storage_key)
@@ -175,7 +190,7 @@ def inspect_command(
         raise _foreign(stored, record, label, as_json)
     limit = 0 if full else _PREVIEW
     view = _view(target, record, stored=stored, key=key_or_none, label=label, limit=limit)
-    click.echo(render.to_json(view) if as_json else render.fields(views.record_pairs(view)))
+    click.echo(render.to_json(view) if as_json else views.record_text(view))
 
 
 @click.command("forget", short_help="Delete one record (asks first; refuses one in progress).")
@@ -241,7 +256,7 @@ def forget_command(
             "for it, or pass --force"
         )
     if not yes:
-        click.echo(render.fields(views.record_pairs(view)), err=as_json)
+        click.echo(views.record_text(view), err=as_json)
         if held:
             click.echo("warning: an attempt still holds this key (--force)", err=True)
         if not click.confirm("Forget this record?", default=False, err=True):
@@ -326,80 +341,3 @@ def _forget_foreign(
         click.echo(render.to_json({"forgotten": True, "record": view}))
     else:
         click.echo(f"Deleted: {stored} (not a celery-idem record).")
-
-
-def _wanted(view: dict[str, Any], state: str | None) -> bool:
-    return state is None or view["state"] == state
-
-
-@scan_command(
-    "list",
-    short_help="List records with SCAN, by task and state.",
-    scan_count=500,
-    options=(
-        click.option(
-            "--state",
-            type=click.Choice(views.STATE_CHOICES),
-            help="Only records in this state (in_progress includes parked and lease_expired).",
-        ),
-        count_option(
-            "--limit", default=100, help_text="Stop after this many records (0: no limit)."
-        ),
-    ),
-)
-def list_command(
-    ctx: click.Context,
-    *,
-    task_name: str | None,
-    state: str | None,
-    limit: int,
-    scan_count: int,
-    as_json: bool,
-) -> None:
-    """List records: storage key, task, state, owner, claim time, lease, expiry.
-
-    Walks the store with SCAN (never KEYS), MATCH on the key prefix, or on the task's
-    tag with --task, so it is safe on a busy production Redis. The idempotency key
-    itself cannot be read back from Redis (the record's name is a hash of it): use the
-    storage key with `inspect --storage-key` or `forget --storage-key`.
-
-    Records are shown oldest claim first among those found; with --limit, the walk
-    stops once that many matched, so they are not the oldest of the whole store. A
-    record that expires during the walk is skipped; one written during it may or may
-    not be seen (SCAN's guarantee).
-
-    --json prints an object: store, prefix, task, state, records (a list, one object
-    per record: storage_key, task, state, substate, task_id, fence, claimed_at,
-    lease_left, expires_in, result_bytes, codec, takeovers), truncated (stopped at
-    --limit with more keys left) and scan_calls. `jq '.records[]'` walks the records.
-    """
-    walk = Walk(ctx, task_name, scan_count)
-    found: list[dict[str, Any]] = []
-    truncated = False
-    with store_errors():
-        for step in walk.steps(once=True):
-            found.extend(view for view in step if _wanted(view, state))
-            if limit and len(found) >= limit:
-                truncated = len(found) > limit or not walk.finished
-                found = found[:limit]
-                break
-    found.sort(key=lambda v: v["fence"] or 0)
-    if as_json:
-        click.echo(
-            render.to_json(
-                {
-                    **walk.json_head(),
-                    "state": state,
-                    "records": found,
-                    "truncated": truncated,
-                    "scan_calls": walk.calls,
-                }
-            )
-        )
-        return
-    if found:
-        click.echo(render.table(views.SUMMARY_HEADERS, views.summary_rows(found)))
-    more = f"; stopped at --limit {limit}, more may match" if truncated else ""
-    where = f"{walk.target.url} under {walk.pattern!r}"
-    click.echo(f"{len(found)} record(s) in {where} ({walk.calls} SCAN step(s)){more}.")
-    walk.note_elsewhere()

@@ -1,7 +1,8 @@
 """What ``celery idem`` shows of a record, as plain data (for ``--json``) and as rows.
 
-Pure: no I/O. Decoding a result preview uses only the content types given, so a
-pickled payload is never unpickled unless the app accepts pickle.
+Pure: no I/O. Decoding a preview (a result, a durable step's value) uses only the
+content types given, so a pickled payload is never unpickled unless the app accepts
+pickle.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from typing import Any
 from celery_idem import codec
 from celery_idem.cli import render
 from celery_idem.store.base import RecordSummary, Stored, StoredRecord
-from celery_idem.store.record import RecordKind, RecordState
+from celery_idem.store.record import RecordKind, RecordState, StepRecord
 
 __all__ = [
     "STATE_CHOICES",
+    "STEP_HEADERS",
     "SUMMARY_HEADERS",
     "record_pairs",
+    "record_text",
     "record_view",
     "state_of",
     "state_text",
+    "step_row",
+    "step_view",
     "summary_rows",
     "summary_view",
 ]
@@ -140,18 +145,52 @@ def result_view(stored: Stored, accept: frozenset[str], *, limit: int) -> dict[s
     elif stored.kind is RecordKind.NO_RESULT:
         out["reason"] = codec.no_result_reason(stored)
     else:
-        try:
-            value = codec.decode_result(stored, accept)
-        except codec.DECODE_ERRORS as exc:
-            out["decoded"] = False
-            out["preview"] = None
-            out["note"] = (
-                f"not decoded: {exc} (the app decodes results of the content types in "
-                f"result_accept_content, else accept_content: {', '.join(sorted(accept))})"
+        out.update(_preview(stored, accept, limit))
+        if not out["decoded"]:
+            out["note"] += (
+                f" (the app decodes results of the content types in result_accept_content, "
+                f"else accept_content: {', '.join(sorted(accept))})"
             )
-        else:
-            out["decoded"] = True
-            out["preview"] = render.shorten(repr(value), limit)
+    return out
+
+
+def _preview(stored: Stored, accept: frozenset[str], limit: int) -> dict[str, Any]:
+    """``decoded`` and ``preview`` (a ``repr``), or why not in ``note``: results and steps.
+
+    Only the ``accept`` content types are decoded, as a worker replaying the value
+    would: a pickled value is never unpickled unless the app accepts pickle.
+    """
+    try:
+        value = codec.decode_result(stored, accept)
+    except codec.DECODE_ERRORS as exc:
+        return {"decoded": False, "preview": None, "note": f"not decoded: {exc}"}
+    return {"decoded": True, "preview": render.shorten(repr(value), limit)}
+
+
+def step_view(
+    step: StepRecord, position: int, accept: frozenset[str], *, limit: int, now: float
+) -> dict[str, Any]:
+    """One finished durable step, JSON-ready: what a later attempt would replay.
+
+    Its value is previewed as a result is (the next attempt gets it back instead of
+    running the step, so an operator deciding to forget the key needs to see it). A
+    step whose value could not be kept has no size or content type: its ``reason``
+    (kept in the value's place) is why the task cannot go past it.
+    """
+    out: dict[str, Any] = {
+        "position": position,
+        "name": step.name,
+        "occurrence": step.occurrence,
+        "at": render.timestamp(step.at),
+        "ago": now - step.at,
+        "kept": step.kept,
+    }
+    if not step.kept:
+        reason = step.value.decode("utf-8", "replace")
+        return {**out, "content_type": None, "bytes": None, "reason": reason}
+    out["content_type"] = codec.untag(step.codec)[0]
+    out["bytes"] = len(step.value)
+    out.update(_preview(Stored(RecordKind.RESULT, step.value, step.codec), accept, limit))
     return out
 
 
@@ -172,9 +211,17 @@ def record_view(
     A completed record keeps no completion time, but it expires ``idem_ttl`` after
     it: with the task's ``ttl`` the completion is ``now + expires_in - ttl`` (off only
     if the run was given another ``idem_ttl`` per call, or the setting changed).
+
+    ``steps`` are the finished durable steps a record that is not completed holds;
+    ``steps_done`` counts the steps the run finished either way, since a completion
+    drops the steps and keeps only their number.
     """
     state, sub = state_of(record.state, parked=record.parked, lease_left=record.lease_left)
     claimed = None if state == "queued" else render.claimed_at(record.fence)
+    steps = [
+        step_view(step, position, accept, limit=preview_limit, now=now)
+        for position, step in enumerate(record.steps, start=1)
+    ]
     return {
         "task": task,
         "key": key,
@@ -200,6 +247,8 @@ def record_view(
             if record.stored is not None
             else None
         ),
+        "steps": steps,
+        "steps_done": record.steps_done if state == "completed" else len(steps),
     }
 
 
@@ -240,6 +289,11 @@ def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
         )
     expires = view["expires_in"]
     pairs.append(("expires in", render.duration(expires) if expires is not None else "never"))
+    if view["steps"]:
+        count = len(view["steps"])
+        pairs.append(("steps", f"{count} finished (a later attempt replays them, see below)"))
+    elif view["steps_done"]:
+        pairs.append(("steps", f"{view['steps_done']} stored by the run (dropped at completion)"))
     result = view["result"]
     if result is not None:
         pairs.append(("result", _result_line(result)))
@@ -247,6 +301,43 @@ def record_pairs(view: dict[str, Any]) -> list[tuple[str, str]]:
             if result.get(label) is not None:
                 pairs.append((label, str(result[label])))
     return pairs
+
+
+STEP_HEADERS = ("#", "STEP", "OCCURRENCE", "SIZE", "STORED AT", "VALUE")
+"""The columns of ``inspect``'s table of durable steps."""
+
+
+def step_row(step: dict[str, Any]) -> list[str]:
+    """A :func:`step_view` as a row under :data:`STEP_HEADERS`."""
+    # A server clock a little ahead of this machine's must not read "ago ago".
+    stored = f"{step['at']} ({render.duration(max(step['ago'], 0.0))} ago)"
+    if not step["kept"]:
+        value = f"not kept: {step['reason']}"
+    elif step["decoded"]:
+        value = step["preview"]
+    else:
+        value = f"({step['note']})"
+    return [
+        str(step["position"]),
+        step["name"],
+        str(step["occurrence"]),
+        render.size(step["bytes"]),
+        stored,
+        value,
+    ]
+
+
+def record_text(view: dict[str, Any]) -> str:
+    """``inspect``'s output for people: :func:`record_pairs`, then the steps' table.
+
+    The steps come as a table of their own, one row per step, since a run may finish
+    many and their columns line up; ``forget`` shows the same before it asks.
+    """
+    text = render.fields(record_pairs(view))
+    if not view["steps"]:
+        return text
+    rows = [step_row(step) for step in view["steps"]]
+    return f"{text}\n\n{render.table(STEP_HEADERS, rows)}"
 
 
 def _result_line(result: dict[str, Any]) -> str:

@@ -77,6 +77,14 @@ def refund(order: int) -> int:
     return order
 
 
+@app.task(base=IdempotentTask, bind=True, name="cli.checkout")
+def checkout(self: IdempotentTask, order: int) -> str:
+    """Two durable steps, so a completed record counts them (``steps_done``)."""
+    row = self.step("reserve", lambda: {"order": order})
+    charge = self.step("charge", lambda: f"ch_{row['order']}")
+    return f"paid {charge}"
+
+
 @app.task(name="cli.plain")
 def plain() -> None:
     """Not idempotent: keeps no records."""

@@ -97,13 +97,16 @@ class Cli:
         )
         return stored
 
-    def running(self, task: str, key: str, lease: float = 60) -> str:
-        """A record in progress (a live lease of ``lease`` seconds); returns its storage key."""
+    def running(self, task: str, key: str, lease: float = 60, token: str | None = None) -> str:
+        """A record in progress (a live lease of ``lease`` seconds); returns its storage key.
+
+        ``token`` names the attempt, for a test that then stores its durable steps.
+        """
         stored = self.key(task, key)
         self.store.claim(
             ClaimRequest(
                 stored,
-                token=uuid.uuid4().hex,
+                token=token or uuid.uuid4().hex,
                 task_id=f"id-{key}",
                 fingerprint="",
                 lease=lease,
