@@ -79,6 +79,10 @@ class IdemCounters:
             "quarantined",
             "Keys quarantined after too many takeovers without completing (poison messages).",
         )
+        self.step_replayed = counter(
+            "step_replayed",
+            "Durable steps answered from the record; their function did not run again.",
+        )
         self._receivers: list[tuple[Signal, Callable[..., None]]] = [
             (signals.replayed, self._on_replayed),
             (signals.key_mismatch, self._on_key_mismatch),
@@ -87,6 +91,7 @@ class IdemCounters:
             (signals.store_error, self._on_store_error),
             (signals.result_not_stored, self._on_result_not_stored),
             (signals.quarantined, self._on_quarantined),
+            (signals.step_replayed, self._on_step_replayed),
         ]
 
     def connect(self) -> IdemCounters:
@@ -120,3 +125,6 @@ class IdemCounters:
 
     def _on_quarantined(self, sender: Any = None, **_: Any) -> None:
         self.quarantined.labels(task=_task(sender)).inc()
+
+    def _on_step_replayed(self, sender: Any = None, **_: Any) -> None:
+        self.step_replayed.labels(task=_task(sender)).inc()

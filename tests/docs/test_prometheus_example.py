@@ -172,6 +172,29 @@ def test_duplicate_in_progress_and_lease_lost_are_counted(
     assert value(registry, "replayed", task="docs.send") == 0
 
 
+def test_replayed_durable_steps_are_counted(
+    app: Celery, store: MemoryStore, registry: CollectorRegistry, counters: Any
+) -> None:
+    runs: list[str] = []
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="docs.checkout")
+    def checkout(self: Any, order_id: int) -> str:
+        self.step("order", runs.append, "order")
+        self.step("charge", runs.append, "charge")
+        if runs.count("charge") == 1 and "failed" not in runs:
+            runs.append("failed")
+            raise TimeoutError("the mail server did not answer")
+        return "sent"
+
+    with pytest.raises(TimeoutError):
+        checkout.apply_async((1,), idempotency_key="order-1").get()
+    assert checkout.apply_async((1,), idempotency_key="order-1").get() == "sent"
+
+    assert runs == ["order", "charge", "failed"]  # the second attempt replayed both steps
+    assert value(registry, "step_replayed", task="docs.checkout") == 2
+    assert "order-1" not in generate_latest(registry).decode()
+
+
 def test_a_quarantine_is_counted_once(
     app: Celery, store: MemoryStore, registry: CollectorRegistry, counters: Any
 ) -> None:
