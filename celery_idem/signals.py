@@ -15,7 +15,8 @@ Every signal is sent with ``sender`` the task instance and these keyword argumen
 - ``step_replayed``: ``key``, ``task_id``, ``step`` (its name), ``occurrence``, ``fence``
   — a durable step (``self.step``) that an earlier attempt of the key finished was
   answered from the record; its function did not run.
-- ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed;
+- ``store_error``: ``key``, ``task_id``, ``exc``, ``stage``, ``policy`` — the store failed
+  (``stage`` ``"claim"``, ``"complete"``, ``"release"``, ``"park"``, ``"step"``, ...);
   ``exc`` names the task and the key (``.key``, ``.task_name``), the store's own error
   is its ``__cause__``.
 - ``result_not_stored``: ``key``, ``task_id``, ``reason`` — the body ran but its result

@@ -87,6 +87,12 @@ class Steps:
         self.current_key = f"{execution.key}/{step_label(name, occurrence)}"
         try:
             value = fn(*args, **kwargs)
+        except BaseException:
+            # Nothing is stored, so the step takes no place: a body that catches this
+            # and goes on stores its next step where this one would have been.
+            self.position -= 1
+            self.occurrences[name] = occurrence - 1
+            raise
         finally:
             self.current_key = None
         return self.keep(name, occurrence, value)
@@ -202,9 +208,13 @@ class Steps:
                 return execution.spec.store.step(request)
             except StoreUnavailable as exc:
                 if pause is None:
-                    raise execution.stage_error(
+                    # The step ran and is not recorded: a later attempt runs it again.
+                    error = execution.stage_error(
                         StoreUnavailable, f"record step {label!r} of", exc
-                    ) from exc
+                    )
+                    execution.log.error("step %r ran but is not recorded: %s", label, error)
+                    execution.signal(signals.store_error, exc=error, stage="step", policy=None)
+                    raise error from exc
                 time.sleep(pause)
             except IdempotencyError as exc:  # refused for good
                 raise execution.stage_error(

@@ -7,11 +7,12 @@ refused, what is stored when a value cannot be.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 
-from celery_idem import IdempotencyError, LeaseLost, ResultNotStored
+from celery_idem import IdempotencyError, LeaseLost, ResultNotStored, StoreUnavailable
 from celery_idem import signals as idem_signals
 from celery_idem.store import ClaimRequest
 from tests.unit.conftest import Env
@@ -230,3 +231,45 @@ def test_a_step_needs_a_name(env: Env, name: Any) -> None:
 
     with pytest.raises(IdempotencyError, match="non-empty str"):
         unnamed.apply(idempotency_key="U").get()
+
+
+def test_a_caught_step_failure_takes_no_place_in_the_record(env: Env) -> None:
+    @env.task(bind=True)
+    def declined(self: Any) -> Any:
+        with contextlib.suppress(Flaky):
+            self.step("charge", lambda: (_ for _ in ()).throw(Flaky("declined")))
+        return self.step("notify", lambda: "told")
+
+    assert declined.apply(idempotency_key="D").get() == "told"
+    record = env.record(declined, "D")
+    assert record is not None
+    assert record.steps_done == 1
+
+
+def test_a_step_the_store_cannot_record_fails_the_task_and_signals_store_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors: list[dict[str, Any]] = []
+
+    def note(sender: Any, **fields: Any) -> None:
+        errors.append(fields)
+
+    @env.task(bind=True)
+    def unrecorded(self: Any) -> Any:
+        return self.step("charge", lambda: "ch_1")
+
+    store = unrecorded.idem_spec().store
+
+    def down(request: Any) -> bool:
+        raise StoreUnavailable("connection refused", key=request.key)
+
+    monkeypatch.setattr(store, "step", down)
+    monkeypatch.setattr("celery_idem.task.steps.COMPLETE_RETRIES", ())
+    idem_signals.store_error.connect(note, weak=False)
+    try:
+        with pytest.raises(StoreUnavailable, match="record step 'charge'"):
+            unrecorded.apply(idempotency_key="R").get()
+    finally:
+        idem_signals.store_error.disconnect(note)
+    assert [e["stage"] for e in errors][:1] == ["step"]
+    assert errors[0]["exc"].key == "R"
