@@ -121,6 +121,8 @@ class IdemSettings:
             or ``None``) at the call site, and such a message on the worker.
         max_takeovers: Takeovers of a key from attempts that stopped renewing (dead
             or stalled workers) before the key is quarantined; 0 = no cap.
+        blocking_completion: Wait for the completion's answer in the task's thread
+            (``True``) instead of reading it off the task's path (the default).
     """
 
     redis_url: str | None
@@ -134,6 +136,7 @@ class IdemSettings:
     dedupe_on_publish: bool = False
     require_key: bool = False
     max_takeovers: int = 5
+    blocking_completion: bool = False
     redis_sentinels: tuple[tuple[str, int], ...] | None = None
     redis_sentinel_master: str | None = None
     redis_cluster: bool = False

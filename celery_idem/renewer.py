@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery_idem.config import renewal_period, resolve_settings
-from celery_idem.exceptions import StoreUnavailable
-from celery_idem.store.base import Store
+from celery_idem.exceptions import IdempotencyError, StoreUnavailable
+from celery_idem.store.base import PendingCompletion, Store
 
-__all__ = ["Lease", "Renewer", "next_due", "renewer"]
+__all__ = ["Completion", "Lease", "Renewer", "next_due", "renewer"]
 
 logger = logging.getLogger("celery_idem.renewer")
 
@@ -50,6 +50,26 @@ def next_due(now: float, lease: float, *, failed: bool = False) -> float:
     back the time lost.
     """
     return now + (lease / 10.0 if failed else renewal_period(lease))
+
+
+@dataclass(eq=False)
+class Completion:
+    """A run's completion, sent and not yet confirmed (:meth:`Renewer.complete_later`).
+
+    Attributes:
+        pending: Its answer to read (None once read, or when it must be sent again).
+        resend: Completes again, waiting for the answer (safe: same attempt, same fence).
+        on_lost: The store answered that another attempt owns the key.
+        on_failed: It could not be confirmed before the lease would end, or was refused
+            for good.
+    """
+
+    pending: PendingCompletion | None
+    resend: Callable[[], bool]
+    on_lost: Callable[[], None]
+    on_failed: Callable[[IdempotencyError], None]
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(eq=False)
@@ -73,6 +93,8 @@ class Lease:
     confirmed: float = 0.0
     """When (renewer clock) the store last confirmed the lease: the claim, or the start
     of the last successful renewal (the server's deadline runs from a moment later)."""
+    completion: Completion | None = None
+    """The run's completion, sent and not yet confirmed: the lease is kept until it is."""
 
 
 class Renewer:
@@ -98,6 +120,7 @@ class Renewer:
         self._period = _FIRST_PERIOD
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
+        self._local = threading.local()
 
     def add(self, lease: Lease) -> Lease:
         """Renew ``lease`` every lease/3 until :meth:`remove`."""
@@ -120,6 +143,102 @@ class Renewer:
                 self._wake.set()
         return lease
 
+    def complete_later(self, lease: Lease, completion: Completion) -> None:
+        """Keep ``lease`` alive until ``completion`` is confirmed, off the task's path.
+
+        The run's body has ended (:meth:`body_ended` was told). The answer is read by
+        this thread's next :meth:`settle_sent` (before its next claim, when the answer
+        has long arrived) or, if that does not come first, by the renewal thread when
+        the lease is due: instead of renewing it, it reads the answer, and sends the
+        completion again after a failure, until the lease would have run out.
+        """
+        lease.completion = completion
+        sent = getattr(self._local, "sent", None)
+        if sent is None:
+            sent = self._local.sent = []
+        sent.append(lease)
+
+    def settle_sent(self) -> None:
+        """Read the answers of the completions this thread sent (see :meth:`complete_later`).
+
+        Free when there are none. A completion whose answer cannot be read (the store
+        failed) is left to the renewal thread, woken for it.
+        """
+        sent = getattr(self._local, "sent", None)
+        if not sent:
+            return
+        self._local.sent = []
+        for lease in sent:
+            try:
+                self._settle(lease, resend=False)
+            except StoreUnavailable:
+                lease.due = self._clock()  # the renewal thread sends it again
+                self._wake.set()
+
+    def settle_all(self) -> None:
+        """Before the process exits: confirm every completion it sent, waiting for each."""
+        with self._lock:
+            leases = [lease for lease in self._live.values() if lease.completion is not None]
+        for lease in leases:
+            try:
+                self._settle(lease, resend=True)
+            except StoreUnavailable as exc:
+                self._give_up(lease, exc)
+
+    def _settle(self, lease: Lease, *, resend: bool) -> None:
+        """Read (or, with ``resend``, get again) the answer of ``lease``'s completion.
+
+        Raises:
+            StoreUnavailable: No answer: the completion must be sent again.
+        """
+        completion = lease.completion
+        assert completion is not None
+        with completion.lock:
+            if completion.done:
+                return
+            try:
+                if completion.pending is not None:
+                    pending, completion.pending = completion.pending, None
+                    owned = pending.result()
+                elif resend:
+                    owned = completion.resend()
+                else:
+                    raise StoreUnavailable("the completion is waiting to be sent again")
+            except StoreUnavailable:
+                raise
+            except IdempotencyError as exc:  # refused for good: the task's outcome stands
+                completion.done = True
+                self._drop(lease)
+                completion.on_failed(exc)
+                return
+            completion.done = True
+        self._drop(lease)
+        if not owned:
+            completion.on_lost()
+
+    def _give_up(self, lease: Lease, exc: IdempotencyError) -> None:
+        """The completion could not be confirmed while the lease lasted: report it."""
+        completion = lease.completion
+        assert completion is not None
+        with completion.lock:
+            if completion.done:
+                return
+            completion.done = True
+        self._drop(lease)
+        completion.on_failed(exc)
+
+    def _drop(self, lease: Lease) -> None:
+        lease.cancelled = True
+        with self._lock:
+            self._live.pop(id(lease), None)
+
+    def body_ended(self, lease: Lease) -> None:
+        """The run's body returned; its lease is kept for a completion not yet confirmed.
+
+        Warns as :meth:`remove` does when the renewal was overdue while the body ran.
+        """
+        self._warn_if_overdue(lease)
+
     def remove(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (its body finished); never wakes the thread.
 
@@ -135,9 +254,13 @@ class Renewer:
         first, lease.cancelled = not lease.cancelled, True
         with self._lock:
             self._live.pop(id(lease), None)
+        if first:
+            self._warn_if_overdue(lease)
+
+    def _warn_if_overdue(self, lease: Lease) -> None:
         overdue = self._clock() - lease.due
         period = renewal_period(lease.lease)
-        if first and lease.due and overdue > period:
+        if lease.due and overdue > period:
             logger.warning(
                 "celery-idem's renewal of the lease of %s was %.1f s overdue when it stopped "
                 "(renewals are due every %.1f s): the renewal thread did not get to run, or "
@@ -192,6 +315,9 @@ class Renewer:
             self._wake.wait(self._plan())
 
     def _renew(self, lease: Lease) -> None:
+        if lease.completion is not None:
+            self._settle_due(lease)
+            return
         failed, started = False, self._clock()
         try:
             owned = lease.store.renew(lease.key, token=lease.token, lease=lease.lease)
@@ -215,6 +341,23 @@ class Renewer:
             lease.renewals += 1
             self.confirm(lease, started)
         lease.due = next_due(self._clock(), lease.lease, failed=failed)
+
+    def _settle_due(self, lease: Lease) -> None:
+        """The renewal thread's turn at a completion not yet confirmed (instead of a renewal)."""
+        try:
+            self._settle(lease, resend=True)
+        except StoreUnavailable as exc:
+            if self._clock() - lease.confirmed >= lease.lease:
+                logger.warning(
+                    "celery-idem could not confirm the completion of %s before its lease "
+                    "ran out", lease.describe,
+                )  # fmt: skip
+                self._give_up(lease, exc)
+            else:
+                lease.due = next_due(self._clock(), lease.lease, failed=True)
+        except Exception:  # the thread must outlive any one bad completion
+            logger.exception("celery-idem could not confirm the completion of %s", lease.describe)
+            lease.due = next_due(self._clock(), lease.lease, failed=True)
 
 
 renewer = Renewer()

@@ -308,6 +308,14 @@ TABLE: tuple[Setting, ...] = (
         per_call=False,
         doc="Takeovers of one key, without a completion, before the key is quarantined.",
     ),
+    Setting(
+        "idem_blocking_completion",
+        default=False,
+        check=check_bool,
+        expected="True or False",
+        per_call=False,
+        doc="Wait for the completion's answer before the task returns.",
+    ),
 )
 """Every setting, in documentation order. Their names are a public contract.
 

@@ -27,10 +27,12 @@ __all__ = [
     "ClaimState",
     "CompleteRequest",
     "ForgetResult",
+    "PendingCompletion",
     "RecordKind",
     "RecordSummary",
     "ReserveRequest",
     "ServerFacts",
+    "Settled",
     "StepRecord",
     "StepRequest",
     "Store",
@@ -296,6 +298,33 @@ class ServerFacts:
     round_trip: float | None = None
 
 
+class PendingCompletion(Protocol):
+    """A completion that was sent (:meth:`Store.send_completion`) and not yet confirmed."""
+
+    def result(self) -> bool:
+        """What :meth:`Store.complete` would have answered; blocks until it is known.
+
+        Called once, from any thread. A reply lost with its connection is asked again
+        (a completion is safe to send twice for the same attempt).
+
+        Raises:
+            StoreUnavailable: Still unreachable: the completion may or may not be stored.
+            IdempotencyError: Refused for good (a damaged record).
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A :class:`PendingCompletion` already answered (a store that completes at once)."""
+
+    owned: bool
+
+    def result(self) -> bool:
+        """The answer :meth:`Store.complete` gave."""
+        return self.owned
+
+
 class Store(Protocol):
     """The task's hot path: operations on one idempotency record, each atomic.
 
@@ -337,6 +366,19 @@ class Store(Protocol):
         True again: the completed record still carries this attempt's fence and task id.
         ``continuation``: the run still has callbacks or a chain to send; a claim by the
         same task id reports ``continuation_pending`` until :meth:`dispatched`.
+        """
+        ...
+
+    def send_completion(self, request: CompleteRequest) -> PendingCompletion:
+        """:meth:`complete`, sent without waiting for its answer (``result()`` gives it).
+
+        The command has left the process when this returns, so a worker that dies
+        right after still completes the key; the answer is read later, off the task's
+        path. A store that cannot split the two (the in-process store, a Cluster, one
+        that waits for replicas) completes at once and returns :class:`Settled`.
+
+        Raises:
+            StoreUnavailable: It could not be sent (nothing, or not all of it, left).
         """
         ...
 

@@ -23,6 +23,7 @@ from celery_idem.store.base import (
     ClaimRequest,
     CompleteRequest,
     ReserveRequest,
+    Settled,
     StepRequest,
 )
 from celery_idem.store.memory_admin import MemoryAdmin, MemoryRecord
@@ -239,6 +240,10 @@ class MemoryStore(MemoryAdmin):
             record.deadline = 0.0
             record.expires_at = now + request.ttl
             return True
+
+    def send_completion(self, request: CompleteRequest) -> Settled:
+        """Completes at once: in process there is no round trip to save."""
+        return Settled(self.complete(request))
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See ``lua/dispatched.lua``."""

@@ -33,7 +33,9 @@ from celery_idem.store.base import (
     ClaimOutcome,
     ClaimRequest,
     CompleteRequest,
+    PendingCompletion,
     ReserveRequest,
+    Settled,
     StepRequest,
     Stored,
 )
@@ -41,6 +43,7 @@ from celery_idem.store.clients import client_for
 from celery_idem.store.record import ClaimState, RecordKind, StepRecord, decode_steps
 from celery_idem.store.redis_admin import RedisAdmin
 from celery_idem.store.redis_base import ERRORS, RedisBase, Scripts, text
+from celery_idem.store.wire import PendingReply
 
 __all__ = ["RedisHotPath", "RedisStore"]
 
@@ -222,12 +225,8 @@ class RedisHotPath(RedisBase):
 
     def complete(self, request: CompleteRequest) -> bool:
         """See :meth:`celery_idem.store.base.Store.complete`."""
-        key, stored = request.key, request.stored
-        check_store_durations(ttl=request.ttl)
-        args = [
-            request.token, request.fence, stored.kind.value, stored.payload, stored.codec,
-            _ms(request.ttl), request.task_id, "+" if request.continuation else "",
-        ]  # fmt: skip
+        key = request.key
+        args = _complete_args(request)
         if not self.min_replicas:
             return bool(self.run_script(self.scripts.complete, key, args))
         reply, acked = self._durable(self.scripts.complete, key, args)
@@ -238,6 +237,27 @@ class RedisHotPath(RedisBase):
             # the same attempt) and waits for the replicas again.
             raise self._not_durable(key, "result", acked)
         return bool(reply)
+
+    def send_completion(self, request: CompleteRequest) -> PendingCompletion:
+        """See :meth:`celery_idem.store.base.Store.send_completion` and ``wire.py``.
+
+        With ``idem_min_replicas`` the completion must be confirmed by ``WAIT`` before
+        it counts, and a Cluster client has no :attr:`wire`: both complete at once; so
+        does the first completion of the process (the server may not have the script
+        yet, and a ``NOSCRIPT`` read later would leave the key in progress meanwhile).
+        """
+        if (
+            self.wire is None
+            or self.min_replicas
+            or self.scripts.complete.sha not in self.wire.known
+        ):
+            return Settled(self.complete(request))
+        args = _complete_args(request)
+        try:
+            sent = self.wire.send(self.scripts.complete, request.key, args)
+        except ERRORS as exc:
+            raise self.error_for(request.key, exc) from exc
+        return _SentCompletion(self, request, sent)
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
@@ -280,6 +300,35 @@ class RedisHotPath(RedisBase):
     def unreserve(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.unreserve` and ``lua/unreserve.lua``."""
         return bool(self.run_script(self.scripts.unreserve, key, [task_id]))
+
+
+def _complete_args(request: CompleteRequest) -> list[Any]:
+    """``complete.lua``'s ARGV for ``request`` (checked: a TTL Redis can hold)."""
+    stored = request.stored
+    check_store_durations(ttl=request.ttl)
+    return [
+        request.token, request.fence, stored.kind.value, stored.payload, stored.codec,
+        _ms(request.ttl), request.task_id, "+" if request.continuation else "",
+    ]  # fmt: skip
+
+
+class _SentCompletion:
+    """``complete.lua`` written on a held connection; its reply is read by :meth:`result`."""
+
+    def __init__(self, store: RedisHotPath, request: CompleteRequest, sent: PendingReply) -> None:
+        self.store, self.request, self.sent = store, request, sent
+
+    def result(self) -> bool:
+        """See :meth:`celery_idem.store.base.PendingCompletion.result`."""
+        try:
+            return bool(self.sent.read())
+        except redis.exceptions.NoScriptError:
+            pass  # the server lost the script: complete() loads it and sends again
+        except redis.ResponseError as exc:
+            raise self.store.error_for(self.request.key, exc) from exc
+        except ERRORS:
+            pass  # the reply was lost with its connection: ask again (safe to repeat)
+        return self.store.complete(self.request)
 
 
 def _looked_up(reply: Any) -> ClaimOutcome | None:

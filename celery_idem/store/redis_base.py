@@ -25,6 +25,7 @@ from redis.exceptions import RedisClusterException
 
 from celery_idem.endpoint import sanitize_url
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
+from celery_idem.store.wire import Wire
 
 __all__ = [
     "ERRORS",
@@ -198,13 +199,38 @@ class RedisBase:
         self.url = sanitize_url(url) if url else "Redis"  # never log a password
         self.cluster = isinstance(client, RedisCluster)
         self.scripts = scripts if scripts is not None else Scripts(client)
+        self.wire = Wire(client) if isinstance(client, redis.Redis) else None
+        """The lean path for one pool's clients (``wire.py``); None on Cluster."""
 
     def run_script(self, script: Script, key: str, args: list[Any]) -> Any:
-        """``script`` on ``key`` with ``args``: its reply, or :meth:`error_for` its failure."""
+        """``script`` on ``key`` with ``args``: its reply, or :meth:`error_for` its failure.
+
+        On the :attr:`wire` first; after a failed connection or a server that lost the
+        script, once more through redis-py (its retries, Sentinel's failover handling,
+        ``SCRIPT LOAD``). Every script is safe to run again for the same attempt.
+        """
+        wire = self.wire
+        if wire is not None:
+            try:
+                try:
+                    reply = wire.call(script, key, args)
+                except redis.exceptions.NoScriptError:  # a restart, a failover, SCRIPT FLUSH
+                    script.sha = self.client.script_load(script.script)
+                    reply = wire.call(script, key, args)
+            except redis.ResponseError as exc:  # Redis refused it: no retry
+                raise self.error_for(key, exc) from exc
+            except ERRORS:
+                pass  # the connection failed: once more through redis-py, below
+            else:
+                wire.known.add(script.sha)
+                return reply
         try:
-            return script(keys=[key], args=args)
+            reply = script(keys=[key], args=args)
         except ERRORS as exc:
             raise self.error_for(key, exc) from exc
+        if wire is not None:
+            wire.known.add(script.sha)
+        return reply
 
     def error_for(self, key: str, exc: BaseException) -> IdempotencyError:
         """An outage becomes StoreUnavailable; any other refusal a permanent error.

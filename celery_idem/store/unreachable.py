@@ -18,6 +18,7 @@ from celery_idem.store.base import (
     ClaimRequest,
     CompleteRequest,
     ReserveRequest,
+    Settled,
     StepRequest,
 )
 
@@ -49,6 +50,10 @@ class UnreachableStore:
         self._fail(key)
 
     def complete(self, request: CompleteRequest) -> bool:
+        """Always an outage."""
+        self._fail(request.key)
+
+    def send_completion(self, request: CompleteRequest) -> Settled:
         """Always an outage."""
         self._fail(request.key)
 

@@ -128,6 +128,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     idem_require_key: ClassVar[bool | None] = None
     #: Takeovers of one key, without a completion, before the key is quarantined.
     idem_max_takeovers: ClassVar[int | None] = None
+    #: Wait for the completion's answer before the task returns.
+    idem_blocking_completion: ClassVar[bool | None] = None
 
     _idem_key_rule: ClassVar[str | Callable[..., Any] | None] = None
     _idem_spec_cache: Spec | None = None

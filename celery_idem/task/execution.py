@@ -40,7 +40,7 @@ from celery_idem.exceptions import (
     StoreUnavailable,
 )
 from celery_idem.keys import KeySource, storage_key
-from celery_idem.renewer import Lease, renewer
+from celery_idem.renewer import Completion, Lease, renewer
 from celery_idem.store import (
     ClaimOutcome,
     ClaimRequest,
@@ -221,6 +221,9 @@ class Execution:
 
     def claim(self) -> ClaimOutcome | None:
         """Claim the key; under ``wait``, poll while another run holds it (up to a lease)."""
+        # The answers of this thread's last completions have arrived by now: read them
+        # before this claim takes a connection (see Renewer.complete_later).
+        renewer.settle_sent()
         settings, deadline = self.settings, 0.0
         request = ClaimRequest(
             self.storage,
@@ -461,7 +464,6 @@ class Execution:
                 # was completed, and a requeued message must be able to claim again.
                 self.failed(exc)
             raise
-        renewer.remove(lease)
         self.finished_steps = None
         sent = getattr(self.request, "idem_retry_sent", None)
         retry = retval if isinstance(retval, Retry) else sent
@@ -469,6 +471,7 @@ class Execution:
             # ``self.retry(..., throw=False)``, returned or not: the retry was sent (or,
             # returned eagerly, is applied next) under this task id, and must find the
             # key parked for it; this run's own value is not the key's outcome.
+            renewer.remove(lease)
             self.park(retry)
             return retval
         stored = self.complete(retval)
@@ -549,10 +552,15 @@ class Execution:
             and not request.is_eager
             and bool(request.callbacks or request.chain)
         )
+        outcome = self.complete_request(stored, continuation)
+        if self.in_background(continuation) and self.send_completion(outcome):
+            return stored
+        if self.lease is not None:
+            renewer.remove(self.lease)
         # The side effect has happened: try hard (a few short pauses) to record it.
         for pause in (*COMPLETE_RETRIES, None):
             try:
-                if self.store_outcome(stored, continuation=continuation):
+                if self.store_completion(outcome):
                     request.idem_owed = self if continuation else None
             except StoreUnavailable as exc:
                 if pause is None:
@@ -565,19 +573,71 @@ class Execution:
             return stored
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def store_outcome(self, stored: Stored, *, continuation: bool = False) -> bool:
-        """Complete the key with ``stored``, fenced by this run's token; False if lost."""
-        owned = self.spec.store.complete(
-            CompleteRequest(
-                self.storage,
-                token=self.token,
-                fence=self.fence,
-                task_id=self.task_id,
-                stored=stored,
-                ttl=self.settings.ttl,
-                continuation=continuation,
-            )
+    def in_background(self, continuation: bool) -> bool:
+        """Whether the completion is sent without waiting for its answer.
+
+        Not when the answer decides something before the task returns: the run's
+        callbacks and chain are marked owed by it, eager mode returns the stored value,
+        ``idem_min_replicas`` counts the replicas it reached; nor with
+        ``idem_blocking_completion``.
+        """
+        endpoint = self.settings.endpoint
+        return not (
+            continuation
+            or self.lease is None
+            or self.request.is_eager
+            or self.settings.blocking_completion
+            or (endpoint is not None and endpoint.min_replicas)
         )
+
+    def send_completion(self, outcome: CompleteRequest) -> bool:
+        """Send the completion and leave its answer to the renewer (``complete_later``).
+
+        False when it could not be sent: the caller completes the blocking way, with
+        its retries. The lease stays held (and renewed) until the answer is read.
+        """
+        lease = self.lease
+        assert lease is not None
+        try:
+            pending = self.spec.store.send_completion(outcome)
+        except StoreUnavailable:
+            return False
+        except IdempotencyError as exc:  # refused for good: the result still stands
+            renewer.remove(lease)
+            self.store_failed(exc, "complete")
+            return True
+        renewer.body_ended(lease)
+        store = self.spec.store
+        renewer.complete_later(
+            lease,
+            Completion(
+                pending,
+                resend=lambda: store.complete(outcome),
+                on_lost=lambda: self.report_lost("complete"),
+                on_failed=lambda exc: self.store_failed(exc, "complete"),
+            ),
+        )
+        return True
+
+    def complete_request(self, stored: Stored, continuation: bool = False) -> CompleteRequest:
+        """What completing the key with ``stored`` asks the store, fenced by this run."""
+        return CompleteRequest(
+            self.storage,
+            token=self.token,
+            fence=self.fence,
+            task_id=self.task_id,
+            stored=stored,
+            ttl=self.settings.ttl,
+            continuation=continuation,
+        )
+
+    def store_outcome(self, stored: Stored) -> bool:
+        """Complete the key with ``stored``, waiting for the answer; False if lost."""
+        return self.store_completion(self.complete_request(stored))
+
+    def store_completion(self, outcome: CompleteRequest) -> bool:
+        """Send ``outcome`` and wait for its answer; False (told) when the key was lost."""
+        owned = self.spec.store.complete(outcome)
         if not owned:
             self.report_lost("complete")
         return owned

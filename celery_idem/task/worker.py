@@ -1,6 +1,7 @@
 """Worker start: validate settings, warn about stores that are down, evict or lack replicas.
 
-Each warning names the store and the tasks that use it.
+Each warning names the store and the tasks that use it. At a pool process's exit (or a
+solo worker's), the answers of the completions it sent are read (:func:`settle_completions`).
 
 Connected to Celery's ``celeryd_after_setup`` when ``celery_idem.task`` is imported:
 it comes after the worker set up its logging (so the lines reach ``--logfile``) and
@@ -13,15 +14,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
 
 from celery_idem.exceptions import IdempotencyConfigError, StoreUnavailable
+from celery_idem.renewer import renewer
 from celery_idem.settings_table import StoreErrorPolicy
 from celery_idem.store import StoreAdmin, admin_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task.base import IdempotentTask
 
-__all__ = ["validate_on_worker_start"]
+__all__ = ["settle_completions", "validate_on_worker_start"]
 
 logger = logging.getLogger("celery_idem")
 
@@ -134,3 +136,19 @@ def _warn_if_replicas_short(users: _Users) -> None:
 
 
 celeryd_after_setup.connect(validate_on_worker_start, weak=False)
+
+
+def settle_completions(**_: Any) -> None:
+    """A pool process (or a solo worker) is exiting: read its completions' answers.
+
+    They were sent before their tasks returned, so Redis runs them whether or not
+    anyone reads the answer; reading them here still reports a refused or failed one.
+    """
+    try:
+        renewer.settle_all()
+    except Exception:  # never stand in the way of a shutdown
+        logger.exception("celery-idem could not confirm the last completions")
+
+
+worker_process_shutdown.connect(settle_completions, weak=False)
+worker_shutdown.connect(settle_completions, weak=False)

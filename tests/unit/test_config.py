@@ -91,6 +91,7 @@ def test_settings_table() -> None:
         "idem_dedupe_on_publish",
         "idem_require_key",
         "idem_max_takeovers",
+        "idem_blocking_completion",
     )
     assert set(DEFAULTS) == set(SETTINGS)
     expected_call = {
