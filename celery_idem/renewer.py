@@ -14,6 +14,12 @@ After a fork (prefork pool) the child gets a fresh lock, dict and thread: thread
 not survive ``fork()``, and a lock held by the parent's thread at that moment would
 stay held in the child forever.
 
+A run's completion is sent without waiting for its answer (``Execution.complete``);
+its lease stays here until the answer is read (:meth:`Renewer.complete_later`): by the
+same thread before its next claim, by the renewal thread when the lease is due (which
+sends it again after a failure, until the lease would run out), or, past
+:data:`MAX_UNREAD` unread ones, by the thread sending the next.
+
 Under gevent or eventlet (``threading`` monkeypatched) the thread is a greenlet. It
 renews whenever the task bodies yield to the event loop (I/O, ``time.sleep``), as the
 I/O-bound tasks those pools are for do; a body that computes without yielding starves
@@ -22,6 +28,7 @@ it, and :meth:`Renewer.remove` warns when the body ends (see there).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -37,6 +44,11 @@ from celery_idem.store.base import PendingCompletion, Store
 __all__ = ["Completion", "Lease", "Renewer", "next_due", "renewer"]
 
 logger = logging.getLogger("celery_idem.renewer")
+
+MAX_UNREAD = 16
+"""Completions a process leaves unread at most (each holds a connection). A pool whose
+threads do not come back for their next task (gevent and eventlet start a greenlet per
+task) never reads its own: the 17th sent reads the oldest, whose answer is long in."""
 
 _FIRST_PERIOD = resolve_settings({}).renew_every
 """The thread's idle period before any lease was seen: that of the default lease (20 s)."""
@@ -121,6 +133,7 @@ class Renewer:
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
+        self._unread: collections.deque[Lease] = collections.deque()
 
     def add(self, lease: Lease) -> Lease:
         """Renew ``lease`` every lease/3 until :meth:`remove`."""
@@ -157,6 +170,12 @@ class Renewer:
         if sent is None:
             sent = self._local.sent = []
         sent.append(lease)
+        unread = self._unread
+        unread.append(lease)
+        while len(unread) > MAX_UNREAD:
+            oldest = unread.popleft()
+            if oldest.completion is not None and not oldest.completion.done:
+                self._settle_or_hand_over(oldest)
 
     def settle_sent(self) -> None:
         """Read the answers of the completions this thread sent (see :meth:`complete_later`).
@@ -169,11 +188,15 @@ class Renewer:
             return
         self._local.sent = []
         for lease in sent:
-            try:
-                self._settle(lease, resend=False)
-            except StoreUnavailable:
-                lease.due = self._clock()  # the renewal thread sends it again
-                self._wake.set()
+            self._settle_or_hand_over(lease)
+
+    def _settle_or_hand_over(self, lease: Lease) -> None:
+        """Read the answer in this thread; if there is none, the renewal thread resends."""
+        try:
+            self._settle(lease, resend=False)
+        except StoreUnavailable:
+            lease.due = self._clock()
+            self._wake.set()
 
     def settle_all(self) -> None:
         """Before the process exits: confirm every completion it sent, waiting for each."""

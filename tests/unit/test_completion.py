@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
-from celery_idem.renewer import Completion, Lease, Renewer
+from celery_idem.renewer import MAX_UNREAD, Completion, Lease, Renewer
 from celery_idem.store import ClaimRequest, CompleteRequest, MemoryStore, RecordKind, Stored
 from celery_idem.store.base import Settled
 from celery_idem.store.redis import RedisStore
@@ -185,3 +185,21 @@ def test_a_sent_completion_whose_connection_dropped_is_asked_again(redis_url: st
     assert record is not None
     assert record.stored == RESULT
     store.forget(key)
+
+
+def test_a_process_leaves_at_most_max_unread_completions_unread() -> None:
+    """Threads that never claim again (a greenlet per task) must not hold a connection each."""
+    renewer, told = Renewer(), Told()
+    answers = [Answer(True) for _ in range(MAX_UNREAD + 5)]
+    threads = [
+        threading.Thread(
+            target=renewer.complete_later,
+            args=(lease(renewer, 60.0), told.completion(answer, lambda: True)),
+        )
+        for answer in answers
+    ]
+    for thread in threads:  # one thread per completion, none claims again
+        thread.start()
+        thread.join()
+    assert sum(a.reads for a in answers) == 5  # the oldest five were read
+    assert [a.reads for a in answers[:5]] == [1] * 5
