@@ -214,6 +214,10 @@ value for their key (worst run).
   queues every delivery and answers it on the worker; its `idem_dedupe_on_publish`
   variant answers most of them at publish too. The targets are judged on the defaults;
   the variant gets its own line.
+- (d): few tasks whose body (1.8 s) outlives lease/3 (1 s, celery-idem's `idem_lease` is
+  3 s on this task): one renewal each. Per-task CPU here is below the 10 ms clock-tick
+  resolution of `/proc/<pid>/stat` over {sc["d"]["n"] if "d" in sc else "few"} tasks, so
+  it is noise; the figure of interest is the round trips.
 - (e): every key first runs once, untimed (celery-idem only: the floors and plain
   Celery have nothing to deduplicate, so for them (e) is (a) again); then N new
   deliveries of the same keys are timed: for celery-idem, duplicates of completed keys
@@ -222,10 +226,6 @@ value for their key (worst run).
   `-P solo`), `p4` (prefork, 4 processes on 2 cores), `p2` (prefork, 2); a trailing `i`:
   `task_ignore_result=True`, no result backend writes (and so no result to check:
   "deliveries answered" is n/a there). The main setup's runs have no suffix.
-- (d): few tasks whose body (1.8 s) outlives lease/3 (1 s, celery-idem's `idem_lease` is
-  3 s on this task): one renewal each. Per-task CPU here is below the 10 ms clock-tick
-  resolution of `/proc/<pid>/stat` over {sc["d"]["n"] if "d" in sc else "few"} tasks, so
-  it is noise; the figure of interest is the round trips.
 
 ## Method
 
