@@ -5,9 +5,12 @@ process; both read the servers from the environment (``BENCH_*``, set by the har
 
 - ``BENCH_BROKER``, ``BENCH_BACKEND``, ``BENCH_COUNTER``: three databases of one
   redis-server (broker, result backend, the completion counter);
-- ``BENCH_STORE_IDEM``, ``BENCH_STORE_ONCE``, ``BENCH_STORE_SINGLETON``: one dedicated
-  redis-server each, so that every command a contender sends to its store can be counted
-  (celery-idem's ``idem_dedupe_on_publish`` variant uses celery-idem's; runs never overlap).
+- ``BENCH_STORE_IDEM``, ``BENCH_STORE_ONCE``, ``BENCH_STORE_SINGLETON``,
+  ``BENCH_STORE_FLOOR``: one dedicated redis-server each, so that every command a
+  contender sends to its store can be counted (celery-idem's ``idem_dedupe_on_publish``
+  variant uses celery-idem's, the two floors share one; runs never overlap);
+- ``BENCH_IGNORE_RESULT``: ``1`` sets ``task_ignore_result`` (no result backend writes),
+  the setting of the issue's side-by-side figures; unset, every task writes its result.
 
 Every contender's task calls :func:`body`, which sleeps ``sleep_ms`` and returns
 ``"<key>:<task id of the message whose body ran>"``: a duplicate that is answered with
@@ -59,7 +62,10 @@ app.conf.update(
     },
     # celery-singleton: its own server; no lock expiry (its default).
     singleton_backend_url=_env("BENCH_STORE_SINGLETON", ""),
+    task_ignore_result=_env("BENCH_IGNORE_RESULT", "") == "1",
 )
+FLOOR_TTL = 86400
+"""The floors' keys expire like celery-idem's records (its default TTL, 24 h)."""
 
 
 def body(task: Task, key: str, sleep_ms: float = 0) -> str:
@@ -73,6 +79,26 @@ def body(task: Task, key: str, sleep_ms: float = 0) -> str:
 def plain(self: Task, key: str, sleep_ms: float = 0) -> str:
     """Plain Celery: no deduplication at all."""
     return body(self, key, sleep_ms)
+
+
+@app.task(bind=True, name="bench.plain_rt1")
+def plain_rt1(self: Task, key: str, sleep_ms: float = 0) -> str:
+    """Plain Celery + 1 raw round trip: a SET NX per task, the floor of a one-command claim."""
+    _floor().set(f"floor:{key}", self.request.id, nx=True, ex=FLOOR_TTL)
+    return body(self, key, sleep_ms)
+
+
+@app.task(bind=True, name="bench.plain_rt2")
+def plain_rt2(self: Task, key: str, sleep_ms: float = 0) -> str:
+    """Plain Celery + 2 raw round trips: SET NX before, SET of the result after.
+
+    The floor of any claim-then-complete design, whatever its scripts do.
+    """
+    client = _floor()
+    client.set(f"floor:{key}", self.request.id, nx=True, ex=FLOOR_TTL)
+    out = body(self, key, sleep_ms)
+    client.set(f"floor:{key}", out, ex=FLOOR_TTL)
+    return out
 
 
 @app.task(bind=True, base=IdempotentTask, name="bench.idem")
@@ -112,15 +138,24 @@ def task_for(contender: str, *, long: bool = False) -> Task:
     return app.tasks[f"bench.{contender}"]
 
 
-_counters: dict[int, redis.Redis] = {}
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def _client(variable: str) -> redis.Redis:
+    key = (os.getpid(), variable)  # one client per prefork child, never shared across fork()
+    client = _clients.get(key)
+    if client is None:
+        client = _clients[key] = redis.Redis.from_url(_env(variable, ""))
+    return client
 
 
 def _counter() -> redis.Redis:
-    pid = os.getpid()  # one client per prefork child, never shared across fork()
-    client = _counters.get(pid)
-    if client is None:
-        client = _counters[pid] = redis.Redis.from_url(_env("BENCH_COUNTER", ""))
-    return client
+    return _client("BENCH_COUNTER")
+
+
+def _floor() -> redis.Redis:
+    """The floors' store: a redis-server of the same kind as celery-idem's."""
+    return _client("BENCH_STORE_FLOOR")
 
 
 @task_postrun.connect(weak=False)

@@ -1,160 +1,54 @@
 """The benchmark harness behind ``make bench`` (``python -m benchmarks``).
 
-One broker/result-backend redis-server, one dedicated store server per contender, one
-prefork worker (2 processes) serving every contender's task, and a fresh publisher
-process per run. Per scenario, rounds in which the contenders take turns (the order
-rotates each round); in the first round, ``redis-cli monitor`` of the contender's
-store counts its round trips. See ``docs/benchmarks.md`` for the method and the figures.
+One broker/result-backend redis-server, one dedicated store server per contender (the
+two floors share one), one worker per setup (:mod:`benchmarks.scenarios`: solo, prefork
+with 2 and 4 processes, with and without a result backend) serving every contender's
+task, and a fresh publisher process per run. Per scenario, rounds in which the
+contenders take turns (the order rotates each round), so that every ratio is taken
+within one round; in the first round of the main setup, ``redis-cli monitor`` of the
+contender's store counts its round trips. Then the per-call comparison
+(:mod:`benchmarks.percall`) in a process of its own. See ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.contenders import CONTENDERS, MEASURED, STORES
+from benchmarks.contenders import STORE_OF, STORES
+from benchmarks.monitor import Monitor, count_round_trips
+from benchmarks.scenarios import MAIN, SCENARIOS, SETUPS, WARM_UP, Scenario, Setup
 from devtools.processes import Process
 from devtools.redis_server import RedisServer, find_redis_cli, server_version
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_DB, BACKEND_DB, COUNTER_DB = 0, 1, 2
-HANDSHAKE = {"echo", "ping", "client", "hello", "select", "auth", "info", "config", "command"}
-"""Commands that open a connection or mark a run: not round trips of the protocol."""
 
 
-@dataclass(frozen=True)
-class Scenario:
-    """One workload: ``n`` deliveries over ``keys`` keys (None: all distinct)."""
-
-    name: str
-    title: str
-    n: int
-    keys: int | None
-    sleep_ms: float
-    long: bool = False
-    rounds: int = 3
-    extra: tuple[str, ...] = ()
-    """Contenders run in this scenario only, after the four of every scenario."""
-    timeout: float = 180.0
-
-
-SCENARIOS = (
-    Scenario("a", "unique keys, no-op body", n=2000, keys=None, sleep_ms=0, rounds=5),
-    Scenario("b", "unique keys, 5 ms body", n=1000, keys=None, sleep_ms=5),
-    Scenario(
-        "c",
-        "webhook storm: 10 000 deliveries over 100 keys",
-        n=10000,
-        keys=100,
-        sleep_ms=0,
-        extra=("idem_pub",),
-    ),
-    Scenario(
-        "d", "long tasks, 1.8 s body, idem_lease 3 s", n=4, keys=None, sleep_ms=1800, long=True
-    ),
-)
-WARM_UP = (
-    Scenario("warm", "warm-up", n=100, keys=None, sleep_ms=0, timeout=90),
-    # A body past lease/3 loads celery-idem's renew script, so (d) runs warm too.
-    Scenario("warm", "warm-up, long", n=2, keys=None, sleep_ms=1100, long=True, timeout=90),
-)
-
-
-class Monitor:
-    """``redis-cli monitor`` of one store server, into a file (cheap: no Python parsing)."""
-
-    _LINE = re.compile(r'^[\d.]+ \[\d+ (\S+)\] "([^"]*)"(?: "([^"]*)")?')
-
-    def __init__(self, cli: str, server: RedisServer, path: Path) -> None:
-        self.path = path
-        self._out = path.open("wb")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-            [cli, "-p", str(server.port), "monitor"], stdout=self._out,
-            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        probe = server.client()
-        marker = f"bench:monitor:{uuid.uuid4().hex}"
-        deadline = time.monotonic() + 10
-        while marker not in path.read_text(errors="replace"):  # it is listening
-            probe.echo(marker)
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-cli monitor did not start")
-            time.sleep(0.05)
-        probe.close()
-
-    def stop(self, end_marker: str) -> list[tuple[str, str, str]]:
-        """Wait for ``end_marker``, stop, return (client, command, first arg) in order."""
-        deadline = time.monotonic() + 30
-        while end_marker not in self.path.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self._out.close()
-        seen = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            match = self._LINE.match(line)
-            if match:
-                seen.append((match[1], match[2].lower(), match[3] or ""))
-        return seen
-
-
-def _script_names() -> dict[str, str]:
-    """SHA1 -> name of celery-idem's Lua scripts, to tell claims from completions."""
-    try:
-        from celery_idem.store.redis_base import SOURCES  # noqa: PLC0415 - optional detail
-    except ImportError:  # the module changed shape: keep counting, without names
-        return {}
-    return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in SOURCES.items()}  # noqa: S324 - Redis names scripts by SHA1
-
-
-def count_round_trips(
-    seen: list[tuple[str, str, str]], run_id: str, publisher_ports: set[int]
-) -> dict[str, dict[str, int]]:
-    """Network commands between the run's markers, by side (publisher, worker)."""
-    scripts = _script_names()
-    start, end = f"bench:start:{run_id}", f"bench:end:{run_id}"
-    inside = False
-    counts: dict[str, Counter[str]] = {"publisher": Counter(), "worker": Counter()}
-    for client, command, arg in seen:
-        if command == "echo" and arg in (start, end):
-            inside = arg == start
-            continue
-        if not inside or client == "lua" or command in HANDSHAKE:
-            continue
-        port = int(client.rsplit(":", 1)[1]) if ":" in client else -1
-        side = "publisher" if port in publisher_ports else "worker"
-        label = command
-        if command in ("evalsha", "eval"):
-            label = f"{command}:{scripts.get(arg, arg[:8])}"
-        counts[side][label] += 1
-    return {side: dict(c) for side, c in counts.items()}
-
-
-def bench_env(broker: RedisServer, stores: Mapping[str, RedisServer]) -> dict[str, str]:
+def bench_env(
+    broker: RedisServer, stores: Mapping[str, RedisServer], *, results: bool = True
+) -> dict[str, str]:
     """The environment ``benchmarks.app`` reads (``BENCH_*``), the checkout on PYTHONPATH.
 
     One broker server holds the broker, the result backend and the completion counter
-    (three databases); each contender's store is a server of its own.
+    (three databases); each contender's store is a server of its own. ``results=False``
+    sets ``task_ignore_result`` in the worker and the publisher alike.
     """
     return {
         **os.environ,
+        "BENCH_IGNORE_RESULT": "" if results else "1",
         "BENCH_BROKER": broker.url(BROKER_DB),
         "BENCH_BACKEND": broker.url(BACKEND_DB),
         "BENCH_COUNTER": broker.url(COUNTER_DB),
@@ -166,24 +60,40 @@ def bench_env(broker: RedisServer, stores: Mapping[str, RedisServer]) -> dict[st
 class Bench:
     """Servers, the worker and the runs."""
 
-    def __init__(self, workdir: Path, concurrency: int) -> None:
+    def __init__(self, workdir: Path, concurrency: int = 2, setup: Setup | None = None) -> None:
         self.workdir = workdir
-        self.concurrency = concurrency
+        self.setup = setup or replace(MAIN, concurrency=concurrency)
         self.broker = RedisServer().start()
         self.stores = {name: RedisServer().start() for name in STORES}
         self.cli = find_redis_cli(self.broker.executable)
-        self.env = bench_env(self.broker, self.stores)
+        self.env = bench_env(self.broker, self.stores, results=self.setup.results)
         self.worker: Process | None = None
         self.worker_log = workdir / "worker.log"
 
     # -- worker ---------------------------------------------------------------------
 
+    @property
+    def concurrency(self) -> int:
+        """The worker's processes (1 for solo)."""
+        return self.setup.concurrency
+
+    def use(self, setup: Setup, contenders: tuple[str, ...]) -> None:
+        """Restart the worker for ``setup`` (if another), warm for ``contenders``."""
+        if setup == self.setup and self.worker is not None:
+            return
+        self.stop_worker()
+        self.setup = setup
+        self.env = bench_env(self.broker, self.stores, results=setup.results)
+        self.start_worker()
+        self.warm_up(contenders)
+
     def start_worker(self) -> None:
-        """``celery worker``: prefork, ``concurrency`` processes, the bench queue only."""
+        """``celery worker``: the setup's pool and processes, the bench queue only."""
         cmd = [
             sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker",
-            "-P", "prefork", "-c", str(self.concurrency), "-Q", "bench", "-n", "bench@%h",
-            "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-P", self.setup.pool, "-c", str(self.setup.concurrency), "-Q", "bench",
+            "-n", "bench@%h", "-l", "WARNING", "--without-gossip", "--without-mingle",
+            "--without-heartbeat",
         ]  # fmt: skip
         self.worker = Process("the bench worker", cmd, self.worker_log, self.env, ROOT).start()
 
@@ -193,10 +103,12 @@ class Bench:
         if worker is not None:
             worker.stop(timeout=20)
 
-    def warm_up(self) -> None:
-        """Some tasks of every contender: connections, scripts, imports in both children."""
+    def warm_up(self, contenders: tuple[str, ...]) -> None:
+        """Some tasks of every contender: connections, scripts, imports in every child."""
         for scenario in WARM_UP:
-            for contender in CONTENDERS if scenario.sleep_ms == 0 else ("idem",):
+            if scenario.long and "idem" not in contenders:
+                continue
+            for contender in contenders if scenario.sleep_ms == 0 else ("idem",):
                 out = self.publish(contender, scenario)
                 if out.get("timeout") or out.get("error"):
                     raise RuntimeError(
@@ -209,13 +121,13 @@ class Bench:
         except OSError:
             return ""
 
-    def recover(self) -> None:
+    def recover(self, contenders: tuple[str, ...]) -> None:
         """After a failed run: restart the worker on an empty queue."""
         self.stop_worker()
         with contextlib.closing(self.broker.client(BROKER_DB)) as client:
             client.delete("bench", "unacked", "unacked_index")
         self.start_worker()
-        self.warm_up()
+        self.warm_up(contenders)
 
     # -- one run --------------------------------------------------------------------
 
@@ -248,6 +160,9 @@ class Bench:
             "worker_pid": self.worker.pid, "store_port": store.port if store else None,
             "timeout": scenario.timeout, "server_pids": servers,
             "monitor_pid": monitor.proc.pid if monitor else None,
+            "results": self.setup.results,
+            # Duplicates of completed keys: only a contender that deduplicates has any.
+            "prefill": scenario.prefill and contender.startswith("idem"),
         }  # fmt: skip
         if reset:
             self._reset()  # counter, results and stores empty: nothing left from before
@@ -267,7 +182,8 @@ class Bench:
 
     def store_of(self, contender: str) -> RedisServer | None:
         """The contender's store server (celery-idem's variant shares celery-idem's)."""
-        return self.stores.get("idem" if contender.startswith("idem") else contender)
+        store = STORE_OF[contender]
+        return self.stores[store] if store else None
 
     def used_memory(self, contender: str) -> int:
         """``used_memory`` of the contender's store (0 without a store)."""
@@ -310,7 +226,9 @@ class Bench:
         if "error" not in out:
             out["store_used_memory"] = self.used_memory(contender) - baseline
             out["store_keys"], out["store_bytes"] = self.store_memory(contender)
-        out.update(contender=contender, scenario=scenario.name, round=round_no)
+        out.update(
+            contender=contender, scenario=scenario.name, round=round_no, setup=self.setup.name
+        )
         return out
 
     def close(self) -> None:
@@ -322,7 +240,7 @@ class Bench:
 
 def _order(scenario: Scenario, round_no: int) -> list[str]:
     """The contenders' turn order in a round: rotated, so none always goes first."""
-    everyone = MEASURED + scenario.extra
+    everyone = scenario.contenders
     shift = (round_no - 1) % len(everyone)
     return list(everyone[shift:] + everyone[:shift])
 
@@ -337,27 +255,74 @@ def _describe(run: dict[str, Any]) -> str:
         per = {s: sum(c.values()) / run["deliveries"] for s, c in run["round_trips"].items()}
         extra = f"  round trips/task worker {per['worker']:.2f} publisher {per['publisher']:.2f}"
     extra += f"  other load {run['foreign_cores']:.2f} cores"
-    return (
-        f"{rate:8.0f}/s  worker {cpu:6.0f} us/task  answered {run['answered']}/"
-        f"{run['deliveries']}  body runs {run['body_runs']}{extra}"
-        + (" TIMEOUT" if run.get("timeout") else "")
+    answered = (
+        f"answered {run['answered']}/{run['deliveries']}  body runs {run['body_runs']}"
+        if "answered" in run
+        else "no results to check"
     )
+    return f"{rate:8.0f}/s  worker {cpu:6.0f} us/task  {answered}{extra}" + (
+        " TIMEOUT" if run.get("timeout") else ""
+    )
+
+
+def _env_number(name: str) -> float | None:
+    value = os.environ.get(name, "")
+    return float(value) if value else None
+
+
+def _scenarios(args: argparse.Namespace) -> list[Scenario]:
+    """The scenarios to run, scaled: ``--only`` matches a name or a setup's name."""
+    wanted = set(args.only.split(",")) if args.only else None
+    out = []
+    for s in SCENARIOS:
+        if wanted and not ({s.name, s.setup, s.workload} & wanted):
+            continue
+        out.append(replace(s, n=max(2, round(s.n * args.scale)), rounds=args.rounds or s.rounds))
+    return out
+
+
+def _percall(env: dict[str, str], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The per-call comparison (:mod:`benchmarks.percall`), in a process of its own."""
+    cmd = [sys.executable, "-m", "benchmarks.percall", "--json", "--scale", str(args.scale)]
+    if args.rounds:
+        cmd += ["--rounds", str(max(args.rounds, 3))]
+    done = subprocess.run(  # noqa: S603 - our own argv, no shell
+        cmd, cwd=ROOT, env=env, capture_output=True, timeout=900, check=False
+    )
+    if done.returncode != 0:
+        print(f"per-call benchmark failed:\n{done.stderr.decode()[-3000:]}", file=sys.stderr)
+        return None
+    out: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every scenario, print the table, write docs/benchmarks.{md,png}."""
+    """Run every scenario and the per-call bench, print, write docs/benchmarks.{md,png}."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    env_rounds, env_scale = _env_number("BENCH_ROUNDS"), _env_number("BENCH_SCALE")
     parser.add_argument(
-        "--rounds", type=int, help="rounds per scenario (default: 5 for (a), 3 else)"
+        "--rounds",
+        type=int,
+        default=int(env_rounds) if env_rounds else None,
+        help="rounds per scenario (default: BENCH_ROUNDS, else 5; 3 for (d))",
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every N (smoke runs)")
-    parser.add_argument("--only", default="abcd", help="scenarios to run, e.g. 'ac'")
-    parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=env_scale or 1.0,
+        help="multiply every N (default: BENCH_SCALE, else 1; smoke runs)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated scenarios, workloads or setups, e.g. 'a,c' or 'solo,p4i'",
+    )
+    parser.add_argument("--no-percall", action="store_true", help="skip the per-call bench")
     parser.add_argument(
         "--monitor-rounds",
         type=int,
         default=1,
-        help="rounds (from the first) whose runs count store round trips with MONITOR",
+        help="rounds (from the first) of the main setup counting store round trips (MONITOR)",
     )
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where the page goes")
     parser.add_argument("--no-docs", action="store_true", help="print only")
@@ -374,41 +339,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.monotonic()
-    scenarios = [
-        Scenario(
-            **{
-                **asdict(s),
-                "extra": tuple(s.extra),
-                "n": max(2, round(s.n * args.scale)),
-                "rounds": args.rounds or s.rounds,
-            }
-        )
-        for s in SCENARIOS
-        if s.name in args.only
-    ]
+    scenarios = _scenarios(args)
+    setups = [u for u in SETUPS if any(s.setup == u.name for s in scenarios)]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp:
-        bench = Bench(Path(tmp), args.concurrency)
+        bench = Bench(Path(tmp), setup=setups[0] if setups else MAIN)
         try:
             if bench.cli is None:
                 print("no redis-cli found: round trips are not counted", file=sys.stderr)
-            bench.start_worker()
-            bench.warm_up()
-            for scenario in scenarios:
-                print(f"\n== scenario ({scenario.name}) {scenario.title}; N={scenario.n}")
-                for round_no in range(1, scenario.rounds + 1):
-                    for contender in _order(scenario, round_no):
-                        monitor = round_no <= args.monitor_rounds
-                        run = bench.run(contender, scenario, round_no, monitor=monitor)
-                        runs.append(run)
-                        print(f"  round {round_no} {contender:9s} {_describe(run)}", flush=True)
-                        if "error" in run or run.get("timeout"):
-                            bench.recover()
-            meta = report.environment(server_version(bench.broker.executable), args.concurrency)
+            for setup in setups:
+                mine = [s for s in scenarios if s.setup == setup.name]
+                everyone = tuple(dict.fromkeys(c for s in mine for c in s.contenders))
+                print(f"\n#### worker: {setup.label}", flush=True)
+                bench.use(setup, everyone)
+                for scenario in mine:
+                    print(f"\n== scenario ({scenario.name}) {scenario.title}; N={scenario.n}")
+                    for round_no in range(1, scenario.rounds + 1):
+                        for contender in _order(scenario, round_no):
+                            monitor = setup == MAIN and round_no <= args.monitor_rounds
+                            run = bench.run(contender, scenario, round_no, monitor=monitor)
+                            runs.append(run)
+                            print(f"  round {round_no} {contender:9s} {_describe(run)}", flush=True)
+                            if "error" in run or run.get("timeout"):
+                                bench.recover(everyone)
+            version = server_version(bench.broker.executable)
+            meta = report.environment(version, MAIN.concurrency)
         finally:
             bench.close()
+    if not args.no_percall:
+        print("\n== per call, one process, Celery's tracer", flush=True)
+        meta["percall"] = _percall(dict(os.environ), args)
     meta["runtime_seconds"] = time.monotonic() - started
     meta["scenarios"] = [asdict(s) for s in scenarios]
+    meta["setups"] = [asdict(u) for u in setups]
     meta["monitor_rounds"] = args.monitor_rounds
     if not args.no_docs:
         Path(args.results).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
@@ -418,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _publish(meta: dict[str, Any], runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Print the table; unless ``--no-docs``, write the page and the chart."""
-    scenarios = [Scenario(**{**s, "extra": tuple(s["extra"])}) for s in meta["scenarios"]]
+    scenarios = [Scenario(**{**s, "contenders": tuple(s["contenders"])}) for s in meta["scenarios"]]
     result = report.build(runs, scenarios, meta)
     print()
     print(report.stdout_table(result))

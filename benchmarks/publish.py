@@ -4,8 +4,9 @@
 warms its connections, then times from the first publish until the completion counter
 says every published message has finished (``task_postrun`` with ``SUCCESS``, counted
 by the worker); it reads the worker tree's CPU time (``/proc``) at both ends. After the
-clock stops it checks every delivery's result in the result backend and prints one
-JSON line with the figures.
+clock stops it checks every delivery's result in the result backend (when results are
+written at all) and prints one JSON line with the figures. With ``prefill``, every key
+first runs once, untimed, so that the timed deliveries are duplicates of completed keys.
 """
 
 from __future__ import annotations
@@ -100,13 +101,24 @@ def _verify(order: list[str], ids: list[str | None], published: set[str]) -> dic
     }
 
 
+def _prefill(task: Any, order: list[str], args_tail: tuple[Any, ...], counter: Any) -> set[str]:
+    """Run every key once and wait for it; the counters start again from zero after."""
+    ids = {task.apply_async((key, *args_tail)).id for key in dict.fromkeys(order)}
+    deadline = time.perf_counter() + 120
+    while int(counter.get(COUNTER_KEY) or 0) < len(ids) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    counter.delete(COUNTER_KEY, RETRIES_KEY)
+    return ids
+
+
 def main(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement.
 
     ``spec`` keys: ``contender``, ``run_id``, ``n``, ``keys`` (None: all distinct),
     ``sleep_ms``, ``long``, ``seed``, ``worker_pid``, ``store_port`` (None for plain
     Celery), ``server_pids`` (our redis-servers), ``monitor_pid`` (redis-cli monitor or
-    None), ``timeout`` (seconds).
+    None), ``timeout`` (seconds), ``results`` (False: ``task_ignore_result``, nothing to
+    verify), ``prefill`` (run every key once before the clock starts).
     """
     contender = spec["contender"]
     task = task_for(contender, long=spec["long"])
@@ -116,9 +128,10 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     store = redis.Redis(host="127.0.0.1", port=store_port) if store_port else None
     _warm(contender, store)
     counter.ping()
+    args_tail = (spec["sleep_ms"],)
+    prefilled = _prefill(task, order, args_tail, counter) if spec.get("prefill") else set()
     if store is not None:  # MONITOR counts only what happens between the markers
         store.echo(f"bench:start:{spec['run_id']}")
-    args_tail = (spec["sleep_ms"],)
     ids: list[str | None] = []
     published: set[str] = set()
     refused = existing = 0
@@ -179,12 +192,14 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         "monitor_cpu": monitor_cpu,
         # Cores kept busy by processes that are not this benchmark's, on average.
         "foreign_cores": max(0.0, (busy1 - busy0) - ours) / (t1 - t0),
+        "prefilled": len(prefilled),
     }
     if store is not None:
         out["publisher_ports"] = sorted(procstat.local_ports_to(os.getpid(), store_port))
         store.echo(f"bench:end:{spec['run_id']}")
         store.close()
-    out.update(_verify(order, ids, published))
+    if spec.get("results", True):
+        out.update(_verify(order, ids, published | prefilled))
     counter.close()
     return out
 

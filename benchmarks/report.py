@@ -6,19 +6,30 @@ import os
 import platform
 import statistics
 import time
-from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.contenders import CHART_ORDER, COLORS, CONTENDERS, LABELS
+from benchmarks.chart import draw as draw_chart
+from benchmarks.contenders import BASELINE, CONTENDERS, FLOORS, LABELS
 from benchmarks.page import render as render_page
+from benchmarks.scenarios import MAIN, Setup
+from benchmarks.targets import idem_targets
 
-__all__ = ["build", "environment", "stdout_table", "write_page"]
+__all__ = ["build", "environment", "spread", "stdout_table", "write_page"]
 
 MANY_RECORDS = 1000
 """Runs leaving fewer records on the store give no used_memory-per-record figure."""
-PACKAGES = ("celery", "kombu", "redis", "celery-once", "celery-singleton", "celery-idem")
+PACKAGES = (
+    "celery",
+    "kombu",
+    "redis",
+    "hiredis",
+    "celery-once",
+    "celery-singleton",
+    "aws-lambda-powertools",
+    "celery-idem",
+)
 
 
 def environment(redis_server_version: str, concurrency: int) -> dict[str, Any]:
@@ -65,26 +76,44 @@ def _rt(run: dict[str, Any], side: str) -> float:
     return sum(run["round_trips"][side].values()) / float(run["deliveries"])
 
 
+def spread(values: list[float], spec: str = ".2f", suffix: str = "x") -> str:
+    """``median [min, max]`` of per-round values: the form every ratio is reported in."""
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    return f"{med:{spec}}{suffix} [{min(values):{spec}}, {max(values):{spec}}]"
+
+
 def _summarise(
     scenario: Any, contender: str, runs: list[dict[str, Any]], by_round: dict[Any, Any]
 ) -> dict[str, Any]:
     mine = [r for r in runs if r["contender"] == contender and r["scenario"] == scenario.name]
     timed = [r for r in mine if "error" not in r and not r.get("timeout")]
     counted = [r for r in timed if "round_trips" in r]
-    rate_ratios, cpu_ratios = [], []
+    # Verified: runs whose results were written (not under task_ignore_result).
+    checked = [r for r in timed if "answered" in r]
+    # Per round: this contender's run over each denominator's run of the same round.
+    ratios: dict[str, list[float]] = {base: [] for base in (BASELINE, *FLOORS)}
+    cpu_ratios = []
     for run in timed:
-        base = by_round.get((scenario.name, "plain", run["round"]))
-        if base is not None:
-            rate_ratios.append(_rate(run) / _rate(base))
-            # Too few tasks: per-task CPU is below the 10 ms clock tick, a ratio is noise.
-            if _cpu(base) and scenario.n >= MANY_RECORDS:
-                cpu_ratios.append(_cpu(run) / _cpu(base))
+        for base_name, values in ratios.items():
+            base = by_round.get((scenario.name, base_name, run["round"]))
+            if base is not None:
+                values.append(_rate(run) / _rate(base))
+        base = by_round.get((scenario.name, BASELINE, run["round"]))
+        # Too few tasks: per-task CPU is below the 10 ms clock tick, a ratio is noise.
+        if base is not None and _cpu(base) and scenario.n >= MANY_RECORDS:
+            cpu_ratios.append(_cpu(run) / _cpu(base))
+    rate_ratios = ratios[BASELINE]
     s: dict[str, Any] = {
         "runs": len(timed),
         "failed": len(mine) - len(timed),
         "rate": _median([_rate(r) for r in timed]),
         "rate_ratio": _median(rate_ratios),
         "rate_ratios": rate_ratios,
+        "ratios": ratios,
+        "rate_by_round": {r["round"]: _rate(r) for r in timed},
+        "cpu_ratios": cpu_ratios,
         "cpu_us": _median([_cpu(r) for r in timed]),
         "cpu_ratio": _median(cpu_ratios),
         "publisher_cpu_us": _median([1e6 * r["publisher_cpu"] / r["deliveries"] for r in timed]),
@@ -92,15 +121,15 @@ def _summarise(
         "foreign_cores": _median([r["foreign_cores"] for r in timed]),
         "foreign_cores_max": max((r["foreign_cores"] for r in timed), default=None),
         "deliveries": timed[0]["deliveries"] if timed else scenario.n,
-        "answered_min": min((r["answered"] for r in timed), default=None),
-        "wrong_max": max((r["wrong"] + r["missing"] for r in timed), default=None),
-        "body_runs": _median([r["body_runs"] for r in timed]),
+        "answered_min": min((r["answered"] for r in checked), default=None),
+        "wrong_max": max((r["wrong"] + r["missing"] for r in checked), default=None),
+        "body_runs": _median([r["body_runs"] for r in checked]),
         "retries": _median([r["retries"] for r in timed]),
         "refused": _median([r["refused_at_publish"] for r in timed]),
         "given_existing": _median([r["given_existing_result"] for r in timed]),
-        "keys_with_one_value": _median([r["keys_with_one_value"] for r in timed]),
-        "distinct_keys": timed[0]["distinct_keys"] if timed else None,
-        "result_bytes": _median([r["result_bytes"] for r in timed]),
+        "keys_with_one_value": _median([r["keys_with_one_value"] for r in checked]),
+        "distinct_keys": checked[0]["distinct_keys"] if checked else None,
+        "result_bytes": _median([r["result_bytes"] for r in checked]),
         "store_keys": _median([r.get("store_keys", 0) for r in timed]),
         "bytes_per_record": _median(
             [r["store_bytes"] / r["store_keys"] for r in timed if r.get("store_keys")]
@@ -127,139 +156,9 @@ def _summarise(
             }
             for side in ("worker", "publisher")
         }
-    elif contender == "plain":
+    elif contender == BASELINE:
         s["rt_worker"] = s["rt_publisher"] = 0.0
     return s
-
-
-def _scripts(run: dict[str, Any]) -> Counter[str]:
-    return Counter(run["round_trips"]["worker"])
-
-
-def _idem_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    sc = result["scenarios"]
-
-    def idem(name: str) -> dict[str, Any] | None:
-        return sc[name]["contenders"].get("idem") if name in sc else None
-
-    firsts = []
-    for name in ("a", "b"):
-        s = idem(name)
-        for run in s["counted_runs"] if s else []:
-            w, n = _scripts(run), run["deliveries"]
-            firsts.append(
-                (name, sum(w.values()) / n, w["evalsha:claim"] == w["evalsha:complete"] == n)
-            )
-    if firsts:
-        exact = all(ok and per == 2.0 for _, per, ok in firsts)
-        out.append(
-            {
-                "target": "2 round trips per first run (claim + complete)",
-                "measured": ", ".join(
-                    f"({n}) {per:.3f}" for n, per in sorted({(n, p) for n, p, _ in firsts})
-                )
-                + f" per task, in every one of {len(firsts)} runs"
-                if exact
-                else ", ".join(f"({n}) {per:.3f}" for n, per, _ in firsts),
-                "met": exact,
-            }
-        )
-    c = idem("c")
-    if c and c["counted_runs"]:
-        per_dups, cleans, deferred = [], [], []
-        for run in c["counted_runs"]:
-            w = _scripts(run)
-            first = w["evalsha:complete"]
-            dups = run["deliveries"] - first
-            spent = sum(w.values()) - 2 * first - w["evalsha:renew"]
-            per_dups.append(spent / dups)
-            cleans.append((spent - run["retries"]) / dups)
-            deferred.append(run["retries"])
-        out.append(
-            {
-                "target": "exactly 1 round trip per duplicate",
-                "measured": "(c) "
-                + ", ".join(f"{p:.4f}" for p in per_dups)
-                + " per duplicate (one per run); a duplicate that arrives while its key's "
-                "first run holds it is deferred and claims once more (deferrals per run: "
-                + ", ".join(str(d) for d in deferred)
-                + "); without those: "
-                + ", ".join(f"{x:.4f}" for x in cleans),
-                "met": all(p == 1.0 for p in per_dups),
-            }
-        )
-    renewals = []
-    for name in ("a", "b", "c"):
-        s = idem(name)
-        if s and s["counted_runs"]:
-            renewals.append((name, sum(_scripts(r)["evalsha:renew"] for r in s["counted_runs"])))
-    if renewals:
-        out.append(
-            {
-                "target": "0 renewals for tasks shorter than lease/3",
-                "measured": ", ".join(f"({n}) {r}" for n, r in renewals)
-                + " renewals over all runs",
-                "met": all(r == 0 for _, r in renewals),
-            }
-        )
-    a = idem("a")
-    if a and a["rate_ratio"] is not None:
-        out.append(
-            {
-                "target": "(a) celery-idem >= 0.90x plain Celery (tasks/s)",
-                "measured": f"{a['rate_ratio']:.2f}x (per round: "
-                + ", ".join(f"{r:.2f}" for r in a["rate_ratios"])
-                + ")",
-                "met": a["rate_ratio"] >= 0.90,
-            }
-        )
-    variant = sc["c"]["contenders"].get("idem_pub") if "c" in sc else None
-    for label, s in (("", c), (" (with idem_dedupe_on_publish)", variant)):
-        if not s or s["rate"] is None:
-            continue
-        peers = {
-            k: v["rate"]
-            for k, v in sc["c"]["contenders"].items()
-            if k in ("once", "singleton") and v["rate"]
-        }
-        fastest = max(peers.items(), key=lambda kv: kv[1]) if peers else ("plain", 0.0)
-        all_answered = s["answered_min"] == s["deliveries"] and not s["wrong_max"]
-        out.append(
-            {
-                "target": "(c) at least as fast as the fastest peer, every delivery answered"
-                + label,
-                "measured": f"{s['rate']:.0f}/s vs {LABELS[fastest[0]]} {fastest[1]:.0f}/s; "
-                f"answered {s['answered_min']}/{s['deliveries']} (worst run), "
-                f"{s['keys_with_one_value']:.0f}/{s['distinct_keys']} keys with one value",
-                "met": s["rate"] >= fastest[1] and all_answered,
-            }
-        )
-    beyond = []
-    for name, sc_ in sc.items():
-        st = sc_["contenders"].get("idem")
-        if st and st["bytes_per_record"]:
-            used = st["used_memory_per_record"] or 0.0
-            beyond.append((name, st["bytes_per_record"], st["result_bytes"], used))
-    if beyond:
-        out.append(
-            {
-                "target": "<= 200 bytes per completed record beyond the result (MEMORY USAGE)",
-                "measured": ", ".join(
-                    f"({n}) {b - r:.0f} B ({b:.0f} B record, {r:.0f} B result)"
-                    for n, b, r, _ in beyond
-                )
-                + (
-                    "; counting the keyspace and expiry hash-table entries that MEMORY USAGE "
-                    "leaves out (used_memory growth per record, minus the result): "
-                    + ", ".join(f"({n}) {u - r:.0f} B" for n, _, r, u in beyond if u)
-                    if any(u for *_, u in beyond)
-                    else ""
-                ),
-                "met": all(b - r <= 200 for _, b, r, _ in beyond),
-            }
-        )
-    return out
 
 
 def build(runs: list[dict[str, Any]], scenarios: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +172,9 @@ def build(runs: list[dict[str, Any]], scenarios: list[Any], meta: dict[str, Any]
     for scenario in scenarios:
         result["scenarios"][scenario.name] = {
             "title": scenario.title,
+            "setup": scenario.setup,
+            "workload": scenario.workload,
+            "prefill": scenario.prefill,
             "n": scenario.n,
             "keys": scenario.keys,
             "sleep_ms": scenario.sleep_ms,
@@ -283,7 +185,8 @@ def build(runs: list[dict[str, Any]], scenarios: list[Any], meta: dict[str, Any]
                 if any(r["contender"] == c and r["scenario"] == scenario.name for r in runs)
             },
         }
-    result["targets"] = _idem_targets(result)
+    result["setups"] = {u["name"]: {**u, "label": Setup(**u).label} for u in meta.get("setups", [])}
+    result["targets"] = idem_targets(result)
     return result
 
 
@@ -292,15 +195,18 @@ def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
+    """The main setup's table: every figure of every contender (the matrix has its own)."""
     rows = []
     for name, sc in result["scenarios"].items():
+        if sc["setup"] != MAIN.name:
+            continue
         for contender, s in sc["contenders"].items():
             rt = "n/a"
             if "rt_worker" in s:
                 rt = f"{s['rt_worker']:.2f} + {s['rt_publisher']:.2f}"
             mem = "0 (none kept)" if contender != "plain" and not s["store_keys"] else "-"
             if s["bytes_per_record"]:
-                beyond = s["bytes_per_record"] - s["result_bytes"]
+                beyond = s["bytes_per_record"] - (s["result_bytes"] or 0)
                 mem = f"{s['bytes_per_record']:.0f} ({beyond:.0f})"
                 if s["used_memory_per_record"]:
                     mem += f"; {s['used_memory_per_record']:.0f}"
@@ -312,7 +218,8 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
                     f"({name})",
                     LABELS[contender],
                     _fmt(s["rate"]),
-                    _fmt(s["rate_ratio"], ".2f", "x"),
+                    spread(s["ratios"][BASELINE]),
+                    spread(s["ratios"][FLOORS[0]]),
                     _fmt(s["cpu_us"]),
                     _fmt(s["cpu_ratio"], ".2f", "x"),
                     _fmt(s["publisher_cpu_us"]),
@@ -329,7 +236,8 @@ HEADER = [
     "scenario",
     "contender",
     "tasks/s",
-    "vs plain",
+    "vs plain: median [min, max] of rounds",
+    "vs plain + 1 raw round trip",
     "worker CPU us/task",
     "CPU vs plain",
     "publisher CPU us/task",
@@ -356,63 +264,10 @@ def stdout_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 - only the page needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    names = list(result["scenarios"])
-    others = [c.name for c in CHART_ORDER]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    panels = (
-        (axes[0], "rate_ratio", "end-to-end tasks/s vs plain Celery (higher is better)"),
-        (axes[1], "cpu_ratio", "worker CPU per task vs plain Celery (lower is better)"),
-    )
-    width = 0.2
-    for ax, field, title in panels:
-        for i, contender in enumerate(others):
-            here = [
-                (j, result["scenarios"][n]["contenders"][contender][field])
-                for j, n in enumerate(names)
-                if contender in result["scenarios"][n]["contenders"]
-            ]
-            if not here:
-                continue
-            xs = [j + (i - 1.5) * width for j, _ in here]
-            bars = ax.bar(
-                xs, [v or 0.0 for _, v in here], width, label=LABELS[contender],
-                color=COLORS[contender],
-            )  # fmt: skip
-            labels = ["n/a" if v is None else f"{v:.2f}" for _, v in here]
-            ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        if field == "rate_ratio":
-            ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
-            ax.annotate(
-                "0.90", (1.005, 0.9), xycoords=("axes fraction", "data"), fontsize=7,
-                va="center", ha="left", color="grey", annotation_clip=False,
-            )  # fmt: skip
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([f"({n})" for n in names])
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("ratio to plain Celery (median of per-round ratios)", fontsize=8)
-        ax.margins(y=0.12)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(
-        "; ".join(f"({n}) {result['scenarios'][n]['title']}" for n in names)
-        + ("\n(d): CPU per task is below the clock-tick resolution, n/a" if "d" in names else ""),
-        fontsize=8,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_page(result: dict[str, Any], page: Path, chart: Path) -> None:
     """``docs/benchmarks.md`` and the chart next to it."""
     page.parent.mkdir(parents=True, exist_ok=True)
-    _chart(result, chart)
+    draw_chart(result, chart)
     page.write_text(render_markdown(result, chart.name))
 
 
