@@ -107,6 +107,7 @@ class Lease:
     of the last successful renewal (the server's deadline runs from a moment later)."""
     completion: Completion | None = None
     """The run's completion, sent and not yet confirmed: the lease is kept until it is."""
+    overdue_told: bool = False
 
 
 class Renewer:
@@ -283,7 +284,8 @@ class Renewer:
     def _warn_if_overdue(self, lease: Lease) -> None:
         overdue = self._clock() - lease.due
         period = renewal_period(lease.lease)
-        if lease.due and overdue > period:
+        if lease.due and overdue > period and not lease.overdue_told:
+            lease.overdue_told = True
             logger.warning(
                 "celery-idem's renewal of the lease of %s was %.1f s overdue when it stopped "
                 "(renewals are due every %.1f s): the renewal thread did not get to run, or "
@@ -350,8 +352,8 @@ class Renewer:
         except Exception:  # the thread must outlive any one bad renewal; keep trying
             logger.exception("celery-idem renewal of %s failed", lease.describe)
             owned, failed = True, True
-        if lease.cancelled:
-            return
+        if lease.cancelled or lease.completion is not None:
+            return  # the run ended meanwhile: this renewal's answer no longer counts
         if not owned:
             lease.lost = True
             self.remove(lease)

@@ -323,11 +323,16 @@ class _SentCompletion:
         try:
             return bool(self.sent.read())
         except redis.exceptions.NoScriptError:
-            pass  # the server lost the script: complete() loads it and sends again
+            # The server lost its scripts (a restart): complete() loads it and sends
+            # again, and until the scripts answer again, completions are waited for.
+            if self.store.wire is not None:
+                self.store.wire.known.clear()
         except redis.ResponseError as exc:
             raise self.store.error_for(self.request.key, exc) from exc
         except ERRORS:
-            pass  # the reply was lost with its connection: ask again (safe to repeat)
+            # The reply was lost with its connection: ask again (safe to repeat).
+            if self.store.wire is not None:
+                self.store.wire.known.clear()
         return self.store.complete(self.request)
 
 

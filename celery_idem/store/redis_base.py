@@ -215,12 +215,16 @@ class RedisBase:
                 try:
                     reply = wire.call(script, key, args)
                 except redis.exceptions.NoScriptError:  # a restart, a failover, SCRIPT FLUSH
+                    wire.known.clear()  # the server lost every script, not only this one
                     script.sha = self.client.script_load(script.script)
                     reply = wire.call(script, key, args)
             except redis.ResponseError as exc:  # Redis refused it: no retry
                 raise self.error_for(key, exc) from exc
             except ERRORS:
-                pass  # the connection failed: once more through redis-py, below
+                # The connection failed: once more through redis-py, below. The server
+                # may have restarted without its scripts: none counts as known until
+                # it answers again.
+                wire.known.clear()
             else:
                 wire.known.add(script.sha)
                 return reply

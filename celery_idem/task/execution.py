@@ -596,27 +596,31 @@ class Execution:
         False when it could not be sent: the caller completes the blocking way, with
         its retries. The lease stays held (and renewed) until the answer is read.
         """
-        lease = self.lease
+        lease, store = self.lease, self.spec.store
         assert lease is not None
-        try:
-            pending = self.spec.store.send_completion(outcome)
-        except StoreUnavailable:
-            return False
-        except IdempotencyError as exc:  # refused for good: the result still stands
-            renewer.remove(lease)
-            self.store_failed(exc, "complete")
-            return True
         renewer.body_ended(lease)
-        store = self.spec.store
-        renewer.complete_later(
-            lease,
-            Completion(
-                pending,
-                resend=lambda: store.complete(outcome),
-                on_lost=lambda: self.report_lost("complete"),
-                on_failed=lambda exc: self.store_failed(exc, "complete"),
-            ),
+        completion = Completion(
+            None,
+            resend=lambda: store.complete(outcome),
+            on_lost=lambda: self.report_lost("complete"),
+            on_failed=lambda exc: self.store_failed(exc, "complete"),
         )
+        with completion.lock:
+            # From here the renewal thread settles this completion instead of renewing
+            # the lease (a renewal answered after it would look like a lost lease), and
+            # waits for the send to finish before it reads anything.
+            lease.completion = completion
+            try:
+                completion.pending = store.send_completion(outcome)
+            except StoreUnavailable:
+                lease.completion = None
+                return False
+            except IdempotencyError as exc:  # refused for good: the result still stands
+                completion.done = True
+                renewer.remove(lease)
+                self.store_failed(exc, "complete")
+                return True
+        renewer.complete_later(lease, completion)
         return True
 
     def complete_request(self, stored: Stored, continuation: bool = False) -> CompleteRequest:
