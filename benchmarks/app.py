@@ -119,6 +119,12 @@ def idem_pub(self: Task, key: str, sleep_ms: float = 0) -> str:
     return body(self, key, sleep_ms)
 
 
+@app.task(bind=True, base=IdempotentTask, name="bench.idem_wait", idem_blocking_completion=True)
+def idem_wait(self: Task, key: str, sleep_ms: float = 0) -> str:
+    """celery-idem waiting for each completion's answer in the task's thread."""
+    return body(self, key, sleep_ms)
+
+
 @app.task(bind=True, base=QueueOnce, name="bench.once")
 def once(self: Task, key: str, sleep_ms: float = 0) -> str:
     """celery-once: a lock taken at publish (AlreadyQueued), released after the run."""

@@ -77,7 +77,8 @@ def _workloads(setup: Setup) -> list[Scenario]:
     out = [
         Scenario(
             "a" + suffix, "unique keys, no-op body", n=2000 if main else 1500, keys=None,
-            sleep_ms=0, contenders=MEASURED if main else CORE, workload="a", setup=here,
+            sleep_ms=0, contenders=(*MEASURED, "idem_wait") if main else CORE, workload="a",
+            setup=here,
         ),
         Scenario(
             "e" + suffix, "duplicates of completed keys, no-op body", n=1500, keys=None,
