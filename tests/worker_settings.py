@@ -22,6 +22,12 @@ def redelivering_worker(visibility: float) -> dict[str, Any]:
             "visibility_timeout": visibility,
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": 1,
+            # A restore sweep holds kombu's "unacked_mutex" (one key per broker database)
+            # for milliseconds; a worker SIGKILLed while holding it (a test's teardown kills
+            # whole workers) would leave it for its default 300 s, and no worker on the
+            # broker would redeliver anything meanwhile. Seen: both visibility-timeout
+            # tests timing out one after the other in one CI run.
+            "unacked_mutex_expire": 5,
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},
     }
