@@ -52,7 +52,7 @@ ALL = (
     Contender("once", "celery-once", "once", "#d98b2b", peer=True),
     Contender("singleton", "celery-singleton", "singleton", "#6a9f4b", peer=True),
     Contender("idem_pub", "celery-idem + idem_dedupe_on_publish", "idem", "#8fb7e0", variant=True),
-    # The completion waited for, as before 0.2: what the non-blocking completion saves.
+    # The completion waited for, as earlier versions did: what not waiting saves.
     Contender(
         "idem_wait", "celery-idem + idem_blocking_completion", "idem", "#1d4a78", variant=True
     ),

@@ -194,8 +194,10 @@ class Renewer:
     def _settle_or_hand_over(self, lease: Lease) -> None:
         """Read the answer in this thread; if there is none, the renewal thread resends."""
         try:
-            self._settle(lease, resend=False)
+            settled = self._settle(lease, resend=False)
         except StoreUnavailable:
+            settled = False
+        if not settled:
             lease.due = self._clock()
             self._wake.set()
 
@@ -209,17 +211,22 @@ class Renewer:
             except StoreUnavailable as exc:
                 self._give_up(lease, exc)
 
-    def _settle(self, lease: Lease, *, resend: bool) -> None:
+    def _settle(self, lease: Lease, *, resend: bool) -> bool:
         """Read (or, with ``resend``, get again) the answer of ``lease``'s completion.
+
+        Returns:
+            False when there is no answer to read (it was lost, the completion waits to be
+            sent again) and ``resend`` is off; True once it is settled (by anyone).
 
         Raises:
             StoreUnavailable: No answer: the completion must be sent again.
         """
         completion = lease.completion
         assert completion is not None
+        owned, failure = True, None
         with completion.lock:
             if completion.done:
-                return
+                return True
             try:
                 if completion.pending is not None:
                     pending, completion.pending = completion.pending, None
@@ -227,18 +234,18 @@ class Renewer:
                 elif resend:
                     owned = completion.resend()
                 else:
-                    raise StoreUnavailable("the completion is waiting to be sent again")
+                    return False
             except StoreUnavailable:
                 raise
             except IdempotencyError as exc:  # refused for good: the task's outcome stands
-                completion.done = True
-                self._drop(lease)
-                completion.on_failed(exc)
-                return
+                failure = exc
             completion.done = True
         self._drop(lease)
-        if not owned:
+        if failure is not None:
+            completion.on_failed(failure)
+        elif not owned:
             completion.on_lost()
+        return True
 
     def _give_up(self, lease: Lease, exc: IdempotencyError) -> None:
         """The completion could not be confirmed while the lease lasted: report it."""

@@ -44,7 +44,7 @@ class MemoryStore(MemoryAdmin):
     ) -> bool:
         """Under the lock, ``change(record, now)`` if ``token`` owns ``key``; else False.
 
-        What renew, release and park share (as their scripts share the owner check).
+        What renew, release, park and step share (as their scripts share the owner check).
         """
         with self.lock:
             now = time.time()
@@ -269,18 +269,11 @@ class MemoryStore(MemoryAdmin):
 
     def step(self, request: StepRequest) -> bool:
         """See ``lua/step.lua``."""
-        with self.lock:
-            now = time.time()
-            record = self.live(request.key, now)
-            if (
-                record is None
-                or record.state is not RecordState.IN_PROGRESS
-                or record.owner != request.token
-            ):
-                return False
+
+        def append(record: MemoryRecord, now: float) -> None:
             count = len(record.steps)
             if request.position <= count:
-                return True  # this attempt stored it already
+                return  # this attempt stored it already
             if request.position != count + 1:
                 raise IdempotencyError(
                     f"record {request.key!r} holds fewer durable steps than step "
@@ -293,7 +286,8 @@ class MemoryStore(MemoryAdmin):
                 request.value,
             )  # fmt: skip
             record.steps = (*record.steps, step)
-            return True
+
+        return self._change_owned(request.key, request.token, append)
 
     def park(self, key: str, *, token: str, hold: float) -> bool:
         """See ``lua/park.lua``."""

@@ -23,6 +23,7 @@ __all__ = [
     "decode_record",
     "decode_steps",
     "encode_steps",
+    "step_label",
 ]
 
 
@@ -192,8 +193,13 @@ class StepRecord:
 
     @property
     def label(self) -> str:
-        """``name``, or ``name#n`` for occurrence n >= 2: how messages and keys name it."""
-        return self.name if self.occurrence == 1 else f"{self.name}#{self.occurrence}"
+        """How messages and downstream keys name it (:func:`step_label`)."""
+        return step_label(self.name, self.occurrence)
+
+
+def step_label(name: str, occurrence: int) -> str:
+    """How messages and downstream keys name a step: ``name``, or ``name#n`` for n >= 2."""
+    return name if occurrence == 1 else f"{name}#{occurrence}"
 
 
 def decode_steps(payload: bytes) -> tuple[StepRecord, ...]:

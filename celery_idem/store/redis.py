@@ -43,7 +43,7 @@ from celery_idem.store.clients import client_for
 from celery_idem.store.record import ClaimState, RecordKind, StepRecord, decode_steps
 from celery_idem.store.redis_admin import RedisAdmin
 from celery_idem.store.redis_base import ERRORS, RedisBase, Scripts, text
-from celery_idem.store.wire import PendingReply
+from celery_idem.store.wire import PendingReply, Wire
 
 __all__ = ["RedisHotPath", "RedisStore"]
 
@@ -257,7 +257,7 @@ class RedisHotPath(RedisBase):
             sent = self.wire.send(self.scripts.complete, request.key, args)
         except ERRORS as exc:
             raise self.error_for(request.key, exc) from exc
-        return _SentCompletion(self, request, sent)
+        return _SentCompletion(self, self.wire, request, sent)
 
     def dispatched(self, key: str, *, task_id: str) -> bool:
         """See :meth:`celery_idem.store.base.Store.dispatched`."""
@@ -315,8 +315,10 @@ def _complete_args(request: CompleteRequest) -> list[Any]:
 class _SentCompletion:
     """``complete.lua`` written on a held connection; its reply is read by :meth:`result`."""
 
-    def __init__(self, store: RedisHotPath, request: CompleteRequest, sent: PendingReply) -> None:
-        self.store, self.request, self.sent = store, request, sent
+    def __init__(
+        self, store: RedisHotPath, wire: Wire, request: CompleteRequest, sent: PendingReply
+    ) -> None:
+        self.store, self.wire, self.request, self.sent = store, wire, request, sent
 
     def result(self) -> bool:
         """See :meth:`celery_idem.store.base.PendingCompletion.result`."""
@@ -325,14 +327,12 @@ class _SentCompletion:
         except redis.exceptions.NoScriptError:
             # The server lost its scripts (a restart): complete() loads it and sends
             # again, and until the scripts answer again, completions are waited for.
-            if self.store.wire is not None:
-                self.store.wire.known.clear()
+            self.wire.scripts_lost()
         except redis.ResponseError as exc:
             raise self.store.error_for(self.request.key, exc) from exc
         except ERRORS:
             # The reply was lost with its connection: ask again (safe to repeat).
-            if self.store.wire is not None:
-                self.store.wire.known.clear()
+            self.wire.scripts_lost()
         return self.store.complete(self.request)
 
 

@@ -215,7 +215,7 @@ class RedisBase:
                 try:
                     reply = wire.call(script, key, args)
                 except redis.exceptions.NoScriptError:  # a restart, a failover, SCRIPT FLUSH
-                    wire.known.clear()  # the server lost every script, not only this one
+                    wire.scripts_lost()  # every script, not only this one
                     script.sha = self.client.script_load(script.script)
                     reply = wire.call(script, key, args)
             except redis.ResponseError as exc:  # Redis refused it: no retry
@@ -224,7 +224,7 @@ class RedisBase:
                 # The connection failed: once more through redis-py, below. The server
                 # may have restarted without its scripts: none counts as known until
                 # it answers again.
-                wire.known.clear()
+                wire.scripts_lost()
             else:
                 wire.known.add(script.sha)
                 return reply

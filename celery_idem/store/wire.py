@@ -151,6 +151,10 @@ class Wire:
         """Back on the stack (a failed one was disconnected: it reconnects when next used)."""
         self._idle.append(connection)
 
+    def scripts_lost(self) -> None:
+        """The server may have lost its scripts (a ``NOSCRIPT``, a reconnect): none is known."""
+        self.known.clear()
+
     def _head(self, script: Script) -> bytes:
         """``EVALSHA <sha> 1`` packed, once per script (the SHA changes after a reload)."""
         head = self._heads.get(script.sha)

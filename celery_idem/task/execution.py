@@ -15,7 +15,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
@@ -66,6 +66,7 @@ __all__ = ["Execution", "RunLog"]
 logger = logging.getLogger("celery_idem")
 
 E = TypeVar("E", bound=IdempotencyError)
+T = TypeVar("T")
 
 FIRST_DEFERRAL = 0.5
 """Seconds before a duplicate of a running key first looks again (doubling each time)."""
@@ -557,21 +558,25 @@ class Execution:
             return stored
         if self.lease is not None:
             renewer.remove(self.lease)
-        # The side effect has happened: try hard (a few short pauses) to record it.
-        for pause in (*COMPLETE_RETRIES, None):
+        try:
+            if self.trying_hard(lambda: self.store_completion(outcome)):
+                request.idem_owed = self if continuation else None
+        except IdempotencyError as exc:  # unreachable, or refused for good: the result stands
+            self.store_failed(exc, "complete")
+        return stored
+
+    def trying_hard(self, write: Callable[[], T]) -> T:
+        """``write()``, again after each pause of :data:`COMPLETE_RETRIES` while Redis fails.
+
+        For the writes after a side effect happened (a completion, a durable step): a
+        short outage must not cost a re-run. The last failure is raised.
+        """
+        for pause in COMPLETE_RETRIES:
             try:
-                if self.store_completion(outcome):
-                    request.idem_owed = self if continuation else None
-            except StoreUnavailable as exc:
-                if pause is None:
-                    self.store_failed(exc, "complete")
-                    return stored
+                return write()
+            except StoreUnavailable:
                 time.sleep(pause)
-                continue
-            except IdempotencyError as exc:  # refused for good: the result still stands
-                self.store_failed(exc, "complete")
-            return stored
-        raise AssertionError("unreachable")  # pragma: no cover
+        return write()
 
     def in_background(self, continuation: bool) -> bool:
         """Whether the completion is sent without waiting for its answer.

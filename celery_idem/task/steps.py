@@ -15,7 +15,6 @@ on a replay, so code after a step sees the same thing either way.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,15 +27,10 @@ from celery_idem.exceptions import (
 )
 from celery_idem.renewer import renewer
 from celery_idem.store import StepRecord, StepRequest, Stored
-from celery_idem.store.record import RecordKind
-from celery_idem.task.execution import COMPLETE_RETRIES, Execution
+from celery_idem.store.record import RecordKind, step_label
+from celery_idem.task.execution import Execution
 
-__all__ = ["Steps", "step_label"]
-
-
-def step_label(name: str, occurrence: int) -> str:
-    """How messages and downstream keys name a step: ``name``, or ``name#n`` for n >= 2."""
-    return name if occurrence == 1 else f"{name}#{occurrence}"
+__all__ = ["Steps"]
 
 
 class Steps:
@@ -81,10 +75,11 @@ class Steps:
             )
         occurrence = self.occurrences[name] = self.occurrences.get(name, 0) + 1
         self.position += 1
+        label = step_label(name, occurrence)
         if self.position <= len(self.finished):
-            return self.replay(self.finished[self.position - 1], name, occurrence)
-        self.check_lease(step_label(name, occurrence))
-        self.current_key = f"{execution.key}/{step_label(name, occurrence)}"
+            return self.replay(self.finished[self.position - 1], name, occurrence, label)
+        self.check_lease(label)
+        self.current_key = f"{execution.key}/{label}"
         try:
             value = fn(*args, **kwargs)
         except BaseException:
@@ -95,12 +90,11 @@ class Steps:
             raise
         finally:
             self.current_key = None
-        return self.keep(name, occurrence, value)
+        return self.keep(name, occurrence, label, value)
 
-    def replay(self, stored: StepRecord, name: str, occurrence: int) -> Any:
+    def replay(self, stored: StepRecord, name: str, occurrence: int, label: str) -> Any:
         """The value an earlier attempt stored for this step; ``fn`` is not called."""
         execution = self.execution
-        label = step_label(name, occurrence)
         if stored.name != name or stored.occurrence != occurrence:
             raise execution.key_error(
                 IdempotencyError,
@@ -165,11 +159,10 @@ class Steps:
             f"step run twice is still applied once",
         )
 
-    def keep(self, name: str, occurrence: int, value: Any) -> Any:
+    def keep(self, name: str, occurrence: int, label: str, value: Any) -> Any:
         """Store a finished step, fenced by this attempt's token; return its value decoded."""
         execution = self.execution
         settings, spec = execution.settings, execution.spec
-        label = step_label(name, occurrence)
         reason = None
         try:
             stored = codec.encode_result(value, spec.serializer, settings.max_result_bytes)
@@ -203,24 +196,17 @@ class Steps:
                 recorded, so the task fails rather than run on past an unrecorded step.
         """
         execution = self.execution
-        for pause in (*COMPLETE_RETRIES, None):
-            try:
-                return execution.spec.store.step(request)
-            except StoreUnavailable as exc:
-                if pause is None:
-                    # The step ran and is not recorded: a later attempt runs it again.
-                    error = execution.stage_error(
-                        StoreUnavailable, f"record step {label!r} of", exc
-                    )
-                    execution.log.error("step %r ran but is not recorded: %s", label, error)
-                    execution.signal(signals.store_error, exc=error, stage="step", policy=None)
-                    raise error from exc
-                time.sleep(pause)
-            except IdempotencyError as exc:  # refused for good
-                raise execution.stage_error(
-                    IdempotencyError, f"record step {label!r} of", exc
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        stage = f"record step {label!r} of"
+        try:
+            return execution.trying_hard(lambda: execution.spec.store.step(request))
+        except StoreUnavailable as exc:
+            # The step ran and is not recorded: a later attempt runs it again.
+            error = execution.stage_error(StoreUnavailable, stage, exc)
+            execution.log.error("step %r ran but is not recorded: %s", label, error)
+            execution.signal(signals.store_error, exc=error, stage="step", policy=None)
+            raise error from exc
+        except IdempotencyError as exc:  # refused for good
+            raise execution.stage_error(IdempotencyError, stage, exc) from exc
 
     def not_stored(self, label: str, reason: str, *, earlier: bool) -> ResultNotStored:
         """The step ran, but its value could not be kept: the task fails, now and later."""

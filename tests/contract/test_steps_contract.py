@@ -39,6 +39,13 @@ def step(
     return backend.store.step(request)
 
 
+def released_after_a_step(backend: Backend) -> None:
+    """Key ``k``: claimed by ``t1`` with fingerprint ``fp``, step ``order`` stored, released."""
+    claim(backend, "k", fingerprint="fp")
+    assert step(backend, "k", 1, "order")
+    assert backend.store.release(backend.key("k"), token="t1")
+
+
 def shape(steps: tuple[StepRecord, ...]) -> list[tuple[str, int, str, bytes]]:
     return [(s.name, s.occurrence, s.codec, s.value) for s in steps]
 
@@ -100,9 +107,7 @@ def test_a_position_past_the_stored_steps_is_refused(backend: Backend) -> None:
 
 
 def test_release_keeps_steps_for_the_same_request_only(backend: Backend) -> None:
-    claim(backend, "k", fingerprint="fp")
-    step(backend, "k", 1, "order")
-    assert backend.store.release(backend.key("k"), token="t1")
+    released_after_a_step(backend)
     other = claim(backend, "k", token="t2", task_id="id-2", fingerprint="other")
     assert other.state is ClaimState.MISMATCH
     again = claim(backend, "k", token="t3", task_id="id-3", fingerprint="fp")
@@ -150,9 +155,7 @@ def test_a_step_without_its_value_is_kept_as_done(backend: Backend) -> None:
 
 
 def test_a_reservation_keeps_the_steps_for_its_message(backend: Backend) -> None:
-    claim(backend, "k", fingerprint="fp")
-    step(backend, "k", 1, "order")
-    backend.store.release(backend.key("k"), token="t1")
+    released_after_a_step(backend)
     refused = backend.store.reserve(
         ReserveRequest(backend.key("k"), task_id="id-9", fingerprint="other", hold=10.0)
     )
@@ -169,9 +172,7 @@ def test_a_reservation_keeps_the_steps_for_its_message(backend: Backend) -> None
 
 
 def test_a_withdrawn_reservation_keeps_the_steps(backend: Backend) -> None:
-    claim(backend, "k", fingerprint="fp")
-    step(backend, "k", 1, "order")
-    backend.store.release(backend.key("k"), token="t1")
+    released_after_a_step(backend)
     backend.store.reserve(
         ReserveRequest(backend.key("k"), task_id="id-2", fingerprint="fp", hold=10.0)
     )
@@ -181,9 +182,7 @@ def test_a_withdrawn_reservation_keeps_the_steps(backend: Backend) -> None:
 
 
 def test_forget_drops_the_steps(backend: Backend) -> None:
-    claim(backend, "k")
-    step(backend, "k", 1, "order")
-    backend.store.release(backend.key("k"), token="t1")
+    released_after_a_step(backend)
     assert backend.store.forget(backend.key("k"))
     assert claim(backend, "k", token="t2", fingerprint="other").steps == ()
 

@@ -16,13 +16,19 @@ from typing import Any
 import pytest
 import redis
 
+from celery_idem import IdempotentTask
 from celery_idem.exceptions import IdempotencyError, StoreUnavailable
-from celery_idem.renewer import MAX_UNREAD, Completion, Lease, Renewer
+from celery_idem.keys import storage_key
+from celery_idem.renewer import MAX_UNREAD, Completion, Lease, Renewer, renewer
 from celery_idem.store import ClaimRequest, CompleteRequest, MemoryStore, RecordKind, Stored
 from celery_idem.store.base import Settled
 from celery_idem.store.redis import RedisStore
 from celery_idem.store.wire import pack
+from celery_idem.task import invalidate_settings
+from celery_idem.task.headers import HEADER
 from devtools.processes import wait_for
+from tests.integration.conftest import with_db
+from tests.unit.conftest import STORE_DB, make_app
 
 RESULT = Stored(RecordKind.RESULT, b'"ok"', "j")
 
@@ -195,3 +201,62 @@ def test_a_process_leaves_at_most_max_unread_completions_unread() -> None:
         thread.join()
     assert sum(a.reads for a in answers) == 5  # the oldest five were read
     assert [a.reads for a in answers[:5]] == [1] * 5
+
+
+# -- the task's side ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("blocking", "calls"), [(False, ["send_completion"]), (True, ["complete"])]
+)
+def test_a_worker_run_sends_its_completion_unless_idem_blocking_completion(
+    redis_url: str,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    blocking: bool,
+    calls: list[str],
+) -> None:
+    app = make_app("completion")
+    app.conf.task_always_eager = False
+    app.conf.update(idem_redis_url=with_db(redis_url, STORE_DB), idem_key_prefix=key_prefix)
+    invalidate_settings()
+
+    @app.task(
+        base=IdempotentTask, bind=True, shared=False, name=f"{app.main}.job",
+        idem_blocking_completion=blocking,
+    )  # fmt: skip
+    def job(self: Any, x: str) -> str:
+        return f"done {x}"
+
+    def run_as_a_worker(x: str) -> None:
+        """What the worker's tracer does: a request that is neither eager nor direct."""
+        job.push_request(
+            id=str(uuid.uuid4()), args=(x,), kwargs={}, is_eager=False, called_directly=False,
+            headers={HEADER: x},
+        )  # fmt: skip
+        try:
+            assert job(x) == f"done {x}"
+        finally:
+            job.pop_request()
+
+    try:
+        run_as_a_worker("warm")  # a process's first completion is waited for either way
+        renewer.settle_sent()
+        store = job.idem_spec().store
+        seen: list[str] = []
+        for name in ("complete", "send_completion"):
+            original = getattr(store, name)
+            monkeypatch.setattr(
+                store, name, lambda r, _o=original, _n=name: seen.append(_n) or _o(r)
+            )
+        key = uuid.uuid4().hex
+        run_as_a_worker(key)
+        assert seen == calls
+        renewer.settle_sent()  # what the next claim of this thread does first
+        assert seen == calls  # the answer was read, not asked for again
+        record = store.read(storage_key(key_prefix, job.name, key))
+        assert record is not None
+        assert record.stored is not None
+        assert record.stored.payload == f'"done {key}"'.encode()
+    finally:
+        invalidate_settings()

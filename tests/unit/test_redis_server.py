@@ -211,7 +211,11 @@ def test_the_suite_refuses_the_shared_redis_before_its_socket_opens(
         pytest.skip("REDIS_URL may name the shared server on purpose")
     opened: list[object] = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: opened.append(a) or [])
-    client = redis.Redis(host="127.0.0.1", port=SHARED_REDIS_PORT, socket_connect_timeout=0.2)
-    with pytest.raises(AssertionError, match=r"shared Redis at 127\.0\.0\.1:6379"):
+    # A host that never resolves (RFC 6761): even a guard that let it through would reach
+    # no server; the port is what the guard must recognise.
+    client = redis.Redis(host="shared.invalid", port=SHARED_REDIS_PORT, socket_connect_timeout=0.2)
+    with pytest.raises(
+        AssertionError, match=rf"shared Redis at shared\.invalid:{SHARED_REDIS_PORT}"
+    ):
         client.ping()
     assert opened == []  # refused before any socket: nothing reached that server

@@ -264,7 +264,7 @@ def test_a_step_the_store_cannot_record_fails_the_task_and_signals_store_error(
         raise StoreUnavailable("connection refused", key=request.key)
 
     monkeypatch.setattr(store, "step", down)
-    monkeypatch.setattr("celery_idem.task.steps.COMPLETE_RETRIES", ())
+    monkeypatch.setattr("celery_idem.task.execution.COMPLETE_RETRIES", ())
     idem_signals.store_error.connect(note, weak=False)
     try:
         with pytest.raises(StoreUnavailable, match="record step 'charge'"):
