@@ -105,7 +105,8 @@ class RedisHotPath(RedisBase):
         ``WAIT`` cannot run inside a script, and counts only the writes of its own
         connection, so both go down the same connection: the pipeline of the
         (Sentinel-found) primary, or of the Cluster node owning ``key``. After NOSCRIPT
-        (a failover, a restart) the script is loaded and the pair sent again; on
+        (a failover, a restart) the pair is sent again behind ``SCRIPT LOAD`` in the same
+        pipeline (loaded through the pool, the script could reach another server); on
         Cluster, after MOVED the slot map is refreshed, and after ASK (a slot being
         migrated) the pair goes to the importing node behind ``ASKING``.
 
@@ -114,17 +115,20 @@ class RedisHotPath(RedisBase):
             own error (the script may have written: the caller decides what to undo).
         """
         asked: tuple[str, int] | None = None
+        load = False
         for attempt in range(4):
             try:
                 conn = self._node_connection(key, asked)
                 pipe = conn.pipeline(transaction=False)
-                if asked:
+                if load:  # in the same pipeline: the load reaches the server the call does
+                    pipe.script_load(script.script)
+                if asked:  # ASKING covers the next command only
                     pipe.execute_command("ASKING")
                 pipe.evalsha(script.sha, 1, key, *args)
                 pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
                 *_, reply, acked = pipe.execute(raise_on_error=False)
                 if attempt < 3 and isinstance(reply, redis.exceptions.NoScriptError):
-                    script.sha = conn.script_load(script.script)
+                    load = True
                     continue
             except ERRORS as exc:
                 self._refresh_slots()

@@ -216,8 +216,7 @@ class RedisBase:
                     reply = wire.call(script, key, args)
                 except redis.exceptions.NoScriptError:  # a restart, a failover, SCRIPT FLUSH
                     wire.scripts_lost()  # every script, not only this one
-                    script.sha = self.client.script_load(script.script)
-                    reply = wire.call(script, key, args)
+                    reply = wire.load_and_call(script, key, args)
             except redis.ResponseError as exc:  # Redis refused it: no retry
                 raise self.error_for(key, exc) from exc
             except ERRORS:

@@ -182,6 +182,38 @@ class Wire:
             raise
         return PendingReply(self, connection)
 
+    def load_and_call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
+        """``SCRIPT LOAD`` then the call, pipelined on one connection: one round trip.
+
+        After a ``NOSCRIPT`` the load must reach the server the call reaches: loaded
+        through the client's pool, it may land on another connection that still points
+        at the previous primary (after a Sentinel failover, a restarted old primary is
+        a replica that accepts ``SCRIPT LOAD``), and the call would meet ``NOSCRIPT``
+        again.
+
+        Raises:
+            redis.RedisError: As :meth:`call`.
+        """
+        source = script.script.encode("utf-8") if isinstance(script.script, str) else script.script
+        load = pack(b"$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n", 2, [source])
+        chunks = [*load, *pack(self._head(script), 3, [key, *args])]
+        connection = self.check_out()
+        try:
+            connection.send_packed_command(chunks)
+            try:
+                connection.read_response()  # the SHA: the script's own, by definition
+            except redis.ResponseError:
+                connection.read_response()  # keep the connection in step, then report
+                raise
+            return connection.read_response()
+        except redis.ResponseError:
+            raise  # an error reply: the connection is still in step
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self.check_in(connection)
+
     def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Write ``script`` on ``key`` with ``args`` and read its reply.
 

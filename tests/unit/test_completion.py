@@ -260,3 +260,25 @@ def test_a_worker_run_sends_its_completion_unless_idem_blocking_completion(
         assert record.stored.payload == f'"done {key}"'.encode()
     finally:
         invalidate_settings()
+
+
+def test_a_lost_script_is_loaded_where_the_call_goes(store_server: Any, redis_url: str) -> None:
+    """After a failover the pool may still hold a connection to the restarted old primary.
+
+    Loaded through the pool, the script reached that server, and the call, on the new
+    primary, met ``NOSCRIPT`` again: CI saw a Sentinel failover refuse a claim so. The
+    load must go down the connection of the call.
+    """
+    store = RedisStore.from_url(store_server.url())
+    claimed(store)  # the wire now holds a connection to the "new primary"
+    store.client.script_flush()  # ... which has no scripts (it was a replica)
+    # The pool's next connection points at another server: the old primary, restarted.
+    stale = store.client.connection_pool.get_connection(
+        *(("EVALSHA",) if store.wire and store.wire._checkout else ())
+    )
+    elsewhere = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    stale.disconnect()
+    stale.host, stale.port = elsewhere["host"], elsewhere["port"]  # where it reconnects
+    store.client.connection_pool.release(stale)
+    request = claimed(store)  # NOSCRIPT on the wire's connection: loaded there, run there
+    assert store.read(request.key) is not None
