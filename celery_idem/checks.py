@@ -18,7 +18,13 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from celery_idem.endpoint import URL_SCHEMES, EndpointError, parse_sentinels, url_scheme
+from celery_idem.endpoint import (
+    STORE_SCHEMES,
+    URL_SCHEMES,
+    EndpointError,
+    parse_sentinels,
+    url_scheme,
+)
 from celery_idem.exceptions import IdempotencyConfigError
 from celery_idem.fingerprint import FingerprintSetting, parse_paths
 
@@ -80,6 +86,15 @@ def check_redis_url(value: object) -> str:
     if not isinstance(value, str):
         raise Invalid("not a str")
     if url_scheme(value) not in URL_SCHEMES:
+        raise Invalid("unsupported scheme")
+    return value
+
+
+def check_store_url(value: object) -> str:
+    """``idem_store_url``: any ``idem_redis_url`` form, or a PostgreSQL URL."""
+    if not isinstance(value, str):
+        raise Invalid("not a str")
+    if url_scheme(value) not in STORE_SCHEMES:
         raise Invalid("unsupported scheme")
     return value
 

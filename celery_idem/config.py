@@ -27,7 +27,13 @@ from types import MappingProxyType
 from typing import Any
 
 from celery_idem.checks import Invalid, short_repr
-from celery_idem.endpoint import Endpoint, EndpointError, build_endpoint, celery_fallback
+from celery_idem.endpoint import (
+    Endpoint,
+    EndpointError,
+    build_endpoint,
+    celery_fallback,
+    sanitize_url,
+)
 from celery_idem.exceptions import IdempotencyConfigError
 from celery_idem.fingerprint import FingerprintSetting
 from celery_idem.settings_table import TABLE, InProgressPolicy, Setting, StoreErrorPolicy
@@ -89,10 +95,12 @@ class IdemSettings:
     constructor itself does not.
 
     Attributes:
-        redis_url: Where records live (``redis://``, ``rediss://``, ``unix://``,
-            ``sentinel://``, ``redis+cluster://`` or ``memory://``). ``None`` when no
-            Redis was configured or found; the store factory raises at first use, so
-            importing and configuring never fail just because Redis is absent.
+        store_url: ``idem_store_url`` as set (``None``: not set).
+        redis_url: The URL in force: ``idem_store_url``, else ``idem_redis_url``, else
+            the Celery URL it falls back to (``redis://``, ``rediss://``, ``unix://``,
+            ``sentinel://``, ``redis+cluster://``, ``memory://`` or ``postgresql://``).
+            ``None`` when no store was configured or found; the store factory raises at
+            first use, so importing and configuring never fail just because it is absent.
         redis_sentinels: Sentinel addresses, when not written in the URL.
         redis_sentinel_master: The Sentinel service name, when not in the URL.
         redis_cluster: Treat ``redis_url`` as a Redis Cluster startup node.
@@ -125,6 +133,7 @@ class IdemSettings:
             (``True``) instead of reading it off the task's path (the default).
     """
 
+    store_url: str | None
     redis_url: str | None
     ttl: float
     lease: float
@@ -359,9 +368,18 @@ def _endpoint(
         The URL in force (``idem_redis_url`` or the Celery URL it falls back to, unless
         ``idem_redis_sentinels`` or ``idem_redis_client`` replace it) and the endpoint.
     """
+    store_url, redis_url = values["store_url"], values["redis_url"]
+    if store_url is not None and redis_url is not None and store_url != redis_url:
+        raise IdempotencyConfigError(
+            f"idem_store_url ({sanitize_url(store_url)!r}) and idem_redis_url "
+            f"({sanitize_url(redis_url)!r}) name two stores: keep idem_store_url only "
+            "(idem_redis_url is its older, Redis-only spelling).",
+            None,
+            task_name,
+        )
     url, options, master_name = celery_fallback(
         app_conf,
-        url=values["redis_url"],
+        url=store_url if store_url is not None else redis_url,
         sentinels=values["redis_sentinels"],
         factory=values["redis_client"],
         options=values["redis_options"],

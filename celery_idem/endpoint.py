@@ -36,6 +36,10 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket", "socket", 
 """Schemes of a Redis server, in redis-py's and Celery's spellings."""
 URL_SCHEMES = REDIS_SCHEMES | {"memory", "redis+cluster", "rediss+cluster"}
 """Schemes ``idem_redis_url`` accepts: a Redis server, a Cluster, or the memory store."""
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+"""Schemes of the PostgreSQL store (``idem_store_url`` only)."""
+STORE_SCHEMES = URL_SCHEMES | POSTGRES_SCHEMES
+"""Schemes ``idem_store_url`` accepts: every ``idem_redis_url`` form, or PostgreSQL."""
 DEFAULT_SENTINEL_PORT = 26379
 _CERT_REQS = {"cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
 
@@ -53,6 +57,8 @@ class Topology(str, enum.Enum):
     """A client built by the user's ``idem_redis_client`` factory."""
     MEMORY = "memory"
     """The in-process store for users' tests (``memory://NAME``)."""
+    POSTGRES = "postgres"
+    """One table of a PostgreSQL database (``postgresql://``, ``idem_store_url``)."""
 
 
 class EndpointError(ValueError):
@@ -379,6 +385,8 @@ def build_endpoint(
         return None
     if scheme == "memory":
         return Endpoint(Topology.MEMORY, url=url)
+    if scheme in POSTGRES_SCHEMES:
+        return _postgres(url, cluster=cluster, sentinel_master=sentinel_master, common=common)
     if scheme == "sentinel":
         if cluster:
             raise EndpointError("idem_redis_cluster", "True with a sentinel:// URL")
@@ -437,3 +445,28 @@ def _sentinel(
         password=parsed.password if parsed else None,
         **common,
     )
+
+
+def _postgres(
+    url: str, *, cluster: bool, sentinel_master: str | None, common: Mapping[str, Any]
+) -> Endpoint:
+    """The PostgreSQL store's endpoint; the Redis-only settings beside it are refused.
+
+    They would be silently ignored otherwise: a user who set ``idem_min_replicas`` for
+    durability must learn that PostgreSQL's own replication settings apply instead.
+    """
+    redis_only = {
+        "idem_redis_cluster": cluster,
+        "idem_redis_sentinel_master": sentinel_master,
+        "idem_redis_options": common["options"],
+        "idem_min_replicas": common["min_replicas"],
+    }
+    for setting, value in redis_only.items():
+        if value:
+            raise EndpointError(
+                setting,
+                f"set with the PostgreSQL store {sanitize_url(url)!r}: it applies to Redis "
+                "only (PostgreSQL's connection options go in the URL's query, its "
+                "durability in synchronous_commit and its replication settings)",
+            )
+    return Endpoint(Topology.POSTGRES, url=url)

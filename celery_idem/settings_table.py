@@ -40,6 +40,7 @@ from celery_idem.checks import (
     check_redis_url,
     check_scope,
     check_sentinels,
+    check_store_url,
     check_ttl,
     policy_parser,
     seconds,
@@ -145,6 +146,15 @@ _UP_TO = f"<= {MAX_DURATION} (10 years)"
 _SECONDS = f"seconds as an int or float > 0 and {_UP_TO} (not bool)"
 
 TABLE: tuple[Setting, ...] = (
+    Setting(
+        "idem_store_url",
+        default=None,
+        check=check_store_url,
+        expected="a str URL with scheme postgresql:// (or postgres://), or any form "
+        "idem_redis_url accepts",
+        per_call=False,
+        doc="Where records live: any `idem_redis_url` form, or `postgresql://` for PostgreSQL.",
+    ),
     Setting(
         "idem_redis_url",
         default=None,

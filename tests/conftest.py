@@ -207,6 +207,69 @@ def server_per_version(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
         server.close()
 
 
+# --------------------------------------------------------------------------- postgres
+
+SHARED_POSTGRES_PORT = 5432
+"""Where a machine's own PostgreSQL listens (shared by whoever uses the machine)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def never_the_shared_postgres() -> Iterator[None]:
+    """Fail any psycopg connection of the test process to port 5432 (or its socket).
+
+    Like :func:`never_the_shared_redis`: the suite starts its own PostgreSQL
+    (:func:`pg_server`) on a free port; nothing may reach the machine's own.
+    """
+    try:
+        import psycopg
+    except ImportError:  # the PostgreSQL tests skip: nothing to guard
+        yield
+        return
+    original = psycopg.Connection.connect.__func__  # type: ignore[attr-defined]
+
+    def guarded(cls: Any, conninfo: str = "", **kwargs: Any) -> Any:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo, **kwargs)
+        if str(params.get("port") or SHARED_POSTGRES_PORT) == str(SHARED_POSTGRES_PORT):
+            raise AssertionError(
+                f"the suite reached for the shared PostgreSQL ({conninfo or params}); it "
+                "must use the server it starts (the pg_server fixture)"
+            )
+        return original(cls, conninfo, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Connection, "connect", classmethod(guarded))
+        patch.setattr(psycopg, "connect", psycopg.Connection.connect)  # a bound alias
+        yield
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """The suite's private PostgreSQL (see ``devtools/pg_server.py``); skips without psycopg."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install celery-idem[postgres])")
+    from devtools.pg_server import PostgresServer, PostgresServerError
+
+    try:
+        server = PostgresServer().start()
+    except PostgresServerError as exc:
+        pytest.skip(f"no PostgreSQL to start: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: Any) -> str:
+    """A database of the private server shared by the session (empty until migrated)."""
+    return str(pg_server.create_database("idem_tests"))
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server: Any) -> str:
+    """A new empty database for this test only."""
+    return str(pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
+
+
 # --------------------------------------------------------------------------- topologies
 
 

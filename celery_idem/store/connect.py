@@ -4,7 +4,9 @@ A task's hot path gets a :class:`~celery_idem.store.base.Store` (:func:`store_fo
 ``celery idem`` and the worker's start-up check a
 :class:`~celery_idem.store.base.StoreAdmin` (:func:`admin_for`). Both come from one
 store per process and endpoint: ``memory://NAME`` is an in-process
-:class:`~celery_idem.store.memory.MemoryStore`, anything else a
+:class:`~celery_idem.store.memory.MemoryStore`, ``postgresql://`` a
+:class:`~celery_idem.store.postgres.PostgresStore` (imported only then: psycopg is an
+optional dependency), anything else a
 :class:`~celery_idem.store.redis.RedisStore` whose client ``clients`` builds, kept per
 pid so a prefork child never shares a socket with its parent. One store holds one
 client and one set of registered scripts, whichever protocol it is used through.
@@ -18,9 +20,11 @@ worker's start-up check get their store here, so none of them reaches Redis mean
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from celery_idem.config import resolve_settings
 from celery_idem.endpoint import Endpoint, Topology
@@ -30,12 +34,16 @@ from celery_idem.store.clients import client_for
 from celery_idem.store.memory import MemoryStore
 from celery_idem.store.redis import RedisStore
 
+if TYPE_CHECKING:
+    from celery_idem.store.postgres import PostgresStore
+
 __all__ = [
     "admin_for",
     "client_for",
     "drop_memory_store",
     "end_store_override",
     "override_store",
+    "postgres_store_for",
     "redis_store_for",
     "store_for",
     "store_for_url",
@@ -44,6 +52,7 @@ __all__ = [
 _memory_stores: dict[str, MemoryStore] = {}
 _redis_stores: dict[tuple[int, str], RedisStore] = {}
 _redis_stores_lock = threading.Lock()
+_postgres_stores: dict[tuple[int, str], PostgresStore] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +114,12 @@ def admin_for(
 
 
 def store_for_url(url: str | None, *, task_name: str | None = None) -> Store:
-    """The process's store for an ``idem_redis_url`` (any of its forms).
+    """The process's store for an ``idem_store_url`` (any of its forms).
 
     Raises:
         IdempotencyConfigError: No URL, or one that names no store.
     """
-    conf = {"idem_redis_url": url} if url else {}
+    conf = {"idem_store_url": url} if url else {}
     return store_for(resolve_settings(conf, task_name=task_name).endpoint, task_name=task_name)
 
 
@@ -131,6 +140,33 @@ def redis_store_for(endpoint: Endpoint) -> RedisStore:
             store = _redis_stores.get(key)
             if store is None:
                 store = _redis_stores[key] = RedisStore.for_endpoint(endpoint)
+    return store
+
+
+def postgres_store_for(endpoint: Endpoint, *, task_name: str | None = None) -> PostgresStore:
+    """The process's PostgreSQL store for ``endpoint``: one pool per process.
+
+    Raises:
+        IdempotencyConfigError: psycopg is not installed.
+    """
+    key = (os.getpid(), endpoint.cache_key)
+    store = _postgres_stores.get(key)
+    if store is None:
+        try:
+            postgres = importlib.import_module("celery_idem.store.postgres")
+        except ImportError as exc:
+            raise IdempotencyConfigError(
+                f"the idempotency store {endpoint.display!r} is PostgreSQL, which needs "
+                f"psycopg 3 ({exc}): pip install 'celery-idem[postgres]' (or "
+                "psycopg[binary]).",
+                task_name=task_name,
+            ) from exc
+        with _redis_stores_lock:
+            store = _postgres_stores.get(key)
+            if store is None:
+                store = _postgres_stores[key] = postgres.PostgresStore.from_url(
+                    endpoint.url or ""
+                )
     return store
 
 
@@ -157,18 +193,21 @@ def _overridden(task_name: str | None, app_name: str | None) -> MemoryStore | No
 
 def _shared(
     endpoint: Endpoint | None, task_name: str | None, app_name: str | None = None
-) -> MemoryStore | RedisStore:
+) -> MemoryStore | RedisStore | PostgresStore:
     """The one store of this process for ``endpoint``: both protocols, one client."""
     overridden = _overridden(task_name, app_name)
     if overridden is not None:
         return overridden
     if endpoint is None:
         raise IdempotencyConfigError(
-            "no Redis is configured for the idempotency records: set idem_redis_url "
-            "(e.g. 'redis://localhost:6379/1'), or use a Redis result_backend or broker_url.",
+            "no store is configured for the idempotency records: set idem_store_url "
+            "(e.g. 'redis://localhost:6379/1' or 'postgresql://user@host/db'), or use a "
+            "Redis result_backend or broker_url.",
             task_name=task_name,
         )
     if endpoint.topology is Topology.MEMORY:
         url = endpoint.url or "memory://"
         return _memory_stores.setdefault(url, MemoryStore())
+    if endpoint.topology is Topology.POSTGRES:
+        return postgres_store_for(endpoint, task_name=task_name)
     return redis_store_for(endpoint)

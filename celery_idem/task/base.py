@@ -86,6 +86,8 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
     # ``celery_idem.settings_table`` (a test keeps the two equal); docs/configuration.md
     # describes each setting in full.
 
+    #: Where records live: any `idem_redis_url` form, or `postgresql://` for PostgreSQL.
+    idem_store_url: ClassVar[str | None] = None
     #: Where records live.
     idem_redis_url: ClassVar[str | None] = None
     #: The Sentinels to ask for the primary, when they are not written in `idem_redis_url`.

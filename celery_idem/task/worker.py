@@ -1,5 +1,8 @@
 """Worker start: validate settings, warn about stores that are down, evict or lack replicas.
 
+A store that answers but refuses the records (a PostgreSQL database without the
+records' table, or with an older one) stops the worker: every task would fail.
+
 Each warning names the store and the tasks that use it. At a pool process's exit (or a
 solo worker's), the answers of the completions it sent are read (:func:`settle_completions`).
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
 
@@ -65,8 +68,7 @@ def validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any)
         try:
             spec = task.idem_spec()
         except IdempotencyConfigError as exc:
-            logger.critical("celery-idem: %s", exc)
-            raise SystemExit(f"celery-idem: task {task.name!r}: {exc}") from exc
+            _refuse(task.name, exc)
         policy = spec.settings.on_store_error
         if isinstance(spec.store, UnreachableStore):
             logger.warning(
@@ -79,14 +81,27 @@ def validate_on_worker_start(sender: Any = None, instance: Any = None, **_: Any)
         if endpoint is None:
             continue
         # The same store, as StoreAdmin.
-        admin = admin_for(endpoint, task_name=task.name, app_name=app.main)
+        try:
+            admin = admin_for(endpoint, task_name=task.name, app_name=app.main)
+        except IdempotencyConfigError as exc:  # e.g. PostgreSQL without psycopg
+            _refuse(task.name, exc)
         users = stores.setdefault(id(admin), _Users(admin, endpoint.display, endpoint.min_replicas))
         users.tasks[task.name] = policy
     for users in stores.values():
-        if _warn_if_unreachable(users):
+        try:
+            unreachable = _warn_if_unreachable(users)
+        except IdempotencyConfigError as exc:  # it answers, and refuses our records
+            _refuse(users.names(), exc)
+        if unreachable:
             continue
         _warn_if_evicting(users)
         _warn_if_replicas_short(users)
+
+
+def _refuse(tasks: str, exc: IdempotencyConfigError) -> NoReturn:
+    """Stop the worker before it takes a message, saying why and what to do."""
+    logger.critical("celery-idem: %s", exc)
+    raise SystemExit(f"celery-idem: task {tasks!r}: {exc}") from exc
 
 
 def _warn_if_unreachable(users: _Users) -> bool:

@@ -24,6 +24,7 @@ from celery_idem.config import (
     resolve_settings,
     with_call_overrides,
 )
+from celery_idem.endpoint import Topology
 from celery_idem.exceptions import IdempotencyConfigError
 
 REDIS = "redis://cache.internal:6379/0"
@@ -71,6 +72,7 @@ def config_error(
 
 def test_settings_table() -> None:
     assert SETTINGS == (
+        "idem_store_url",
         "idem_redis_url",
         "idem_redis_sentinels",
         "idem_redis_sentinel_master",
@@ -118,6 +120,7 @@ def test_dedupe_on_publish_is_an_off_by_default_bool_per_task() -> None:
 def test_defaults() -> None:
     s = resolve_settings({})
     assert s == IdemSettings(
+        store_url=None,
         redis_url=None,
         ttl=86400.0,
         lease=60.0,
@@ -575,3 +578,19 @@ def test_real_celery_app_conf_plain_and_typo() -> None:
     app.conf.update(idem_leese=12)
     with pytest.raises(IdempotencyConfigError, match="did you mean 'idem_lease'"):
         resolve_settings(app.conf)
+
+
+def test_idem_store_url_selects_postgres_and_refuses_redis_only_settings() -> None:
+    s = resolve_settings({"idem_store_url": "postgresql://u:secret@db.internal:5432/app"})
+    assert s.endpoint is not None and s.endpoint.topology is Topology.POSTGRES
+    assert s.endpoint.display == "postgresql://u:**@db.internal:5432/app"
+    redis = resolve_settings({"idem_store_url": "redis://localhost:6379/3"})
+    assert redis.endpoint is not None and redis.endpoint.topology is Topology.STANDALONE
+    with pytest.raises(IdempotencyConfigError, match="idem_min_replicas is invalid.*PostgreSQL"):
+        resolve_settings({"idem_store_url": "postgres://db/app", "idem_min_replicas": 1})
+    with pytest.raises(IdempotencyConfigError, match="name two stores"):
+        resolve_settings({"idem_store_url": "postgres://db/app", "idem_redis_url": "redis://r/1"})
+    with pytest.raises(IdempotencyConfigError, match="idem_redis_url.*unsupported scheme"):
+        resolve_settings({"idem_redis_url": "postgresql://db/app"})  # the Redis-only spelling
+    django = resolve_settings({"CELERY_IDEM_STORE_URL": "postgresql://db/app"})
+    assert django.endpoint is not None and django.endpoint.topology is Topology.POSTGRES

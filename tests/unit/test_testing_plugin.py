@@ -147,7 +147,7 @@ def test_c_restored_after_the_fixture():
     assert not any(store.scan("*")[1] for store in SEEN), "emptied at the end of its test"
     # The tasks are back on their own configuration: the app's URL, or none at all.
     assert not isinstance(TASKS["inner-with-url"].idem_spec().store, MemoryStore)
-    with pytest.raises(IdempotencyConfigError, match="no Redis is configured"):
+    with pytest.raises(IdempotencyConfigError, match="no store is configured"):
         TASKS["inner-without-url"].idem_spec()
     assert WITH_URL.conf.idem_redis_url == ORIGINAL
     assert "idem_redis_url" not in WITHOUT_URL.conf
