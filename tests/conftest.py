@@ -337,3 +337,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     reason = _amqp_unreachable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the suite's PostgreSQL ``postgres``, however indirectly.
+
+    So a run can select or leave them by marker (``-m "not postgres"``) without each
+    module remembering to mark itself.
+    """
+    for item in items:
+        if "pg_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
