@@ -104,7 +104,7 @@ def server_description() -> str:
     except PostgresServerError as exc:
         return f"postgres: none ({exc})"
     version = subprocess.run(
-        [str(Path(directory, "postgres")), "--version"], capture_output=True, text=True
+        [str(Path(directory, "postgres")), "--version"], check=False, capture_output=True, text=True
     ).stdout.strip()
     return f"postgres: {version} ({directory})"
 
@@ -139,16 +139,19 @@ class PostgresServer:
 
     @property
     def directory(self) -> Path:
+        """The private temp dir: data, log and socket."""
         if self._tmp is None:
             raise PostgresServerError("PostgresServer not started")
         return Path(self._tmp.name)
 
     @property
     def data_dir(self) -> Path:
+        """The cluster's data directory."""
         return self.directory / "data"
 
     @property
     def log_path(self) -> Path:
+        """The server's log file."""
         return self.directory / "postgres.log"
 
     def url(self, database: str = "postgres") -> str:
@@ -157,13 +160,16 @@ class PostgresServer:
 
     @property
     def pid(self) -> int | None:
+        """The postmaster's pid, or None when not running."""
         return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
+        """True while the postmaster is alive."""
         return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log ('' when there is none)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except (OSError, PostgresServerError):
@@ -172,15 +178,19 @@ class PostgresServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def _as_user(self) -> dict[str, int]:
-        user = self._user
-        return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid}
+    @property
+    def _uid(self) -> int | None:
+        return None if self._user is None else self._user.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._user is None else self._user.pw_gid
 
     def _tool(self, name: str) -> str:
         return str(Path(self.bin_dir, name))
 
     def start(self, timeout: float = START_TIMEOUT) -> PostgresServer:
-        """initdb (first time) and start; returns self once it accepts connections."""
+        """Run initdb (first time) and start; returns self once it accepts connections."""
         if self.running:
             raise PostgresServerError(f"postgres already running (pid {self.pid})")
         if self._tmp is None:
@@ -191,17 +201,31 @@ class PostgresServer:
         try:
             self._proc = subprocess.Popen(
                 [
-                    self._tool("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                    "-c", "listen_addresses=127.0.0.1",
-                    "-c", f"unix_socket_directories={self.directory}",
-                    "-c", "fsync=off", "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off", "-c", "max_connections=200",
-                    "-c", "shared_buffers=32MB",
-                ],  # fmt: skip
+                    self._tool("postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={self.directory}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=32MB",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **self._as_user(),  # type: ignore[arg-type]
+                user=self._uid,
+                group=self._gid,
             )
         finally:
             log.close()
@@ -217,7 +241,7 @@ class PostgresServer:
             raise PostgresServerError(f"postgres exited:\n{self.log_tail()}")
         if not port_is_open(self.port):
             return False
-        import psycopg
+        import psycopg  # noqa: PLC0415 - optional: only the PostgreSQL tests need it
 
         try:
             psycopg.connect(self.url(), connect_timeout=2).close()
@@ -226,7 +250,7 @@ class PostgresServer:
         return True
 
     def _prepare(self) -> None:
-        """initdb into the temp dir, owned by the user the server runs as."""
+        """Run initdb into the temp dir, owned by the user the server runs as."""
         directory = self.directory
         user = self._user
         if user is not None:
@@ -236,13 +260,22 @@ class PostgresServer:
             self._reachable_bin(user)
         subprocess.run(
             [
-                self._tool("initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C",
-            ],  # fmt: skip
+                self._tool("initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
             check=True,
             capture_output=True,
             cwd=directory,
-            **self._as_user(),  # type: ignore[arg-type]
+            user=self._uid,
+            group=self._gid,
         )
 
     def _reachable_bin(self, user: pwd.struct_passwd) -> None:
@@ -252,8 +285,12 @@ class PostgresServer:
         copied into the temp dir (about 30 MB, once per server).
         """
         probe = subprocess.run(
-            [self._tool("postgres"), "--version"], capture_output=True, **self._as_user()
-        )  # type: ignore[call-overload]
+            [self._tool("postgres"), "--version"],
+            check=False,
+            capture_output=True,
+            user=self._uid,
+            group=self._gid,
+        )
         if probe.returncode == 0:
             return
         tree = Path(self.bin_dir).parent
@@ -293,6 +330,7 @@ class PostgresServer:
         self.start()
 
     def close(self) -> None:
+        """Stop the server and remove its directory."""
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -313,7 +351,7 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (dropped first if it exists); returns its URL."""
-        import psycopg
+        import psycopg  # noqa: PLC0415 - optional: only the PostgreSQL tests need it
 
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

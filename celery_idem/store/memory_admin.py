@@ -19,7 +19,7 @@ from typing import TypeVar
 from celery_idem.store.base import ForgetResult, RecordSummary, ServerFacts, Stored, StoredRecord
 from celery_idem.store.record import RecordState, StepRecord, encode_steps
 
-__all__ = ["MemoryAdmin", "MemoryRecord"]
+__all__ = ["MemoryAdmin", "MemoryRecord", "glob_regex"]
 
 T = TypeVar("T")
 
@@ -134,7 +134,7 @@ class MemoryAdmin:
         Keys are visited in the order of a hash of their name and the cursor is the
         next hash to visit, so records added or deleted meanwhile move no other key.
         """
-        pattern = _glob_regex(match)
+        pattern = glob_regex(match)
         with self.lock:
             now = time.time()
             for key in [k for k, r in self.records.items() if r.expires_at <= now]:
@@ -236,7 +236,7 @@ def _scan_hash(key: str) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) + 1
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
+def glob_regex(pattern: str) -> re.Pattern[str]:
     r"""Redis' glob (``*``, ``?``, ``[...]``, ``[^...]``, ``\`` escapes) as a regex."""
     out: list[str] = []
     i = 0

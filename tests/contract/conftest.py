@@ -1,8 +1,9 @@
 """The store contract suite's stores and helpers: every test runs on each ``backend``.
 
-``backend`` is ``MemoryStore`` (time moved with freezegun) and ``RedisStore`` on every
-topology the suite starts itself (see ``test_store_contract.py``'s docstring); the
-contract's test modules share it from here.
+``backend`` is ``MemoryStore`` (time moved with freezegun), ``RedisStore`` on every
+topology the suite starts itself (see ``test_store_contract.py``'s docstring) and
+``PostgresStore`` on the suite's private PostgreSQL (schema migrated once per session;
+skipped without psycopg); the contract's test modules share it from here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 from freezegun import freeze_time
 
 from celery_idem.store import ClaimRequest, CompleteRequest, MemoryStore, RecordKind, Store, Stored
+from celery_idem.store.postgres import PostgresStore
+from celery_idem.store.postgres_admin import migrate
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
 
@@ -60,8 +63,18 @@ def store_on(request: pytest.FixtureRequest, topology: str) -> RedisStore:
     return RedisStore.from_url(url, min_replicas=1 if topology == "sentinel-wait" else 0)
 
 
-@pytest.fixture(params=["memory", *REDIS_TOPOLOGIES])
+@pytest.fixture(scope="session")
+def pg_store_url(pg_url: str) -> str:
+    """The session's PostgreSQL database, with the schema migrated (once)."""
+    migrate(pg_url)
+    return pg_url
+
+
+@pytest.fixture(params=["memory", *REDIS_TOPOLOGIES, "postgres"])
 def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend]:
+    if request.param == "postgres":
+        yield from postgres_backend(request.getfixturevalue("pg_store_url"), key_prefix)
+        return
     if request.param == "memory":
         with freeze_time("2026-01-01 00:00:00") as frozen:
 
@@ -85,6 +98,28 @@ def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend
         wait_for(lambda: server_ms() >= target, timeout=seconds + 5, message="server clock")
 
     yield Backend(store, key_prefix, wait, server_ms)
+
+
+def postgres_backend(url: str, key_prefix: str) -> Iterator[Backend]:
+    """A PostgresStore; time passes on the server's clock, as for Redis."""
+    psycopg = pytest.importorskip("psycopg")
+    store = PostgresStore.from_url(url)
+    clock = psycopg.connect(url, autocommit=True)
+
+    def server_ms() -> int:
+        row = clock.execute("SELECT celery_idem_ms(clock_timestamp())").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def wait(_key: str, seconds: float) -> None:
+        target = server_ms() + int(seconds * 1000)
+        wait_for(lambda: server_ms() >= target, timeout=seconds + 5, message="server clock")
+
+    try:
+        yield Backend(store, key_prefix, wait, server_ms)
+    finally:
+        store.close()
+        clock.close()
 
 
 def complete(backend: Backend, key: str, *, token: str, stored: Stored, ttl: float) -> bool:

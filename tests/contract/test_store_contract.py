@@ -5,7 +5,8 @@ Each test runs against ``MemoryStore`` (time moved with freezegun) and against
 wait is a condition with a deadline): the suite's redis-server, a 3-master Redis
 Cluster (marker ``cluster``), and a Sentinel deployment (marker ``sentinel``), the
 latter also with ``idem_min_replicas=1`` so every claim and completion goes through
-the ``WAIT`` pipeline.
+the ``WAIT`` pipeline; and against ``PostgresStore`` on the suite's own PostgreSQL
+(its server clock decides, as Redis'; ``-k postgres`` runs it alone).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from celery_idem.store import (
     Stored,
 )
 from celery_idem.store.base import ForgetResult
+from celery_idem.store.postgres import PostgresStore
 from celery_idem.store.redis import RedisStore
 from devtools.processes import wait_for
 from tests.contract.conftest import LEASE, RESULT, TTL, Backend, claim, complete
@@ -958,6 +960,15 @@ def test_server_facts_describe_the_store(backend: Backend) -> None:
     facts = backend.store.server_facts()
     if isinstance(backend.store, MemoryStore):
         assert (facts.kind, facts.server_time, dict(facts.info)) == ("memory", None, {})
+        return
+    if isinstance(backend.store, PostgresStore):
+        assert facts.kind == "postgres"
+        assert facts.info["server_version"].split(".")[0].isdigit()
+        assert (facts.info["role"], facts.info["schema_version"]) == ("primary", "1")
+        assert facts.config["synchronous_commit"] in {"on", "off", "local", "remote_write"}
+        assert facts.server_time is not None
+        assert facts.local_time is not None
+        assert abs(facts.server_time - facts.local_time) < 5  # same machine
         return
     assert facts.kind == "redis"
     assert "password" not in facts.url
