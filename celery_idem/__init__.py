@@ -1,4 +1,4 @@
-"""celery-idem: idempotent Celery tasks, one atomic and fenced Redis claim per key.
+"""celery-idem: idempotent Celery tasks, one atomic and fenced claim per key (Redis or PostgreSQL).
 
 The public API is what ``__all__`` names; everything else may change.
 """
@@ -22,10 +22,12 @@ from celery_idem.exceptions import (
     UnencodableArgument,
 )
 from celery_idem.task import IdempotentTask
+from celery_idem.task.atomic import AtomicBlock
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicBlock",
     "DuplicateInProgress",
     "Endpoint",
     "IdemSettings",

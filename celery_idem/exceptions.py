@@ -125,6 +125,10 @@ class LeaseLost(IdempotencyError):
     was taken over (the worker stalled past its lease: a long GC pause, a stopped
     process, a partition). The new owner's steps win; this attempt stops at its step
     boundary instead of running on beside it. Nothing of this attempt's step is kept.
+
+    Raised by ``self.idem_atomic()`` (and ``step(..., atomic=...)``) when the completion
+    (the step) written in the body's transaction matched no row: the whole transaction
+    was rolled back, so none of that attempt's writes in it were committed.
     """
 
 

@@ -221,7 +221,7 @@ def never_the_shared_postgres() -> Iterator[None]:
     (:func:`pg_server`) on a free port; nothing may reach the machine's own.
     """
     try:
-        import psycopg
+        import psycopg  # noqa: PLC0415 - optional: the floors' run has no psycopg
     except ImportError:  # the PostgreSQL tests skip: nothing to guard
         yield
         return
@@ -245,8 +245,10 @@ def never_the_shared_postgres() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Any]:
     """The suite's private PostgreSQL (see ``devtools/pg_server.py``); skips without psycopg."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install celery-idem[postgres])")
-    from devtools.pg_server import PostgresServer, PostgresServerError
+    pytest.importorskip(
+        "psycopg", reason="psycopg is not installed (pip install celery-idem[postgres])"
+    )
+    from devtools.pg_server import PostgresServer, PostgresServerError  # noqa: PLC0415
 
     try:
         server = PostgresServer().start()

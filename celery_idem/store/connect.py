@@ -164,9 +164,7 @@ def postgres_store_for(endpoint: Endpoint, *, task_name: str | None = None) -> P
         with _redis_stores_lock:
             store = _postgres_stores.get(key)
             if store is None:
-                store = _postgres_stores[key] = postgres.PostgresStore.from_url(
-                    endpoint.url or ""
-                )
+                store = _postgres_stores[key] = postgres.PostgresStore.from_url(endpoint.url or "")
     return store
 
 

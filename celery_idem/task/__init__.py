@@ -8,7 +8,8 @@ from ``config`` (resolved once per task and process), Redis only from ``store``.
 ``base`` holds the class and its hooks into Celery, ``publish`` the publishing side,
 ``execution`` one message's execution on the worker, ``spec`` what a task computes once
 per process, ``headers`` the message headers, ``worker`` the start-up checks,
-``handover`` the end of a ``self.replace()``.
+``handover`` the end of a ``self.replace()``, ``atomic`` the transactional completion
+(``self.idem_atomic()``, ``step(atomic=...)``) on the connections ``transactions`` knows.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, ParamSpec, TypeVar, overload
 
 from celery import Task
 
@@ -37,6 +38,7 @@ from celery_idem.keys import KeyRule
 from celery_idem.store import Store, store_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task import handover, publish, spec
+from celery_idem.task.atomic import AtomicBlock, AtomicTarget, atomic_block, unrecorded_step
 from celery_idem.task.execution import Execution
 from celery_idem.task.headers import RETRY_KEY
 from celery_idem.task.spec import Spec
@@ -162,7 +164,18 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     # -- durable steps (steps.py) ------------------------------------------------
 
-    def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    @overload
+    def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    # ``atomic=`` cannot sit beside ``P.kwargs`` (PEP 612), so a call that passes it
+    # gets this looser signature; mypy calls it unreachable, yet it is what such a
+    # call matches once the first one refuses the unknown keyword.
+    @overload
+    def step(  # type: ignore[overload-cannot-match]
+        self, name: str, fn: Callable[..., T], /, *args: Any, atomic: AtomicTarget, **kwargs: Any
+    ) -> T: ...
+
+    def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` once per key: a later attempt gets its stored value.
 
         Inside the body of an execution that claimed its key, the value is stored
@@ -174,20 +187,56 @@ class IdempotentTask(Task):  # type: ignore[misc]  # celery ships no type hints
         call ``task(x)``, a store down under ``idem_on_store_error='run'``) it just
         calls ``fn``. See ``docs/durable-steps.md``.
 
+        ``atomic=`` (step's own keyword; the PostgreSQL store): ``True`` (Django's
+        default database), a Django alias, or a connection as ``idem_atomic`` takes:
+        ``fn`` runs in a transaction on it and the step is recorded in that same
+        transaction, so its writes and its value commit together or not at all (a
+        lost lease rolls both back). See ``task/atomic.py`` and ``docs/postgres.md``.
+
         Raises:
             LeaseLost: Another attempt took the key over; nothing was stored.
-            ResultNotStored: The value could not be kept (the step counts as done).
-            IdempotencyError: A different step stands at this place in the record.
+            ResultNotStored: The value could not be kept (the step counts as done;
+                with ``atomic``, all was rolled back instead).
+            IdempotencyError: A different step stands at this place in the record, or
+                the step is inside or after an ``idem_atomic()`` block.
+            IdempotencyConfigError: ``atomic`` refused (see :meth:`idem_atomic`).
         """
+        atomic = kwargs.pop("atomic", None)
         request = self.request
         steps = getattr(request, "idem_steps", None)
         if steps is None:
             execution = getattr(request, "idem_run", None)
             if execution is None or execution.finished_steps is None:
-                return fn(*args, **kwargs)
+                if atomic is None or atomic is False:
+                    return fn(*args, **kwargs)
+                return unrecorded_step(self, atomic, lambda: fn(*args, **kwargs))
             steps = request.idem_steps = Steps(execution, execution.finished_steps)
-        value: T = steps.run(name, fn, args, kwargs)
+        value: T = steps.run(name, fn, args, kwargs, atomic)
         return value
+
+    def idem_atomic(
+        self, conn: Any = None, *, using: str | None = None
+    ) -> AbstractContextManager[AtomicBlock]:
+        """A transaction whose commit also completes the key: ``with ... as done:``.
+
+        The outermost transaction on ``conn`` (a psycopg 3 ``Connection``, a SQLAlchemy
+        ``Connection`` or ``Session``), or Django's ``atomic(using=using or "default")``
+        with no ``conn``. The body writes through it (``done.connection``) and sets
+        ``done.result``; leaving the block writes the key's completion (``done.result``,
+        encoded as any result) in that transaction, fenced by this attempt's token, and
+        commits: writes and completion commit together, once per key. The task returns
+        ``done.result``. Needs the PostgreSQL store on the database ``conn`` writes to;
+        the rules are in ``task/atomic.py`` and ``docs/postgres.md``.
+
+        Raises:
+            LeaseLost: Another attempt took the key over: rolled back, nothing committed.
+            ResultNotStored: ``done.result`` cannot be encoded: rolled back.
+            IdempotencyConfigError: Not the PostgreSQL store, or ``conn`` is not usable
+                (another database, already in a transaction, Django not configured).
+            IdempotencyError: Outside a running execution, inside a block or a step, or
+                after a block of this run committed.
+        """
+        return atomic_block(self, conn, using)
 
     @property
     def step_key(self) -> str | None:

@@ -130,6 +130,13 @@ class Execution:
         self.finished_steps: tuple[StepRecord, ...] | None = None
         """While the claimed body runs: the durable steps earlier attempts finished
         (``self.step`` replays them, see ``steps.py``); None when no claimed body runs."""
+        self.atomic_open = False
+        """An ``idem_atomic()`` block of the body is open (``atomic.py``)."""
+        self.committed: Stored | None = None
+        """What an ``idem_atomic()`` block committed as the key's completion, in the
+        body's own transaction: the run's outcome is stored, nothing is written after."""
+        self.committed_value: Any = None
+        """The value (``done.result``) that ``committed`` encodes, as the body set it."""
         self.log = RunLog(
             logger,
             {"idem_task": task.name, "idem_task_id": self.task_id, "idem_key": self.key,
@@ -441,7 +448,46 @@ class Execution:
         self.set_fence(outcome.fence)
         if outcome.took_over:
             self.log.warning("took over a key whose lease ran out")
-        lease = self.lease = renewer.add(
+        self.hold_lease()
+        self.finished_steps = outcome.steps
+        try:
+            retval = self.task.run(*self.args, **self.kwargs)
+        except Retry as exc:
+            self.end_lease()
+            if self.committed is None:  # else completed: the retry replays the result
+                self.park(exc)
+            raise
+        except BaseException as exc:
+            self.end_lease()
+            if self.committed is not None:
+                self.raised_after_commit(exc)
+            elif not self.handed_over:  # self.replace() gave the key to its replacement
+                # Any other failure (Ignore and Reject included) frees the key: nothing
+                # was completed, and a requeued message must be able to claim again.
+                self.failed(exc)
+            raise
+        self.finished_steps = None
+        if self.committed is not None:
+            self.end_lease()
+            return self.after_commit(retval)
+        sent = getattr(self.request, "idem_retry_sent", None)
+        retry = retval if isinstance(retval, Retry) else sent
+        if isinstance(retry, Retry):
+            # ``self.retry(..., throw=False)``, returned or not: the retry was sent (or,
+            # returned eagerly, is applied next) under this task id, and must find the
+            # key parked for it; this run's own value is not the key's outcome.
+            self.end_lease()
+            self.park(retry)
+            return retval
+        return self.returned(retval, self.complete(retval))
+
+    def hold_lease(self) -> Lease:
+        """Keep this attempt's claim alive from the renewal thread until :meth:`end_lease`.
+
+        Called when the body starts, and again by an ``idem_atomic()`` block whose
+        transaction failed after it stopped the renewals (see ``atomic.py``).
+        """
+        self.lease = renewer.add(
             Lease(
                 self.spec.store,
                 self.storage,
@@ -451,36 +497,66 @@ class Execution:
                 describe=f"{self.task.name}[{self.task_id}] key={self.key!r}",
             )
         )
-        self.finished_steps = outcome.steps
-        try:
-            retval = self.task.run(*self.args, **self.kwargs)
-        except Retry as exc:
-            renewer.remove(lease)
-            self.park(exc)
-            raise
-        except BaseException as exc:
-            renewer.remove(lease)
-            if not self.handed_over:  # self.replace() gave the key to its replacement
-                # Any other failure (Ignore and Reject included) frees the key: nothing
-                # was completed, and a requeued message must be able to claim again.
-                self.failed(exc)
-            raise
-        self.finished_steps = None
-        sent = getattr(self.request, "idem_retry_sent", None)
-        retry = retval if isinstance(retval, Retry) else sent
-        if isinstance(retry, Retry):
-            # ``self.retry(..., throw=False)``, returned or not: the retry was sent (or,
-            # returned eagerly, is applied next) under this task id, and must find the
-            # key parked for it; this run's own value is not the key's outcome.
-            renewer.remove(lease)
-            self.park(retry)
-            return retval
-        stored = self.complete(retval)
+        return self.lease
+
+    def end_lease(self) -> None:
+        """Stop renewing this attempt's claim (its outcome is decided); safe to repeat."""
+        if self.lease is not None:
+            renewer.remove(self.lease)
+
+    def returned(self, retval: Any, stored: Stored) -> Any:
+        """What the run returns once ``stored`` completed the key with ``retval``.
+
+        Eagerly, the value after the result serializer, not the raw one: what a
+        duplicate gets, and what a worker's caller gets through the result backend.
+        """
         if self.request.is_eager and stored.kind is RecordKind.RESULT:
-            # What a duplicate gets, and what a worker's caller gets through the
-            # result backend: the value after the result serializer, not the raw one.
             return codec.decode_result(stored, self.spec.accept)
         return retval
+
+    def committed_in_transaction(self, stored: Stored, value: Any, continuation: bool) -> None:
+        """An ``idem_atomic()`` block committed ``stored`` (``value`` encoded) for the key.
+
+        From here the key is completed by this attempt: the body's later outcome is
+        not written again, and callbacks owed by ``continuation`` are marked sent by
+        ``on_success`` exactly as after a normal completion.
+        """
+        self.committed, self.committed_value = stored, value
+        self.request.idem_owed = self if continuation else None
+        self.end_lease()
+
+    def after_commit(self, retval: Any) -> Any:
+        """The body returned after its ``idem_atomic()`` block committed: ``done.result``.
+
+        The first caller gets what every duplicate gets. A body that returns something
+        else (not None) is told in the log: its value is not the key's result.
+        """
+        value = self.committed_value
+        if retval is not None and retval is not value:
+            try:
+                same = bool(retval == value)
+            except Exception:  # an __eq__ that cannot compare: "not the same"
+                same = False
+            if not same:
+                self.log.warning(
+                    "the body returned %.200r after its idem_atomic() block committed "
+                    "done.result = %.200r: the key's result is done.result, and this run "
+                    "returns it too (return done.result to silence this)", retval, value,
+                )  # fmt: skip
+        assert self.committed is not None
+        return self.returned(value, self.committed)
+
+    def raised_after_commit(self, exc: BaseException) -> None:
+        """The body raised after its ``idem_atomic()`` block committed the key's result.
+
+        Nothing is released or stored: the key stays completed with ``done.result``
+        (its database effects are committed), and duplicates replay that. This run
+        fails with ``exc`` all the same.
+        """
+        self.log.warning(
+            "the body raised %s after its idem_atomic() block committed: the key stays "
+            "completed with done.result, which duplicates get", type(exc).__name__,
+        )  # fmt: skip
 
     def report_lost(self, stage: str) -> None:
         """Another attempt took the key over: tell once (log, signal)."""
@@ -533,11 +609,33 @@ class Execution:
         except IdempotencyError as store_exc:  # the task's own exception wins
             self.store_failed(store_exc, "release")
 
+    def encoded(self, retval: Any) -> Stored:
+        """``retval`` as a completion of this task stores it (result serializer, size cap).
+
+        Raises:
+            kombu.exceptions.EncodeError: It cannot be serialized.
+            celery_idem.codec.ResultTooLarge: Over ``idem_max_result_bytes``.
+        """
+        return codec.encode_result(retval, self.spec.serializer, self.settings.max_result_bytes)
+
+    def owes_continuation(self, stored: Stored) -> bool:
+        """Whether completing with ``stored`` leaves callbacks or a chain to send.
+
+        Celery's tracer sends them after the body returns; until they are confirmed sent
+        (``on_success``), a redelivery sends them.
+        """
+        request = self.request
+        return (
+            stored.kind is RecordKind.RESULT
+            and not request.is_eager
+            and bool(request.callbacks or request.chain)
+        )
+
     def complete(self, retval: Any) -> Stored:
         """Store the result (or why there is none); returns what was stored."""
-        settings, request = self.settings, self.request
+        request = self.request
         try:
-            stored = codec.encode_result(retval, self.spec.serializer, settings.max_result_bytes)
+            stored = self.encoded(retval)
         except codec.ENCODE_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.log.error(
@@ -546,18 +644,11 @@ class Execution:
             )  # fmt: skip
             self.signal(signals.result_not_stored, reason=reason)
             stored = codec.encode_no_result(reason)
-        # Celery's tracer sends callbacks and the chain's next step after this returns;
-        # until they are confirmed sent (``on_success``), a redelivery sends them.
-        continuation = (
-            stored.kind is RecordKind.RESULT
-            and not request.is_eager
-            and bool(request.callbacks or request.chain)
-        )
+        continuation = self.owes_continuation(stored)
         outcome = self.complete_request(stored, continuation)
         if self.in_background(continuation) and self.send_completion(outcome):
             return stored
-        if self.lease is not None:
-            renewer.remove(self.lease)
+        self.end_lease()
         try:
             if self.trying_hard(lambda: self.store_completion(outcome)):
                 request.idem_owed = self if continuation else None

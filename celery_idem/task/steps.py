@@ -11,6 +11,10 @@ one step that was running, never a finished one.
 A step's value is serialized as a result is (the app's ``result_serializer``, under
 ``idem_max_result_bytes``) and the body gets back the decoded value on its first run as
 on a replay, so code after a step sees the same thing either way.
+
+``step(name, fn, atomic=conn)`` (the PostgreSQL store) runs ``fn`` in a transaction on
+``conn`` and writes the step's record in that same transaction (``atomic.py``): the
+step's database writes and its stored value commit together, with no window between.
 """
 
 from __future__ import annotations
@@ -28,7 +32,17 @@ from celery_idem.exceptions import (
 from celery_idem.renewer import renewer
 from celery_idem.store import StepRecord, StepRequest, Stored
 from celery_idem.store.record import RecordKind, step_label
+from celery_idem.task.atomic import (
+    AtomicTarget,
+    encoded,
+    fenced,
+    require_postgres,
+    statements,
+    step_connection,
+    target,
+)
 from celery_idem.task.execution import Execution
+from celery_idem.task.transactions import Target
 
 __all__ = ["Steps"]
 
@@ -52,9 +66,18 @@ class Steps:
         """The running step's downstream key (``self.step_key``), None between steps."""
 
     def run(
-        self, name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        atomic: AtomicTarget = None,
     ) -> Any:
-        """Replay step ``name`` if an earlier attempt finished it, else run and store it."""
+        """Replay step ``name`` if an earlier attempt finished it, else run and store it.
+
+        With ``atomic`` (not None or False), ``fn`` runs in a transaction on that
+        connection and the step is recorded in the same transaction (``atomic.py``).
+        """
         execution = self.execution
         if not isinstance(name, str) or not name:
             raise execution.key_error(
@@ -73,6 +96,8 @@ class Steps:
                 f"do not nest (an inner step would be stored before the outer one "
                 f"finished); make them consecutive steps of the task",
             )
+        self.check_place(name)
+        on = None if atomic is None or atomic is False else self.atomic_target(name, atomic)
         occurrence = self.occurrences[name] = self.occurrences.get(name, 0) + 1
         self.position += 1
         label = step_label(name, occurrence)
@@ -81,6 +106,8 @@ class Steps:
         self.check_lease(label)
         self.current_key = f"{execution.key}/{label}"
         try:
+            if on is not None:
+                return self.run_atomic(on, name, occurrence, label, lambda: fn(*args, **kwargs))
             value = fn(*args, **kwargs)
         except BaseException:
             # Nothing is stored, so the step takes no place: a body that catches this
@@ -91,6 +118,52 @@ class Steps:
         finally:
             self.current_key = None
         return self.keep(name, occurrence, label, value)
+
+    def check_place(self, name: str) -> None:
+        """Refuse a step where its record could not stand: in or after ``idem_atomic()``."""
+        execution = self.execution
+        if execution.atomic_open:
+            raise execution.key_error(
+                IdempotencyError,
+                f"called self.step({name!r}, ...) inside an idem_atomic() block: a step's "
+                f"record commits on its own and the block's writes may still roll back, "
+                f"so a retry would replay a step whose writes are gone. Call steps before "
+                f"the block, or make this work part of the block",
+            )
+        if execution.committed is not None:
+            raise execution.key_error(
+                IdempotencyError,
+                f"called self.step({name!r}, ...) after its idem_atomic() block committed "
+                f"the key's completion: a completed key records no more steps. Call steps "
+                f"before the block",
+            )
+
+    def atomic_target(self, name: str, atomic: AtomicTarget) -> Target:
+        """The connection of ``step(name, fn, atomic=...)``, checked before anything runs."""
+        execution, what = self.execution, f"self.step({name!r}, atomic=...)"
+        require_postgres(execution, what)
+        statements(execution, what)
+        conn, using = step_connection(atomic)
+        return target(execution, conn, using, what)
+
+    def run_atomic(
+        self, on: Target, name: str, occurrence: int, label: str, call: Callable[[], Any]
+    ) -> Any:
+        """Run a step's function and record its value in one transaction on ``on``.
+
+        A lost lease rolls the function's writes back with the record; a value that
+        cannot be encoded rolls them back too (nothing is recorded as done).
+        """
+        execution = self.execution
+        what = f"self.step({name!r}, atomic=...)"
+        store = statements(execution, what)
+        with fenced(execution, on, what) as tx:
+            value = call()
+            stored = encoded(execution, value, f"the value of step {label!r}")
+            request = self.step_request(name, occurrence, stored.codec, stored.payload)
+            if not tx.write(store.step_statement(request)):
+                raise self.lost(label, "be stored", rolled_back=True)
+        return codec.decode_result(stored, execution.spec.accept)
 
     def replay(self, stored: StepRecord, name: str, occurrence: int, label: str) -> Any:
         """The value an earlier attempt stored for this step; ``fn`` is not called."""
@@ -147,16 +220,20 @@ class Steps:
                 return
         raise self.lost(label, "run")
 
-    def lost(self, label: str, what: str) -> LeaseLost:
+    def lost(self, label: str, what: str, *, rolled_back: bool = False) -> LeaseLost:
         """This attempt no longer owns its key: tell once, and stop the body here."""
         execution = self.execution
         execution.report_lost("step")
+        after = (
+            "its transaction was rolled back, the step's writes with it"
+            if rolled_back
+            else "pass self.step_key downstream so a step run twice is still applied once"
+        )
         return execution.key_error(
             LeaseLost,
             f"lost its lease before step {label!r} could {what}: another attempt took the "
             f"key over (this one stalled past idem_lease). This run stops here and the step "
-            f"is not recorded; the new owner decides. Pass self.step_key downstream so a "
-            f"step run twice is still applied once",
+            f"is not recorded; the new owner decides. {after[0].upper()}{after[1:]}",
         )
 
     def keep(self, name: str, occurrence: int, label: str, value: Any) -> Any:
@@ -171,7 +248,18 @@ class Steps:
             # Its side effect happened: the step is recorded as done, without a value.
             reason = f"{type(exc).__name__}: {exc}"
             tag, payload = "", reason.encode()
-        request = StepRequest(
+        owned = self.store(self.step_request(name, occurrence, tag, payload), label)
+        if not owned:
+            raise self.lost(label, "be stored")
+        if reason is not None:
+            execution.signal(signals.result_not_stored, reason=f"step {label!r}: {reason}")
+            raise self.not_stored(label, reason, earlier=False)
+        return codec.decode_result(stored, spec.accept)
+
+    def step_request(self, name: str, occurrence: int, tag: str, payload: bytes) -> StepRequest:
+        """What recording the running step asks the store, fenced by this attempt."""
+        execution = self.execution
+        return StepRequest(
             execution.storage,
             token=execution.token,
             position=self.position,
@@ -180,13 +268,6 @@ class Steps:
             codec=tag,
             value=payload,
         )
-        owned = self.store(request, label)
-        if not owned:
-            raise self.lost(label, "be stored")
-        if reason is not None:
-            execution.signal(signals.result_not_stored, reason=f"step {label!r}: {reason}")
-            raise self.not_stored(label, reason, earlier=False)
-        return codec.decode_result(stored, spec.accept)
 
     def store(self, request: StepRequest, label: str) -> bool:
         """Send the step to the store, trying hard (a few short pauses) when Redis fails.

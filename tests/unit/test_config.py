@@ -582,15 +582,18 @@ def test_real_celery_app_conf_plain_and_typo() -> None:
 
 def test_idem_store_url_selects_postgres_and_refuses_redis_only_settings() -> None:
     s = resolve_settings({"idem_store_url": "postgresql://u:secret@db.internal:5432/app"})
-    assert s.endpoint is not None and s.endpoint.topology is Topology.POSTGRES
+    assert s.endpoint is not None
+    assert s.endpoint.topology is Topology.POSTGRES
     assert s.endpoint.display == "postgresql://u:**@db.internal:5432/app"
     redis = resolve_settings({"idem_store_url": "redis://localhost:6379/3"})
-    assert redis.endpoint is not None and redis.endpoint.topology is Topology.STANDALONE
-    with pytest.raises(IdempotencyConfigError, match="idem_min_replicas is invalid.*PostgreSQL"):
+    assert redis.endpoint is not None
+    assert redis.endpoint.topology is Topology.STANDALONE
+    with pytest.raises(IdempotencyConfigError, match=r"idem_min_replicas is invalid.*PostgreSQL"):
         resolve_settings({"idem_store_url": "postgres://db/app", "idem_min_replicas": 1})
     with pytest.raises(IdempotencyConfigError, match="name two stores"):
         resolve_settings({"idem_store_url": "postgres://db/app", "idem_redis_url": "redis://r/1"})
-    with pytest.raises(IdempotencyConfigError, match="idem_redis_url.*unsupported scheme"):
+    with pytest.raises(IdempotencyConfigError, match=r"idem_redis_url.*unsupported scheme"):
         resolve_settings({"idem_redis_url": "postgresql://db/app"})  # the Redis-only spelling
     django = resolve_settings({"CELERY_IDEM_STORE_URL": "postgresql://db/app"})
-    assert django.endpoint is not None and django.endpoint.topology is Topology.POSTGRES
+    assert django.endpoint is not None
+    assert django.endpoint.topology is Topology.POSTGRES

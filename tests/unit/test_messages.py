@@ -56,7 +56,7 @@ def test_no_store_configured_does_not_stutter_the_project_name() -> None:
     # The worker prefixes its log lines with "celery-idem: "; the error must not too.
     assert not message.lower().startswith("celery-idem")
     assert "celery-idem found" not in message
-    assert "set idem_redis_url" in message
+    assert "set idem_store_url" in message
 
 
 def test_a_key_held_by_an_earlier_delivery_of_the_same_message_says_so(
