@@ -26,7 +26,14 @@ adds every click command of that group to ``celery``), and also runnable as
     own code (explicit, rule or derived), and the task's prefix and store; no Redis.
 ``doctor [--task NAME] [--strict]``
     Checks the store: reachable, version, scripts, eviction policy, persistence,
-    topology, clock offset; each finding with a fix; exits 1 on a failure.
+    topology, clock offset (PostgreSQL: schema, functions, indexes, privileges,
+    writable, idle_in_transaction_session_timeout, durability, clock); each finding
+    with a fix; exits 1 on a failure.
+``migrate [--task NAME]``
+    Creates or upgrades the PostgreSQL store's tables (idempotent); refused on Redis.
+``purge [--task NAME] [--batch N]``
+    Deletes the PostgreSQL store's expired rows in batches and prints the count; on
+    Redis, which expires records itself, says so and exits 0.
 
 Every command prints a table for people and JSON with ``--json``. Exit status: 0
 success, 1 failure, 2 usage error, 3 no such record (``inspect``, ``forget``).
@@ -47,6 +54,7 @@ import click
 from celery_idem.cli.doctor import doctor_command
 from celery_idem.cli.key import key_command
 from celery_idem.cli.listing import list_command
+from celery_idem.cli.maintenance import migrate_command, purge_command
 from celery_idem.cli.records import forget_command, inspect_command
 from celery_idem.cli.stats import stats_command
 
@@ -54,19 +62,22 @@ __all__ = ["idem", "main"]
 
 _COMMANDS = (
     key_command, inspect_command, forget_command, list_command, stats_command, doctor_command,
+    migrate_command, purge_command,
 )  # fmt: skip
 
 _HELP = """Inspect and repair celery-idem records; check their store.
 
-Each command uses the app's idempotency settings (idem_redis_url, idem_key_prefix,
-...), or with --task NAME that task's (task options may override the app's, as on a
-worker). Tables are for people; --json prints JSON for scripts.
+Each command uses the app's idempotency settings (idem_store_url or
+idem_redis_url, idem_key_prefix, ...), or with --task NAME that task's (task options
+may override the app's, as on a worker). Tables are for people; --json prints JSON
+for scripts.
 
-Records live in Redis under PREFIX:TAG:HASH: TAG is 6 characters of a hash of the
-task name, HASH a hash of task name and key. The idempotency key cannot be read
-back from Redis: `list` and `stats` show storage keys, which `inspect` and
-`forget` accept with --storage-key; `key TASK --args JSON` prints the key and
-storage key a call would use.
+Records live in Redis, or in PostgreSQL's celery_idem_records table, under
+PREFIX:TAG:HASH: TAG is 6 characters of a hash of the task name, HASH a hash of
+task name and key. The idempotency key cannot be read back from the store: `list`
+and `stats` show storage keys, which `inspect` and `forget` accept with
+--storage-key; `key TASK --args JSON` prints the key and storage key a call would
+use. On PostgreSQL, `migrate` creates the tables and `purge` deletes expired rows.
 
 \b
 States of a record:

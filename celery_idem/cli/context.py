@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from celery_idem import codec
+from celery_idem.cli.traits import StoreTraits, traits_of
 from celery_idem.config import IdemSettings, resolve_settings
 from celery_idem.exceptions import IdempotencyError
 from celery_idem.keys import task_tag
@@ -109,13 +110,18 @@ class Target:
             return f"?{tag}"
         return " | ".join(names)
 
+    @property
+    def traits(self) -> StoreTraits:
+        """What the store can report (its kind, how it is walked and measured)."""
+        return traits_of(self.settings.endpoint, self.store)
+
     def require_shared_store(self) -> None:
         """Refuse ``memory://``: its records live inside each process, not here."""
-        if self.settings.redis_url and self.settings.redis_url.startswith("memory://"):
+        if not self.traits.shared:
             raise CliError(
-                f"idem_redis_url is {self.settings.redis_url!r}, the in-process store for "
+                f"the store ({self.settings.redis_url!r}) is the in-process store for "
                 "tests: its records live inside each worker process, so there is nothing "
-                "for this command to read. Point idem_redis_url at Redis."
+                "for this command to read. Point idem_store_url at PostgreSQL or Redis."
             )
 
 
@@ -328,7 +334,8 @@ def scan_count_option(default: int) -> Callable[[F], F]:
             type=click.IntRange(min=1),
             default=default,
             show_default=True,
-            help="COUNT hint of each SCAN step (keys looked at per round trip).",
+            help="COUNT hint of each SCAN step (keys looked at per round trip; rows per "
+            "page on PostgreSQL).",
         )(fn)
 
     return decorate

@@ -1,6 +1,8 @@
 """``celery idem doctor``: is the store fit to keep celery-idem's guarantee?
 
-Each check ends ``ok``, ``warn`` or ``fail``, with a fix for anything but ``ok``:
+This module holds the Redis checks; the PostgreSQL store's are in :mod:`.postgres`
+(the command picks them by the store's :mod:`.traits`). Each check ends ``ok``,
+``warn`` or ``fail``, with a fix for anything but ``ok``:
 
 * **fail** - the guarantee does not hold in normal operation, or tasks will error:
   the store is unreachable, ``memory://``, older than Redis 6.0, refuses the scripts,
@@ -19,34 +21,29 @@ The command exits 1 when a check fails (with ``--strict``, also on a warning), e
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import click
 
-from celery_idem.cli import render
-from celery_idem.cli.context import EXIT_FAILURE, app_of, json_option, resolve, task_option
+from celery_idem.cli import postgres, render
+from celery_idem.cli.context import (
+    EXIT_FAILURE,
+    Target,
+    app_of,
+    json_option,
+    resolve,
+    task_option,
+)
+from celery_idem.cli.findings import CLOCK_TOLERANCE, Finding, clock_finding, report
 from celery_idem.exceptions import IdempotencyError
 from celery_idem.store.base import ServerFacts
 
-__all__ = ["MIN_VERSION", "Finding", "doctor_command", "judge"]
+__all__ = ["CLOCK_TOLERANCE", "MIN_VERSION", "Finding", "doctor_command", "judge", "report"]
 
 MIN_VERSION = (6, 0, 0)
 """The scripts use ``SET ... KEEPTTL`` (Redis 6.0) and write after ``TIME`` (effects
 replication, the default since 5.0); nothing newer (no ``SET ... GET``, no functions)."""
-CLOCK_TOLERANCE = 1.0
-"""Seconds of offset between this machine and the server before a warning."""
-
 _CONFIG_TIP = "in redis.conf too, or CONFIG REWRITE, so a restart keeps it"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One check's outcome: ``status`` is ``ok``, ``warn`` or ``fail``."""
-
-    check: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:
@@ -163,19 +160,13 @@ def _replication_note(replicas: str) -> str:
 
 
 def _clock_finding(facts: ServerFacts) -> Finding:
-    if facts.server_time is None or facts.local_time is None:
-        return Finding("clock", "warn", "the server's clock could not be read")
-    offset = facts.server_time - facts.local_time
-    error = (facts.round_trip or 0) / 2
-    side = "ahead of" if offset >= 0 else "behind"
-    detail = f"Redis is {abs(offset):.3f} s {side} this machine (+/- {error:.3f} s)"
-    if abs(offset) - error <= CLOCK_TOLERANCE:
-        return Finding("clock", "ok", detail + "; leases use the Redis clock only")
-    detail += (
-        ": leases use the Redis clock only, so workers are unaffected, but the claim times "
-        "this tool shows are off by as much against this machine's clock"
+    return clock_finding(
+        "Redis",
+        server_time=facts.server_time,
+        local_time=facts.local_time,
+        round_trip=facts.round_trip,
+        clock="TIME",
     )
-    return Finding("clock", "warn", detail, "synchronise both clocks (NTP: chrony, timesyncd)")
 
 
 def judge(facts: ServerFacts, *, scripts_error: str | None) -> list[Finding]:
@@ -207,24 +198,29 @@ def judge(facts: ServerFacts, *, scripts_error: str | None) -> list[Finding]:
     return findings
 
 
-_MARK = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
-
-
-def report(findings: list[Finding]) -> str:
-    """The findings as aligned lines, each fix under its finding."""
-    width = max(len(f.check) for f in findings)
-    lines = []
-    for f in findings:
-        lines.append(f"{_MARK[f.status]:<4}  {f.check:<{width}}  {f.detail}")
-        if f.fix:
-            lines.append(f"{'':<4}  {'':<{width}}  fix: {f.fix}")
-    return "\n".join(lines)
+def _examine_redis(target: Target) -> list[Finding]:
+    """``doctor``'s findings for a Redis store (or ``memory://``, which fails alone)."""
+    try:
+        facts = target.store.server_facts()
+    except IdempotencyError as exc:
+        fix = (
+            "check idem_redis_url (host, port, db, password, rediss:// for TLS) and that "
+            "Redis runs and accepts connections from this machine"
+        )
+        return [Finding("reachable", "fail", str(exc), fix)]
+    scripts_error = None
+    if facts.kind != "memory":
+        try:
+            target.store.read(f"{target.prefix}:doctor-probe")
+        except IdempotencyError as exc:
+            scripts_error = str(exc)
+    return judge(facts, scripts_error=scripts_error)
 
 
 @click.command(
-    "doctor", short_help="Check the store: version, eviction, persistence, topology, clock."
+    "doctor", short_help="Check the store: schema or version, durability, topology, clock."
 )
-@task_option("Check the store of this task (its settings may name another Redis).")
+@task_option("Check the store of this task (its settings may name another store).")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on failures.")
 @json_option
 @click.pass_context
@@ -234,7 +230,7 @@ def doctor_command(
     """Check that the store can keep celery-idem's guarantee; each finding with a fix.
 
     \b
-    Checks, in order:
+    Checks on Redis, in order:
       reachable    the server answers (TIME), with the round trip
       version      Redis 6.0 or later (the scripts use SET ... KEEPTTL)
       scripts      the Lua scripts load and run (a read-only EVALSHA)
@@ -247,6 +243,24 @@ def doctor_command(
       clock        offset of the Redis clock from this machine's (TIME)
 
     \b
+    Checks on PostgreSQL (idem_store_url = postgresql://...), in order:
+      reachable        the server answers, with the round trip and its version
+      schema           celery_idem_records and celery_idem_schema exist at
+                       this release's schema version (else: idem migrate)
+      functions        the schema's functions (one per transition) exist
+      indexes          the primary key on key, the expiry index (purge), valid
+      privileges       the URL's role may read and write the tables and run
+                       the functions
+      writable         a primary (not a standby), not read-only by default
+      idle_tx_timeout  idle_in_transaction_session_timeout is set: with 0, a
+                       task stuck inside idem_atomic() holds its key's row
+                       lock forever (warns; a fix recommends a value)
+      durability       fsync and synchronous_commit on (off: a crash can lose
+                       the last completions)
+      clock            offset of the server's clock (clock_timestamp()) from
+                       this machine's
+
+    \b
     FAIL: the guarantee does not hold in normal operation, or tasks will error.
     WARN: it holds until a rare event (a restart), or could not be verified.
     Exits 1 when a check fails (with --strict, also when one warns), else 0.
@@ -255,22 +269,8 @@ def doctor_command(
     check, status ok/warn/fail, detail, fix).
     """  # noqa: D301 - \b is click's no-rewrap marker
     target = resolve(app_of(ctx), task_name)
-    try:
-        facts = target.store.server_facts()
-    except IdempotencyError as exc:
-        fix = (
-            "check idem_redis_url (host, port, db, password, rediss:// for TLS) and that "
-            "Redis runs and accepts connections from this machine"
-        )
-        findings = [Finding("reachable", "fail", str(exc), fix)]
-    else:
-        scripts_error = None
-        if facts.kind != "memory":
-            try:
-                target.store.read(f"{target.prefix}:doctor-probe")
-            except IdempotencyError as exc:
-                scripts_error = str(exc)
-        findings = judge(facts, scripts_error=scripts_error)
+    examine = postgres.examine if target.traits.kind == "postgres" else _examine_redis
+    findings = examine(target)
     failures = sum(f.status == "fail" for f in findings)
     warnings = sum(f.status == "warn" for f in findings)
     failed = failures > 0 or (strict and warnings > 0)

@@ -1,8 +1,9 @@
-"""``celery idem list``: a store's records, walked with ``SCAN``.
+"""``celery idem list``: a store's records, walked with ``SCAN`` (or PostgreSQL's pages).
 
 Kept apart from ``inspect`` and ``forget`` (one record, :mod:`.records`): it walks the
 store with ``SCAN`` (``MATCH`` on the prefix, and on the task's tag with ``--task``),
-reading each page of keys in one pipelined round trip; it never uses ``KEYS``.
+reading each page of keys in one pipelined round trip; it never uses ``KEYS``. On
+PostgreSQL the same walk pages through the primary key's range of the prefix.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def list_command(
     """List records: storage key, task, state, owner, claim time, lease, expiry.
 
     Walks the store with SCAN (never KEYS), MATCH on the key prefix, or on the task's
-    tag with --task, so it is safe on a busy production Redis. The idempotency key
-    itself cannot be read back from Redis (the record's name is a hash of it): use the
-    storage key with `inspect --storage-key` or `forget --storage-key`.
+    tag with --task, so it is safe on a busy production Redis; on PostgreSQL, pages of
+    the primary key's range under the prefix. The idempotency key itself cannot be
+    read back from the store (the record's name is a hash of it): use the storage key
+    with `inspect --storage-key` or `forget --storage-key`.
 
     Records are shown oldest claim first among those found; with --limit, the walk
     stops once that many matched, so they are not the oldest of the whole store. A
@@ -61,7 +63,8 @@ def list_command(
     --json prints an object: store, prefix, task, state, records (a list, one object
     per record: storage_key, task, state, substate, task_id, fence, claimed_at,
     lease_left, expires_in, result_bytes, codec, takeovers), truncated (stopped at
-    --limit with more keys left) and scan_calls. `jq '.records[]'` walks the records.
+    --limit with more keys left) and scan_calls (SCAN steps, or pages on
+    PostgreSQL). `jq '.records[]'` walks the records.
     """
     walk = Walk(ctx, task_name, scan_count)
     found: list[dict[str, Any]] = []
@@ -91,5 +94,6 @@ def list_command(
         click.echo(render.table(views.SUMMARY_HEADERS, views.summary_rows(found)))
     more = f"; stopped at --limit {limit}, more may match" if truncated else ""
     where = f"{walk.target.url} under {walk.pattern!r}"
-    click.echo(f"{len(found)} record(s) in {where} ({walk.calls} SCAN step(s)){more}.")
+    steps = walk.target.traits.steps(walk.calls)
+    click.echo(f"{len(found)} record(s) in {where} ({steps}){more}.")
     walk.note_elsewhere()

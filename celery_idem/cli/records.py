@@ -37,7 +37,7 @@ _KEY_HELP = (
     "unless --storage-key."
 )
 _STORAGE_KEY_HELP = (
-    "KEY is a record's Redis key as `list` and `stats` print it (PREFIX:TAG:HASH), "
+    "KEY is a record's storage key as `list` and `stats` print it (PREFIX:TAG:HASH), "
     "not an idempotency key; --task is then optional."
 )
 

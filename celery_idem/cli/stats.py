@@ -1,8 +1,10 @@
 """``celery idem stats``: records by task and state, memory, the oldest claim in progress.
 
 Counting needs every record: the command walks them all with ``SCAN`` (one pipelined
-read of each step's keys), which never blocks Redis but takes a while on millions of
-records. Memory is measured with ``MEMORY USAGE`` on a sample and extrapolated.
+read of each step's keys; on PostgreSQL, pages of the primary key), which never blocks
+the store but takes a while on millions of records. Memory is measured on a sample
+and extrapolated, with what the store offers (:mod:`.traits`: Redis' ``MEMORY
+USAGE``, PostgreSQL's ``pg_column_size`` of the row).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _oldest_text(oldest: dict[str, Any]) -> str:
         count_option(
             "--sample",
             default=200,
-            help_text="How many records to measure with MEMORY USAGE (0: do not measure).",
+            help_text="How many records to measure (MEMORY USAGE on Redis, the row's "
+            "pg_column_size on PostgreSQL; 0: do not measure).",
         ),
     ),
 )
@@ -88,14 +91,16 @@ def stats_command(
       is not a record). A task is named from the tag in the storage key; a tag none
       of the app's tasks has shows as ?TAG.
     - Memory: MEMORY USAGE of the first --sample records met (SCAN order is the
-      hash order, so a fair sample), and their mean times the record count.
+      hash order, so a fair sample), and their mean times the record count; on
+      PostgreSQL each row's size (pg_column_size, its out-of-line payload
+      included), the first rows in key order (the storage key's hash order).
     - The oldest claim in progress (running, parked or lease expired), by claim time:
       a stuck key shows here first.
 
-    Walks every record with SCAN (never KEYS); without --task, the app's prefix. It
-    keeps no list of the keys it saw, so its memory stays small on any store, and a key
-    SCAN returns twice (while Redis resizes its table) counts twice: on a busy store
-    the counts are a snapshot, not exact.
+    Walks every record with SCAN (never KEYS; on PostgreSQL, pages of the primary
+    key); without --task, the app's prefix. It keeps no list of the keys it saw, so its
+    memory stays small on any store, and a key SCAN returns twice (while Redis resizes
+    its table) counts twice: on a busy store the counts are a snapshot, not exact.
 
     --json prints an object: store, prefix, task, records, scan_calls, by_task (task
     -> running, parked, lease_expired, reserved, reservation_expired, free, result,
@@ -149,10 +154,11 @@ def stats_command(
             )
         )
         return
+    traits = walk.target.traits
     lines = [count_table(by_task), ""]
     pairs = [
         ("store", f"{walk.target.url} under {walk.pattern!r}"),
-        ("records", f"{records} ({walk.calls} SCAN step(s))"),
+        ("records", f"{records} ({traits.steps(walk.calls)})"),
     ]
     if memory is not None:
         pairs.append(
@@ -161,7 +167,7 @@ def stats_command(
                 (
                     f"~{render.size(memory['estimated_total_bytes'])} in all, "
                     f"{render.size(round(memory['mean_bytes']))} per record "
-                    f"(MEMORY USAGE of {memory['sampled']} record(s))"
+                    f"({traits.measure} of {memory['sampled']} record(s))"
                 ),
             )
         )

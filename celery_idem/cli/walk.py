@@ -1,7 +1,8 @@
 """What ``list`` and ``stats`` share: their options, and one ``SCAN`` walk of the records.
 
 Both walk the store with ``SCAN`` (``MATCH`` on the prefix, or on the task's tag with
-``--task``; never ``KEYS``), read each step's keys in one pipelined round trip, and
+``--task``; never ``KEYS``; PostgreSQL's ``scan`` pages through the primary key's range
+of the same pattern), read each step's keys in one pipelined round trip, and
 turn each record into a :func:`~celery_idem.cli.views.summary_view`. They differ only
 in what they keep of the views, so the walk, the options and the closing note on
 tasks whose records live elsewhere are written here once.
