@@ -93,15 +93,18 @@ _IDEM_LOG_LINE = re.compile(r"\[[^\]]*: (\w+)/[^\]]*\] \S+\[([0-9a-f-]+)\] (key=
 
 
 class Worker(Process):
-    """``celery -A example_project worker``: started, SIGKILLed and restarted by the demo."""
+    """``celery -A <app> worker``: started, SIGKILLed and restarted by the demo."""
 
-    def __init__(self, log: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, log: Path, env: dict[str, str], app: str = "example_project", node: str = "demo"
+    ) -> None:
         cmd = [
-            sys.executable, "-m", "celery", "-A", "example_project", "worker", "-l", "info",
-            "-c", str(WORKER_PROCESSES), "-n", "demo@%h",
+            sys.executable, "-m", "celery", "-A", app, "worker", "-l", "info",
+            "-c", str(WORKER_PROCESSES), "-n", f"{node}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        super().__init__("the celery worker", cmd, log, env, ROOT)
+        name = "the celery worker" if node == "demo" else f"the {node} worker"
+        super().__init__(name, cmd, log, env, ROOT)
         self._offset = 0
 
     def start(self) -> Worker:
@@ -110,10 +113,10 @@ class Worker(Process):
         self.wait_ready(lambda: " ready." in self.output()[self._offset :], START_TIMEOUT)
         return self
 
-    def unpause(self, key: str) -> None:
-        """Take ``key`` out of ``DEMO_PAUSE_KEY`` for the next start (the redelivery sends)."""
-        keys = self.env.get("DEMO_PAUSE_KEY", "").split(",")
-        self.env["DEMO_PAUSE_KEY"] = ",".join(k for k in keys if k != key)
+    def unpause(self, key: str, variable: str = "DEMO_PAUSE_KEY") -> None:
+        """Take ``key`` (or ``key@point``) out of ``variable`` for the next start."""
+        keys = self.env.get(variable, "").split(",")
+        self.env[variable] = ",".join(k for k in keys if k.partition("@")[0] != key)
 
     def log_lines(self, key: str, needle: str) -> list[str]:
         """celery-idem's log lines about ``key`` that contain ``needle``, shortened."""
@@ -135,6 +138,9 @@ class Stack:
     orders_db: Path
     report_url: str
     worker: Worker
+    env: dict[str, str]
+    """The environment the worker and the webhook run with (Redis, SMTP, durations)."""
+    workdir: Path
 
 
 @contextlib.contextmanager
@@ -190,7 +196,9 @@ def running(workdir: Path, pause_keys: Sequence[str]) -> Iterator[Stack]:
         webhook.start().wait_ready(lambda: port_is_open(port), START_TIMEOUT)
         say(f"Webhook: python -m example_project.webhook on http://127.0.0.1:{port}")
         try:
-            yield Stack(port, maildir, orders_db, with_db(redis_url, base + 3), worker)
+            yield Stack(
+                port, maildir, orders_db, with_db(redis_url, base + 3), worker, env, workdir
+            )
         except Exception:
             print(f"\n  last lines of {worker.name}'s log:\n{worker.tail()}", flush=True)
             polls = "GET /tasks/"  # the demo's own polling: noise here
