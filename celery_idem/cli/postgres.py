@@ -393,8 +393,8 @@ def _idle_finding(facts: PostgresFacts) -> Finding:
     if millis == 0:
         detail = (
             f"{setting} is 0 (no limit): a task stuck inside idem_atomic() (a hung call, a "
-            "paused worker) keeps its transaction open and holds the key's row lock "
-            "forever, so every duplicate waits on it"
+            "paused worker) keeps its transaction open, with the locks of the rows it "
+            "wrote and a connection, for as long as it hangs"
         )
         return Finding("idle_tx_timeout", "warn", detail, fix)
     detail = (

@@ -51,6 +51,10 @@ SCHEMA_VERSION = 1
 
 SCHEMES = frozenset({"postgresql", "postgres"})
 DEFAULT_CONNECT_TIMEOUT = 5
+LOCK_TIMEOUT_MS = 10_000
+"""How long the store's statements wait for a key's row lock (``lock_timeout``) unless the
+URL's ``options`` (or ``PGOPTIONS``) say otherwise: the lock is held from a completion
+statement to its transaction's commit, normally microseconds."""
 """Seconds to connect when the URL (or ``PGCONNECT_TIMEOUT``) names none: a worker must
 learn an outage in seconds, not in psycopg's default two minutes."""
 
@@ -287,6 +291,10 @@ class PostgresBase:
         self._options: dict[str, Any] = {}
         if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
             self._options["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+        if "options" not in params and not os.environ.get("PGOPTIONS"):
+            # A row left locked by a transaction that does not end must not hang a
+            # worker: the call fails as an outage (55P03) and idem_on_store_error decides.
+            self._options["options"] = f"-c lock_timeout={LOCK_TIMEOUT_MS}"
         if "application_name" not in params and not os.environ.get("PGAPPNAME"):
             self._options["application_name"] = "celery-idem"
         self._pool = _Pool(self.connect, max_idle)

@@ -453,7 +453,7 @@ def test_doctor_warns_until_idle_in_transaction_session_timeout_is_set(
     status, text = _findings(db.json("doctor"))["idle_tx_timeout"]
     assert status == "warn"
     assert "idle_in_transaction_session_timeout is 0" in text
-    assert "holds the key's row lock forever" in text
+    assert "keeps its transaction open" in text
     database = fresh_pg_url.rsplit("/", 1)[1]
     assert "SET idle_in_transaction_session_timeout = '60s'" in text
     # A database default applies to the sessions opened after it: doctor opens its own.

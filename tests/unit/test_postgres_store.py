@@ -402,3 +402,23 @@ def test_a_step_statement_commits_with_the_callers_transaction(
     assert [s.label for s in store.read(key).steps] == ["order"]  # type: ignore[union-attr]
     with pytest.raises(IdempotencyError, match="fewer durable steps"):
         store.step(step(3))
+
+
+def test_a_row_locked_by_a_transaction_that_does_not_end_fails_the_call_instead_of_hanging(
+    migrated_url: str, key: str
+) -> None:
+    """The store's statements wait at most ``lock_timeout`` (10 s unless the URL says)."""
+    psycopg = pytest.importorskip("psycopg")
+    default = PostgresStore.from_url(migrated_url)
+    assert default.call(None, "SHOW lock_timeout", ()) == [("10s",)]
+    default.close()
+    impatient = PostgresStore.from_url(f"{migrated_url}?options=-c%20lock_timeout%3D200")
+    out = impatient.claim(request(key))
+    with psycopg.connect(migrated_url) as conn:  # completes, then hangs before its commit
+        conn.execute(*PostgresStore.completion_statement(completion(key, out.fence)))
+        with pytest.raises(StoreUnavailable, match="lock_timeout") as caught:
+            impatient.claim(request(key, token="t2"))
+        assert key in str(caught.value)
+        conn.rollback()
+    assert impatient.claim(request(key, token="t2")).state is ClaimState.IN_PROGRESS
+    impatient.close()
