@@ -103,6 +103,8 @@ class MemoryStore(MemoryAdmin):
                         return ClaimOutcome(ClaimState.IN_PROGRESS, fence, record.task_id, left)
                     else:
                         took_over = True
+                        # A retry taking over (its park failed) keeps the request's.
+                        fingerprint = fingerprint or record.fingerprint
                         if record.owner:
                             takeovers += 1
                             if 0 < request.max_takeovers < takeovers:

@@ -309,6 +309,31 @@ def test_parked_retry_may_change_its_arguments(backend: Backend) -> None:
     )
 
 
+def test_a_retry_that_takes_over_an_unparked_key_keeps_the_original_fingerprint(
+    backend: Backend,
+) -> None:
+    # The park failed (the store was down when the retry was raised), so the retry finds
+    # its first attempt's record in progress and takes it over once the lease ran out. A
+    # retry sends no fingerprint: the record must keep the original request's, or a call
+    # with other arguments would be answered with the stored result. (Found by the
+    # chaos soak on PostgreSQL, seed 661255426; the same on every store.)
+    first = claim(backend, "k", fingerprint="page-1")
+    backend.advance(backend.key("k"), LEASE + 0.05)
+    retry = claim(backend, "k", token="t2", task_id="id-1", fingerprint="")
+    assert retry.state is ClaimState.CLAIMED
+    assert retry.fence > first.fence
+    assert claim(backend, "k", token="t3", task_id="id-9", fingerprint="page-2").state is (
+        ClaimState.MISMATCH
+    )
+    assert complete(backend, backend.key("k"), token="t2", stored=RESULT, ttl=TTL)
+    assert claim(backend, "k", token="t4", task_id="id-9", fingerprint="page-2").state is (
+        ClaimState.MISMATCH
+    )
+    assert claim(backend, "k", token="t5", task_id="id-9", fingerprint="page-1").state is (
+        ClaimState.COMPLETED
+    )
+
+
 def test_a_new_request_reusing_a_parked_task_id_with_other_arguments_is_a_mismatch(
     backend: Backend,
 ) -> None:

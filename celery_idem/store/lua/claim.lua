@@ -77,6 +77,12 @@ if r then
       return {3, fence, r.i, r.d - now}
     else
       took_over = 1
+      if fingerprint == '' then
+        -- A retry (or a derived key) taking over: its first attempt's park failed or
+        -- never came. The record keeps the original request's fingerprint, or a call
+        -- with other arguments would be answered with this run's result.
+        fingerprint = r.a
+      end
       if r.o ~= '' then
         -- The owner stopped renewing: a dead or stalled worker, maybe killed by
         -- this very message. Past the cap the key is quarantined, not run.
