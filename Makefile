@@ -14,8 +14,8 @@
 #   make docs      build the documentation site into build/site (mkdocs --strict), then
 #                  check in headless Chromium that its diagrams render (needs npm)
 #   make chaos     the chaos soak: 3 min of overlapping faults over a mixed workload, then
-#                  the checker (CHAOS_SECONDS, CHAOS_SEED to replay); writes its section
-#                  of docs/reliability.md
+#                  the checker (CHAOS_SECONDS, CHAOS_SEED to replay; CHAOS_STORE=postgres,
+#                  CHAOS_BROKER=rabbitmq); writes its section of docs/reliability.md
 #   make test-celery-compat  Celery's own t/unit/tasks with IdempotentTask as the default
 #                  task base, against tests/celery_compat/expected.txt (COMPAT_PLAIN=1:
 #                  plain Celery only)
@@ -200,10 +200,14 @@ test-celery-compat: $(STAMP) $(COMPAT_STAMP)
 # publisher's history and the effect ledger. CHAOS_SECONDS (default 180) and CHAOS_SEED
 # (default: random, printed) replay a run; every fault kind must be injected at least
 # CHAOS_MIN_EACH times (default 5). CHAOS_BROKER=rabbitmq runs the second configuration
-# (RabbitMQ at AMQP_URL, else 127.0.0.1:5672). Writes its section of docs/reliability.md.
+# (RabbitMQ at AMQP_URL, else 127.0.0.1:5672). CHAOS_STORE=postgres keeps the records in a
+# private PostgreSQL (behind the same fault proxy; restarted, killed, its sessions
+# terminated) where every task also commits a row inside idem_atomic(), and the checker
+# counts duplicate database effects. Writes its section of docs/reliability.md.
 CHAOS_MIN_EACH ?= 5
 CHAOS_BROKER ?= redis
+CHAOS_STORE ?= redis
 
 chaos: $(STAMP)
 	$(VENV_PY) -m tests.chaos.run --report docs/reliability.md --min-each $(CHAOS_MIN_EACH) \
-	  --broker $(CHAOS_BROKER)
+	  --broker $(CHAOS_BROKER) --store $(CHAOS_STORE)

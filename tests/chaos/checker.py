@@ -11,7 +11,9 @@ test, so they are never read. The checks, numbered as in the report:
 3. a body ran more than once per (key, step) only where a fault explains it;
 4. the fences of a (key, step) only grow (a lower one only from a run a fault made stale);
 5. a call refused as a key mismatch never ran a body;
-6. no key is stuck: each has at least one accepted answer.
+6. no key is stuck: each has at least one accepted answer;
+7. with the PostgreSQL store, no duplicate database effect: each (key, step) has at most
+   one committed row in the chaos table, and every answer names it (``db_checks.py``).
 
 Malformed inputs (a producer bug, not a library anomaly) raise ``HistoryError``.
 """
@@ -38,6 +40,7 @@ from .checks import (
     error_type,
     json_equal,
 )
+from .db_checks import LEASE_LOST, DatabaseFigures, Row, check_rows
 from .figures import Anomaly, Report, latency_split, percentile, render_markdown, value_text
 
 __all__ = [
@@ -48,11 +51,13 @@ __all__ = [
     "Anomaly",
     "Answer",
     "Call",
+    "DatabaseFigures",
     "Delivery",
     "Effect",
     "Fault",
     "HistoryError",
     "Report",
+    "Row",
     "check",
     "error_type",
     "json_equal",
@@ -288,6 +293,7 @@ def check(
     faults: Iterable[Fault],
     *,
     deliveries: Iterable[Delivery] = (),
+    rows: Iterable[Row] | None = None,
     lease: float = DEFAULT_LEASE,
     grace: float | None = None,
     allowed_errors: frozenset[str] = DEFAULT_ALLOWED_ERRORS,
@@ -299,12 +305,16 @@ def check(
     a fault ends it still explains a re-run and still counts as slowing answers.
     ``allowed_errors`` are the failure types an answer may carry besides a mismatch
     refusal. ``slack`` is the tolerance between a fault's logged start and its blow.
+    ``rows``: the committed rows of the chaos table (the PostgreSQL store's runs), for
+    check 7; there a stale attempt's ``LeaseLost`` is a documented answer too.
     """
     grace = lease if grace is None else grace
     if grace < 0 or slack < 0:
         raise ValueError("grace and slack are durations: they cannot be negative")
     calls, answers = list(calls), list(answers)
     _validate(calls, answers)
+    if rows is not None:
+        allowed_errors = allowed_errors | {LEASE_LOST}
     run = Run(
         calls, answers, effects, faults, grace=grace, slack=slack,
         allowed_errors=allowed_errors, deliveries=deliveries,
@@ -322,6 +332,10 @@ def check(
         *check_mismatch(run),
         *check_stuck(run),
     ]
+    database: DatabaseFigures | None = None
+    if rows is not None:
+        row_anomalies, database = check_rows(run, rows)
+        anomalies += row_anomalies
     anomalies.sort(key=lambda a: (a.t, a.check, a.key))
     hit, clear = latency_split(run.calls, run.answers, run.faults, grace)
     done = [a.done for a in answers if a.state is not None and a.done is not None]
@@ -351,4 +365,5 @@ def check(
         explained_extra=explained,
         stale_writes=stale,
         anomalies=anomalies,
+        database=database,
     )

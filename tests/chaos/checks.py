@@ -21,9 +21,13 @@ MISMATCH_ERROR = "IdempotencyKeyMismatch"
 #: Faults that hit processes (their ``pids``): a run killed or paused between its effect
 #: and its completion write is the documented crash window.
 PROCESS_FAULTS = frozenset({"kill_child", "kill_worker", "stop_child"})
-#: Store-side faults that can lose a claim, a renewal or a completion. ``script_flush`` is
-#: not one: the scripts are reloaded transparently (NOSCRIPT) and nothing is lost.
-STORE_FAULTS = frozenset({"store_restart", "proxy_latency", "proxy_drop", "proxy_blackhole"})
+#: Store-side faults that can lose a claim, a renewal or a completion (the PostgreSQL
+#: store's kill and terminated sessions too). ``script_flush`` is not one: the scripts
+#: are reloaded transparently (NOSCRIPT) and nothing is lost.
+STORE_FAULTS = frozenset({
+    "store_restart", "store_kill", "terminate_backends",
+    "proxy_latency", "proxy_drop", "proxy_blackhole",
+})  # fmt: skip
 FAULT_KINDS = PROCESS_FAULTS | STORE_FAULTS | {"script_flush"}
 #: How many related calls, effects or faults a description lists before it only counts.
 LISTED = 6

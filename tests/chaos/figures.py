@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .checker import Answer, Call, Effect, Fault
+    from .db_checks import DatabaseFigures
 
 #: How many explained extra effects the Markdown lists before it only counts the rest.
 LISTED_EXPLAINED = 20
@@ -178,6 +179,8 @@ class Report:
     explained_extra: list[tuple[Effect, Fault]]
     stale_writes: list[tuple[Effect, Fault]]
     anomalies: list[Anomaly]
+    database: DatabaseFigures | None = None
+    """Check 7's figures (the PostgreSQL store's runs); None without a database effect."""
 
     @property
     def ok(self) -> bool:
@@ -192,6 +195,24 @@ class Report:
 
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f} s"
+
+
+def _database_rows(figures: DatabaseFigures | None) -> list[tuple[str, str]]:
+    """Check 7's rows of the figures table (none without a database effect)."""
+    if figures is None:
+        return []
+    return [
+        ("database rows committed (one per key and step expected)", str(figures.rows)),
+        ("keys and steps with a committed row", str(figures.units)),
+        ("duplicate database effects (committed rows beyond one per key and step)",
+         str(figures.duplicate_effects)),
+        ("SUCCESS answers checked against the committed rows", str(figures.answers_checked)),
+        ("... that do not name their key's committed row", str(figures.answers_not_naming)),
+        ("rows committed with a refused call's arguments", str(figures.refused_rows)),
+        ("calls answered LeaseLost (a stale attempt, its transaction rolled back)",
+         str(figures.lease_lost)),
+        ("... for a key no attempt committed a row for", str(figures.lease_lost_unexplained)),
+    ]  # fmt: skip
 
 
 def render_markdown(report: Report, *, seed: int | str, title: str) -> str:
@@ -233,12 +254,15 @@ def render_markdown(report: Report, *, seed: int | str, title: str) -> str:
             f"answer latency without faults, p50 / p99 ({report.answers_without_faults} answers)",
             f"{_seconds(report.p50_without_faults)} / {_seconds(report.p99_without_faults)}",
         ),
+        *_database_rows(report.database),
         (
             "anomalies by check",
             ", ".join(f"{k}: {n}" for k, n in sorted(by_check.items())) or "none",
         ),
     ]
     lines = [f"## {title}", "", f"Seed `{seed}`. Times are seconds since the first call.", ""]
+    if report.database is not None:
+        lines += [f"**duplicate database effects: {report.database.duplicate_effects}**", ""]
     lines += ["| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
     lines += ["", "### Faults by kind", ""]
     if report.faults:

@@ -8,10 +8,11 @@ a stopped server, two blackholes or latencies fighting, two worker restarts). A 
 held stopped is never killed, nor its worker: our SIGCONT would hit a dead pid.
 
 Everything random is drawn on the scheduler thread, in plan order, before the fault
-runs (:func:`plan_faults`): one seed, one sequence of kinds and parameters whatever the
-timing (only the pids differ). Kinds come from a shuffled deck (each kind once, then
-refilled): after ``n * len(kinds)`` faults each kind ran ``n`` times, i.e. 40 faults
-for 8 kinds x 5, 80 s on average at the default 2 s mean gap (a gap is capped at 5).
+runs (:func:`plan_faults`, in ``plan.py`` with each store's kinds and the targets): one
+seed, one sequence of kinds and parameters whatever the timing (only the pids differ).
+Kinds come from a shuffled deck (each kind once, then refilled): after
+``n * len(kinds)`` faults each kind ran ``n`` times, i.e. 40 faults for 8 kinds x 5,
+80 s on average at the default 2 s mean gap (a gap is capped at 5).
 
 The log gets one JSON line per fault when it ends: ``kind``, ``start``, ``end`` (epoch;
 ``end == start`` for instant faults), ``pids`` ([] for store and proxy faults) and
@@ -23,7 +24,6 @@ target in time, or that stop() pre-empted, is not logged (:meth:`Nemesis.skipped
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -31,104 +31,34 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
-PROCESS_KINDS = ("kill_child", "kill_worker", "stop_child")  # pids: the processes hit
-STORE_KINDS = ("store_restart", "script_flush")  # pids: []
-PROXY_KINDS = ("proxy_latency", "proxy_drop", "proxy_blackhole")  # pids: []
-ALL_KINDS: tuple[str, ...] = PROCESS_KINDS + STORE_KINDS + PROXY_KINDS
-INSTANT = frozenset({"kill_child", "script_flush", "proxy_drop"})
-EXCLUSIVE = {
-    "kill_worker": "workers",
-    "store_restart": "store",
-    "script_flush": "store",  # a flush on a server being restarted would just fail
-    "proxy_latency": "latency",
-    "proxy_blackhole": "blackhole",
-}
-MAX_GAP = 5.0  # mean gaps: a hard bound on the time a deck takes
+from .plan import (
+    ALL_KINDS,
+    EXCLUSIVE,
+    INSTANT,
+    KNOWN_KINDS,
+    NemesisTargets,
+    PlannedFault,
+    WorkerHandle,
+    plan_faults,
+)
+
+__all__ = [  # with what callers import from here of plan.py
+    "ALL_KINDS",
+    "INSTANT",
+    "Nemesis",
+    "NemesisTargets",
+    "PlannedFault",
+    "plan_faults",
+]
+
 TARGET_WAIT = 5.0  # s a process fault waits for a target (a booting worker has no children)
 SLOT_WAIT = 60.0  # s a fault waits for its exclusive group (a worker restart takes a while)
 STORE_START_TRIES = 5
-
-
-class WorkerHandle(Protocol):
-    """A worker of the orchestrator: its main pid, its prefork children right now,
-    ``kill()`` (SIGKILL its process group) and ``restart()`` (returns once ready).
-    """
-
-    @property
-    def main_pid(self) -> int: ...
-    def children(self) -> list[int]: ...
-    def kill(self) -> None: ...
-    def restart(self) -> None: ...
-
-
-class ProxyControls(Protocol):
-    """The controls of :class:`tests.chaos.proxy.FaultProxy` the nemesis uses."""
-
-    def set_latency(self, seconds: float) -> None: ...
-    def drop_connections(self) -> int: ...
-    def blackhole(self, seconds: float) -> None: ...
-    def end_blackhole(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class NemesisTargets:
-    """What the nemesis may hit, as callbacks of the orchestrator.
-
-    ``store_stop``/``store_start`` stop the store's redis-server and start it again on
-    the same port with its data (AOF on); ``store_start`` returns once it answers.
-    """
-
-    workers: Callable[[], Sequence[WorkerHandle]]
-    store_stop: Callable[[], object]
-    store_start: Callable[[], object]
-    script_flush: Callable[[], object]
-    proxy: ProxyControls
-
-
-@dataclass(frozen=True)
-class PlannedFault:
-    """One fault as drawn from the seed, before it meets the processes of the run."""
-
-    seq: int
-    gap: float  # seconds after the previous fault was launched
-    kind: str
-    duration: float  # SIGSTOP, store downtime, latency or blackhole; 0 for the rest
-    latency: float  # the one-way delay of a proxy_latency; 0 for the rest
-    picks: tuple[float, float]  # in [0, 1): which eligible worker, then which child
-
-
-def plan_faults(
-    rng: random.Random, kinds: Sequence[str], *, lease: float, mean_gap: float, deck: bool = True
-) -> Iterator[PlannedFault]:
-    """The endless fault sequence of a seed: a pure function of ``rng``'s state."""
-    pending: list[str] = []
-    for seq in itertools.count(1):
-        if not kinds:
-            return
-        gap = min(rng.expovariate(1.0 / mean_gap), MAX_GAP * mean_gap)
-        if deck:
-            if not pending:
-                pending = list(kinds)
-                rng.shuffle(pending)
-            kind = pending.pop()
-        else:
-            kind = rng.choice(list(kinds))
-        picks = (rng.random(), rng.random())
-        duration = latency = 0.0
-        if kind == "stop_child":
-            duration = rng.uniform(1.5 * lease, 2.5 * lease)
-        elif kind == "store_restart":
-            duration = rng.uniform(0.0, 0.5 * lease)
-        elif kind == "proxy_latency":
-            latency, duration = rng.uniform(0.02, 0.2), rng.uniform(1.0, 4.0)
-        elif kind == "proxy_blackhole":
-            duration = rng.uniform(0.5, max(0.5, 1.5 * lease))
-        yield PlannedFault(seq, gap, kind, duration, latency, picks)
 
 
 def _index(pick: float, n: int) -> int:
@@ -158,9 +88,12 @@ class Nemesis:
         deck: bool = True,
         max_faults: int | None = None,
     ) -> None:
-        unknown = sorted(set(kinds) - set(ALL_KINDS))
+        unknown = sorted(set(kinds) - set(KNOWN_KINDS))
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {list(ALL_KINDS)}")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {list(KNOWN_KINDS)}")
+        for kind in ("script_flush", "store_kill", "terminate_backends"):
+            if kind in kinds and getattr(targets, kind) is None:
+                raise ValueError(f"fault kind {kind!r} needs NemesisTargets.{kind}")
         if mean_gap <= 0 or lease <= 0:
             raise ValueError("lease and mean_gap must be > 0")
         self.kinds = tuple(kinds)
@@ -432,9 +365,28 @@ class Nemesis:
         with self._lock:
             self._store_down = False
 
+    def _store_kill(self, record: _Record) -> None:
+        kill = self._targets.store_kill
+        assert kill is not None  # checked in __init__
+
+        def down() -> None:
+            with self._lock:
+                self._store_down = True
+            kill()
+
+        record.detail = f"killed, down {self._lasting(record, down, self._start_store)}"
+
     def _script_flush(self, record: _Record) -> None:
+        flush = self._targets.script_flush
+        assert flush is not None  # checked in __init__
         record.start, record.detail = time.time(), "SCRIPT FLUSH"
-        self._targets.script_flush()
+        flush()
+
+    def _terminate_backends(self, record: _Record) -> None:
+        terminate = self._targets.terminate_backends
+        assert terminate is not None  # checked in __init__
+        record.start = time.time()
+        record.detail = f"pg_terminate_backend of {terminate()} sessions"
 
     def _proxy_latency(self, record: _Record) -> None:
         proxy, latency = self._targets.proxy, record.plan.latency

@@ -14,6 +14,7 @@ import random
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.chaos.nemesis import (
     PlannedFault,
     plan_faults,
 )
+from tests.chaos.plan import POSTGRES_KINDS
 
 KEYS = {"kind", "start", "end", "pids", "detail"}
 
@@ -295,3 +297,48 @@ def test_same_seed_same_kinds_in_the_log(tmp_path: Path) -> None:
 def test_unknown_kind_is_refused(fakes: Fakes, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown fault kinds"):
         Nemesis(random.Random(0), fakes.targets(), tmp_path / "f", lease=1.0, kinds=["nap"])
+
+
+def test_the_postgres_stores_faults_need_their_callbacks(fakes: Fakes, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"needs NemesisTargets\.store_kill"):
+        Nemesis(random.Random(0), fakes.targets(), tmp_path / "f", lease=1.0,
+                kinds=POSTGRES_KINDS)  # fmt: skip
+
+
+def test_every_postgres_kind_is_injected(fakes: Fakes, tmp_path: Path) -> None:
+    """The PostgreSQL store's kinds: a kill is a stop (the store is started again after
+    it), terminated sessions are counted in the detail; no SCRIPT FLUSH."""
+    kills, terminated = [], []
+
+    def kill() -> None:
+        kills.append(1)
+        fakes.store_stop()
+
+    def terminate() -> int:
+        terminated.append(1)
+        return 7
+
+    targets = replace(fakes.targets(), script_flush=None, store_kill=kill,
+                      terminate_backends=terminate)  # fmt: skip
+    log = tmp_path / "faults.jsonl"
+    nemesis = Nemesis(
+        random.Random(3), targets, log, lease=0.2, kinds=POSTGRES_KINDS, mean_gap=0.1
+    ).start()
+    try:
+        assert nemesis.ensure_each(1, timeout=30.0), nemesis.counts()
+    finally:
+        nemesis.stop()
+    assert not nemesis.failed()
+    counts = nemesis.counts()
+    assert set(counts) == set(POSTGRES_KINDS)
+    assert len(kills) == counts["store_kill"]
+    assert len(terminated) == counts["terminate_backends"]
+    assert fakes.flushes == 0
+    assert fakes.store_running
+    lines = read_log(log)
+    for line in lines:
+        if line["kind"] == "terminate_backends":
+            assert line["end"] == line["start"]
+            assert line["detail"].endswith("pg_terminate_backend of 7 sessions")
+        if line["kind"] == "store_kill":
+            assert "killed, down" in line["detail"]
