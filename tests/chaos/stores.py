@@ -14,14 +14,15 @@ its own on a free port.
   backends, WAL recovery at the start), ``pg_terminate_backend`` of every session but
   the orchestrator's. At the end, the committed rows are saved as ``rows.jsonl``.
 
-The suite's PostgreSQL runs with ``synchronous_commit=off`` (and ``fsync=off``) for
+The suite's PostgreSQL once ran with ``synchronous_commit=off`` (and ``fsync=off``) for
 speed. Off, a commit is acknowledged before its WAL leaves the server's memory, so a
 killed server forgets the last ~0.6 s of acknowledged commits: completions whose callers
 already got answers naming their rows (seen: the first soak's every "answer names
 another row" came within 0.3 s before a kill, and a chain step that re-ran after its
 completion was forgotten got new arguments, so a new key, and its next steps a second
 row). A store that forgets acknowledged commits is outside the guarantee, as a Redis
-without persistence is, so the chaos database sets ``synchronous_commit = on`` for its
+without persistence is: the server now keeps it on, and the chaos database also sets
+``synchronous_commit = on`` for its
 sessions (``ALTER DATABASE``, which the command line's ``-c`` does not override).
 ``fsync=off`` stays: the nemesis kills processes, never the machine, and WAL written to
 the kernel survives a killed process.
