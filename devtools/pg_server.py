@@ -6,7 +6,8 @@ dir and starts ``postgres`` on a free port bound to 127.0.0.1 (and a Unix socket
 same dir), ``fsync`` off (a test kills processes, never the machine; ``synchronous_commit``
 stays on, so a killed server keeps every commit it acknowledged: see
 ``tests/chaos/stores.py`` for what it forgets otherwise), trust authentication for the
-``postgres`` role, and removes it all at the end. The machine's own PostgreSQL (port 5432) is never used.
+``postgres`` role, and removes it all at the end. The machine's own PostgreSQL (port
+5432) is never used.
 
 Binary lookup (:func:`find_pg_bin`): ``$IDEM_TEST_PG_SERVER`` when set (``wheel``: the
 ``pgserver`` wheel's binaries even when the system has its own; any other value is the
