@@ -13,9 +13,12 @@
 -- Every transition is ONE statement (`SELECT * FROM celery_idem_claim(...)`) in its own
 -- short transaction: one round trip. A writer locks the key's row (SELECT ... FOR
 -- UPDATE) before it decides, which is what Redis' one-script-at-a-time gives the Lua
--- scripts. A key with no row yet is claimed or reserved by INSERT ... ON CONFLICT DO
--- NOTHING: of two concurrent first claims one inserts, the other waits for it to commit,
--- then locks the row it inserted and decides on it (IN_PROGRESS).
+-- scripts; three helpers below do that for every writer, inside the same statement
+-- (celery_idem_row for claim and reserve, celery_idem_live for any live row,
+-- celery_idem_owned for a row one attempt owns). A key with no row yet is claimed or
+-- reserved by INSERT ... ON CONFLICT DO NOTHING: of two concurrent first claims one
+-- inserts, the other waits for it to commit, then locks the row it inserted and decides
+-- on it (IN_PROGRESS).
 --
 -- Time is the server's clock (clock_timestamp(), read after the row lock is taken, so a
 -- claim that waited for a lock measures from when it got it), never the workers': the
@@ -106,6 +109,88 @@ LANGUAGE sql STABLE AS $$
     SELECT p_at + p_ms * interval '1 millisecond'
 $$
 -- ;;
+-- celery_idem_row: lock the key's row for claim or reserve, inserting it when there is
+-- none (the only writers that create rows). Of two concurrent first writers one inserts,
+-- the other waits for it to commit, then locks the row it inserted; a row deleted between
+-- (purge, forget) is tried again, three times at most.
+--
+-- p_key             the storage key
+-- p_state, p_owner, p_fingerprint, p_task_id   the new row's, when there is none
+-- p_deadline_ms     the new row's deadline from now (lease, or reservation hold)
+-- p_expire_ms       the new row's expiry from now
+-- p_caller          the transition's name, for the error
+-- Returns (rec, clock, inserted): rec the locked row, expired or not (an expired row is
+-- as absent but keeps its fence), or the new one (its fence the clock in ms); clock the
+-- server's, read after the lock; inserted when the row is new (the caller returns at
+-- once). Raises SQLSTATE 40001 when the row keeps vanishing.
+CREATE OR REPLACE FUNCTION celery_idem_row(
+    p_key text, p_state text, p_owner text, p_fingerprint text, p_task_id text,
+    p_deadline_ms bigint, p_expire_ms bigint, p_caller text,
+    OUT rec celery_idem_records, OUT clock timestamptz, OUT inserted boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    inserted := false;
+    FOR attempt IN 1..3 LOOP
+        SELECT * INTO rec FROM celery_idem_records WHERE key = p_key FOR UPDATE;
+        clock := clock_timestamp();
+        EXIT WHEN FOUND;
+        IF attempt = 3 THEN
+            RAISE EXCEPTION USING ERRCODE = '40001',
+                MESSAGE = p_caller || ': the row of ' || p_key || ' keeps vanishing';
+        END IF;
+        INSERT INTO celery_idem_records
+            (key, state, fence, deadline, owner, fingerprint, task_id, expires_at)
+        VALUES (p_key, p_state, celery_idem_ms(clock), celery_idem_after(clock, p_deadline_ms),
+                p_owner, p_fingerprint, p_task_id, celery_idem_after(clock, p_expire_ms))
+        ON CONFLICT (key) DO NOTHING
+        RETURNING * INTO rec;
+        IF FOUND THEN
+            inserted := true;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$
+-- ;;
+-- celery_idem_live: lock the key's row for a writer that changes only a live record.
+--
+-- p_key   the storage key
+-- Returns (rec, clock): rec the locked row, or NULL when there is none or it has expired
+-- (as absent to every function); clock the server's, read after the lock, so a writer
+-- that waited for it measures from when it got it. The lock holds until the caller's
+-- transaction ends.
+CREATE OR REPLACE FUNCTION celery_idem_live(
+    p_key text, OUT rec celery_idem_records, OUT clock timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT * INTO rec FROM celery_idem_records WHERE key = p_key FOR UPDATE;
+    clock := clock_timestamp();
+    IF NOT FOUND OR rec.expires_at <= clock THEN
+        rec := NULL;
+    END IF;
+END
+$$
+-- ;;
+-- celery_idem_owned: celery_idem_live for the transitions only the owning attempt may
+-- make (renew, release, step, park): the token check of every *.lua script but claim's.
+--
+-- p_key, p_token   the record and the attempt's owner token
+-- Returns (rec, clock) as celery_idem_live, rec NULL also when the row is not in
+-- progress under p_token (taken over, parked, completed, released).
+CREATE OR REPLACE FUNCTION celery_idem_owned(
+    p_key text, p_token text, OUT rec celery_idem_records, OUT clock timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    o record;
+BEGIN
+    o := celery_idem_live(p_key);
+    rec := o.rec; clock := o.clock;
+    IF rec.state <> 'P' OR rec.owner <> p_token THEN
+        rec := NULL;
+    END IF;
+END
+$$
+-- ;;
 -- celery_idem_claim: claim a key for one attempt, or report what holds it (claim.lua).
 --
 -- p_key            the storage key
@@ -139,6 +224,7 @@ CREATE OR REPLACE FUNCTION celery_idem_claim(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
     v_now_ms bigint;
@@ -152,28 +238,13 @@ BEGIN
     code := 1; task_id := p_task_id; took_over := false; ms_left := 0; kind := '';
     payload := ''; codec := ''; pending := false; takeovers := 0; quarantined_now := false;
     steps := '';
-    FOR attempt IN 1..3 LOOP
-        SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-        EXIT WHEN FOUND;
-        IF attempt = 3 THEN
-            RAISE EXCEPTION USING ERRCODE = '40001',
-                MESSAGE = 'celery_idem_claim: the row of ' || p_key || ' keeps vanishing';
-        END IF;
-        -- No row: the first claim inserts it; a concurrent one waits, then locks it.
-        v_now := clock_timestamp();
-        v_now_ms := celery_idem_ms(v_now);
-        INSERT INTO celery_idem_records
-            (key, state, fence, deadline, owner, fingerprint, task_id, expires_at)
-        VALUES (p_key, 'P', v_now_ms, celery_idem_after(v_now, p_lease_ms), p_token,
-                p_fingerprint, p_task_id, celery_idem_after(v_now, p_expire_ms))
-        ON CONFLICT (key) DO NOTHING;
-        IF FOUND THEN
-            fence := v_now_ms;
-            RETURN;
-        END IF;
-    END LOOP;
-    v_now := clock_timestamp();
-    v_now_ms := celery_idem_ms(v_now);
+    o := celery_idem_row(p_key, 'P', p_token, p_fingerprint, p_task_id, p_lease_ms,
+                         p_expire_ms, 'celery_idem_claim');
+    r := o.rec; v_now := o.clock; v_now_ms := celery_idem_ms(v_now);
+    IF o.inserted THEN
+        fence := r.fence;  -- no row: this claim inserted it
+        RETURN;
+    END IF;
     v_fence := r.fence;  -- kept even from an expired row: the fence only grows
     IF r.expires_at IS NULL OR r.expires_at > v_now THEN
         v_takeovers := r.takeovers;
@@ -229,6 +300,13 @@ BEGIN
                 RETURN;
             ELSE
                 took_over := true;
+                IF v_fingerprint = '' THEN
+                    -- A retry (or a derived key) taking over: its first attempt's park
+                    -- failed or never came. The row keeps the original request's
+                    -- fingerprint, or a call with other arguments would be answered
+                    -- with this run's result.
+                    v_fingerprint := r.fingerprint;
+                END IF;
                 IF r.owner <> '' THEN
                     -- The owner stopped renewing (a dead or stalled worker, maybe killed
                     -- by this very message): past the cap the key is quarantined.
@@ -271,12 +349,13 @@ CREATE OR REPLACE FUNCTION celery_idem_renew(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    IF NOT FOUND OR r.expires_at <= v_now OR r.state <> 'P' OR r.owner <> p_token THEN
+    o := celery_idem_owned(p_key, p_token);
+    r := o.rec; v_now := o.clock;
+    IF r IS NULL THEN
         RETURN false;
     END IF;
     UPDATE celery_idem_records
@@ -309,6 +388,7 @@ CREATE OR REPLACE FUNCTION celery_idem_complete(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
 BEGIN
@@ -316,9 +396,9 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'celery_idem_complete: kind must be C, E or X, not ' || p_kind;
     END IF;
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    IF NOT FOUND OR r.expires_at <= v_now THEN
+    o := celery_idem_live(p_key);
+    r := o.rec; v_now := o.clock;
+    IF r IS NULL THEN
         RETURN false;
     END IF;
     IF r.state <> 'P' OR r.owner <> p_token THEN
@@ -345,9 +425,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r celery_idem_records;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    IF NOT FOUND OR r.expires_at <= clock_timestamp() OR r.state NOT IN ('C', 'E', 'X')
-            OR r.task_id <> p_task_id THEN
+    r := (celery_idem_live(p_key)).rec;
+    IF r IS NULL OR r.state NOT IN ('C', 'E', 'X') OR r.task_id <> p_task_id THEN
         RETURN false;
     END IF;
     IF r.pending THEN
@@ -369,9 +448,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r celery_idem_records;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    IF NOT FOUND OR r.expires_at <= clock_timestamp() OR r.state <> 'P'
-            OR r.owner <> p_token THEN
+    r := (celery_idem_owned(p_key, p_token)).rec;
+    IF r IS NULL THEN
         RETURN false;
     END IF;
     UPDATE celery_idem_records
@@ -403,14 +481,15 @@ CREATE OR REPLACE FUNCTION celery_idem_step(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
     v_entry bytea;
     v_steps bytea;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    IF NOT FOUND OR r.expires_at <= v_now OR r.state <> 'P' OR r.owner <> p_token THEN
+    o := celery_idem_owned(p_key, p_token);
+    r := o.rec; v_now := o.clock;
+    IF r IS NULL THEN
         RETURN false;
     END IF;
     IF p_position <= r.step_count THEN
@@ -451,12 +530,13 @@ CREATE OR REPLACE FUNCTION celery_idem_park(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    IF NOT FOUND OR r.expires_at <= v_now OR r.state <> 'P' OR r.owner <> p_token THEN
+    o := celery_idem_owned(p_key, p_token);
+    r := o.rec; v_now := o.clock;
+    IF r IS NULL THEN
         RETURN false;
     END IF;
     UPDATE celery_idem_records
@@ -531,6 +611,7 @@ CREATE OR REPLACE FUNCTION celery_idem_reserve(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
     v_now_ms bigint;
@@ -543,27 +624,13 @@ DECLARE
     v_fingerprint text := p_fingerprint;
 BEGIN
     code := 0; fence := 0; task_id := ''; ms_left := 0;
-    FOR attempt IN 1..3 LOOP
-        SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-        EXIT WHEN FOUND;
-        IF attempt = 3 THEN
-            RAISE EXCEPTION USING ERRCODE = '40001',
-                MESSAGE = 'celery_idem_reserve: the row of ' || p_key || ' keeps vanishing';
-        END IF;
-        v_now := clock_timestamp();
-        v_now_ms := celery_idem_ms(v_now);
-        INSERT INTO celery_idem_records
-            (key, state, fence, deadline, fingerprint, task_id, expires_at)
-        VALUES (p_key, 'R', v_now_ms, celery_idem_after(v_now, p_hold_ms), p_fingerprint,
-                p_task_id, celery_idem_after(v_now, p_hold_ms))
-        ON CONFLICT (key) DO NOTHING;
-        IF FOUND THEN
-            code := 6; fence := v_now_ms; task_id := p_task_id;
-            RETURN;
-        END IF;
-    END LOOP;
-    v_now := clock_timestamp();
-    v_now_ms := celery_idem_ms(v_now);
+    o := celery_idem_row(p_key, 'R', '', p_fingerprint, p_task_id, p_hold_ms, p_hold_ms,
+                         'celery_idem_reserve');
+    r := o.rec; v_now := o.clock; v_now_ms := celery_idem_ms(v_now);
+    IF o.inserted THEN
+        code := 6; fence := r.fence; task_id := p_task_id;
+        RETURN;
+    END IF;
     -- An expired row is as absent, but keeps its fence if the clock has not passed it.
     v_fence := greatest(r.fence, v_now_ms);
     v_expires := v_now;
@@ -632,12 +699,13 @@ CREATE OR REPLACE FUNCTION celery_idem_unreserve(p_key text, p_task_id text) RET
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
 BEGIN
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    IF NOT FOUND OR r.expires_at <= v_now OR r.state <> 'R' OR r.task_id <> p_task_id THEN
+    o := celery_idem_live(p_key);
+    r := o.rec; v_now := o.clock;
+    IF r IS NULL OR r.state <> 'R' OR r.task_id <> p_task_id THEN
         RETURN false;
     END IF;
     IF r.takeovers = 0 AND r.fence < celery_idem_ms(v_now) AND r.steps = '' THEN
@@ -676,15 +744,15 @@ CREATE OR REPLACE FUNCTION celery_idem_forget(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    o record;
     r celery_idem_records;
     v_now timestamptz;
     v_now_ms bigint;
 BEGIN
     code := 0; fence := 0;
-    SELECT * INTO r FROM celery_idem_records WHERE key = p_key FOR UPDATE;
-    v_now := clock_timestamp();
-    v_now_ms := celery_idem_ms(v_now);
-    IF NOT FOUND OR r.expires_at <= v_now OR (r.state = 'F' AND r.deadline IS NOT NULL) THEN
+    o := celery_idem_live(p_key);
+    r := o.rec; v_now := o.clock; v_now_ms := celery_idem_ms(v_now);
+    IF r IS NULL OR (r.state = 'F' AND r.deadline IS NOT NULL) THEN
         RETURN;
     END IF;
     fence := r.fence;
