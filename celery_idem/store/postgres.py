@@ -18,7 +18,6 @@ idempotency record commit (or roll back) together.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from celery_idem.checks import check_store_durations
@@ -34,7 +33,7 @@ from celery_idem.store.base import (
 )
 from celery_idem.store.postgres_admin import PostgresAdmin
 from celery_idem.store.postgres_base import STEP_GAP_SQLSTATE, PostgresBase, sqlstate_of
-from celery_idem.store.record import ClaimState, RecordKind, StepRecord, decode_steps
+from celery_idem.store.record import ClaimState, RecordKind, claimed_steps
 
 __all__ = ["PostgresHotPath", "PostgresStore"]
 
@@ -109,7 +108,10 @@ class PostgresHotPath(PostgresBase):
         if state is ClaimState.CLAIMED:
             return ClaimOutcome(
                 state, fence, request.task_id, took_over=bool(took_over),
-                steps=self._steps(key, request.token, steps),
+                steps=claimed_steps(
+                    steps, key=key, where=self.url,
+                    release=lambda: self.release(key, token=request.token),
+                ),
             )  # fmt: skip
         if state is ClaimState.COMPLETED:
             stored = Stored(RecordKind(kind), bytes(payload), codec)
@@ -122,22 +124,6 @@ class PostgresHotPath(PostgresBase):
                 quarantined_now=bool(quarantined_now),
             )  # fmt: skip
         return ClaimOutcome(state, fence, owner)  # MISMATCH
-
-    def _steps(self, key: str, token: str, raw: Any) -> tuple[StepRecord, ...]:
-        """The durable steps of a claim's row; a damaged list is refused for good."""
-        if not raw:
-            return ()
-        try:
-            return decode_steps(bytes(raw))
-        except ValueError as exc:
-            with contextlib.suppress(IdempotencyError):  # claimed, but nothing will run
-                self.release(key, token=token)
-            raise IdempotencyError(
-                f"record {key!r} in the idempotency store at {self.url} holds durable steps "
-                f"that cannot be read ({exc}); nothing was run. Forget the key "
-                f"(celery idem forget) if the record is damaged.",
-                key=key,
-            ) from exc
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.renew` and ``celery_idem_renew``."""

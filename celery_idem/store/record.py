@@ -3,16 +3,21 @@
 Pure: imports neither celery nor redis. The record format itself is documented once,
 in ``lua/record.lua`` (prepended to every script); this module is its Python side:
 what each state byte means (:class:`RecordState`), how a completed record ends
-(:class:`RecordKind`), what a claim's reply code means (:class:`ClaimState`), and the
-Python ``decode`` (:func:`decode_record`). ``MemoryStore``, ``RedisStore``, the CLI and
-the tests read the letters and codes from here, never as literals.
+(:class:`RecordKind`), what a claim's reply code means (:class:`ClaimState`), the
+Python ``decode`` (:func:`decode_record`), and the durable steps' format
+(:func:`decode_steps`; :func:`claimed_steps` is what every store's claim makes of them).
+``MemoryStore``, ``RedisStore``, ``PostgresStore``, the CLI and the tests read the
+letters and codes from here, never as literals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from celery_idem.exceptions import IdempotencyError
 
 __all__ = [
     "ClaimState",
@@ -20,6 +25,7 @@ __all__ = [
     "RecordKind",
     "RecordState",
     "StepRecord",
+    "claimed_steps",
     "decode_record",
     "decode_steps",
     "encode_steps",
@@ -228,6 +234,43 @@ def decode_steps(payload: bytes) -> tuple[StepRecord, ...]:
     if pos != len(payload):
         raise ValueError(f"{len(payload) - pos} bytes after the last of {count} steps")
     return tuple(steps)
+
+
+def claimed_steps(
+    raw: bytes | bytearray | memoryview | None,
+    *,
+    key: str,
+    where: str,
+    release: Callable[[], object],
+) -> tuple[StepRecord, ...]:
+    """The durable steps a claim handed back, as every store's ``claim`` returns them.
+
+    A list that cannot be read is refused for good rather than replayed wrongly: the
+    body must not run, so the claim just taken is given back first (``release``; its
+    own failure is swallowed, the lease frees the key anyway), then the claim fails.
+
+    Args:
+        raw: The claim's ``steps`` (``''`` or None: none).
+        key: The storage key, for the error.
+        where: The store, as its messages name it (its URL, password hidden).
+        release: Frees the claim (the store's ``release`` for this key and token).
+
+    Raises:
+        IdempotencyError: ``raw`` is not in :func:`decode_steps`' format.
+    """
+    if not raw:
+        return ()
+    try:
+        return decode_steps(bytes(raw))
+    except ValueError as exc:
+        with contextlib.suppress(IdempotencyError):
+            release()
+        raise IdempotencyError(
+            f"record {key!r} in the idempotency store at {where} holds durable steps that "
+            f"cannot be read ({exc}); nothing was run. Forget the key (celery idem forget) "
+            f"if the record is damaged.",
+            key=key,
+        ) from exc
 
 
 def encode_steps(steps: tuple[StepRecord, ...]) -> bytes:

@@ -40,7 +40,7 @@ from celery_idem.store.base import (
     Stored,
 )
 from celery_idem.store.clients import client_for
-from celery_idem.store.record import ClaimState, RecordKind, StepRecord, decode_steps
+from celery_idem.store.record import ClaimState, RecordKind, claimed_steps
 from celery_idem.store.redis_admin import RedisAdmin
 from celery_idem.store.redis_base import ERRORS, RedisBase, Scripts, text
 from celery_idem.store.wire import PendingReply, Wire
@@ -189,7 +189,10 @@ class RedisHotPath(RedisBase):
                 raise self._not_durable(key, "claim", acked)
             return ClaimOutcome(
                 state, fence, request.task_id, took_over=bool(reply[2]),
-                steps=self._steps(key, token, reply[3]),
+                steps=claimed_steps(
+                    reply[3], key=key, where=self.url,
+                    release=lambda: self.release(key, token=token),
+                ),
             )  # fmt: skip
         owner = text(reply[2])
         if state is ClaimState.COMPLETED:
@@ -204,21 +207,6 @@ class RedisHotPath(RedisBase):
                 state, fence, owner, takeovers=int(reply[3]), quarantined_now=bool(int(reply[4]))
             )
         return ClaimOutcome(state, fence, owner)  # MISMATCH
-
-    def _steps(self, key: str, token: str, raw: Any) -> tuple[StepRecord, ...]:
-        """The durable steps of a claim's reply; a damaged list is refused for good."""
-        if not raw:
-            return ()
-        try:
-            return decode_steps(bytes(raw))
-        except ValueError as exc:
-            self._release_quietly(key, token)  # claimed, but nothing will run
-            raise IdempotencyError(
-                f"record {key!r} in the idempotency store at {self.url} holds durable steps "
-                f"that cannot be read ({exc}); nothing was run. Forget the key "
-                f"(celery idem forget) if the record is not celery-idem's.",
-                key=key,
-            ) from exc
 
     def renew(self, key: str, *, token: str, lease: float) -> bool:
         """See :meth:`celery_idem.store.base.Store.renew`."""

@@ -13,6 +13,7 @@ from importlib import resources
 import pytest
 import redis
 
+from celery_idem.exceptions import IdempotencyError
 from celery_idem.store import (
     ClaimRequest,
     ClaimState,
@@ -21,7 +22,13 @@ from celery_idem.store import (
     RecordState,
     Stored,
 )
-from celery_idem.store.record import RecordFields, decode_record
+from celery_idem.store.record import (
+    RecordFields,
+    StepRecord,
+    claimed_steps,
+    decode_record,
+    encode_steps,
+)
 from celery_idem.store.redis import RedisStore
 
 LUA = resources.files("celery_idem.store").joinpath("lua")
@@ -110,6 +117,32 @@ def test_decode_record_reads_every_field() -> None:
 def test_decode_record_refuses_what_is_not_a_record() -> None:
     with pytest.raises(ValueError, match="invalid literal"):
         decode_record(b"Cnot:a:record")
+
+
+def test_claimed_steps_reads_the_list_and_leaves_the_claim() -> None:
+    steps = (StepRecord("charge", 1, 1700000000.123, "json", b"7"),)
+    released: list[str] = []
+    for raw in (b"", None):
+        assert claimed_steps(raw, key="k", where="here", release=lambda: released.append("x")) == ()
+    got = claimed_steps(
+        memoryview(encode_steps(steps)), key="k", where="here", release=lambda: released.append("x")
+    )
+    assert got == steps
+    assert released == []
+
+
+def test_claimed_steps_gives_a_damaged_list_back_and_refuses_it() -> None:
+    released: list[str] = []
+
+    def release() -> None:
+        released.append("k")
+        raise IdempotencyError("the store is down", key="k")  # swallowed: the lease frees it
+
+    with pytest.raises(IdempotencyError, match="holds durable steps that cannot be read") as err:
+        claimed_steps(b"2:garbage", key="k", where="redis://h:6379/0", release=release)
+    assert released == ["k"]
+    assert err.value.key == "k"
+    assert "redis://h:6379/0" in str(err.value)
 
 
 def test_decode_record_reads_what_the_lua_encode_wrote(redis_url: str, key_prefix: str) -> None:
