@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from celery_idem.cli.postgres import IndexFact, PostgresFacts, Schema, judge_postgres
+from celery_idem.cli.postgres_judge import IndexFact, PostgresFacts, Schema, judge_postgres
 
 SCHEMA = Schema(
     version=1,
