@@ -50,59 +50,31 @@ What the issue left open, decided here:
   claim under ``idem_on_store_error='run'`` gets a plain transaction (nothing recorded),
   as ``step()`` just calls its function there.
 
-Nothing here imports psycopg, SQLAlchemy, Django or the PostgreSQL store at import time:
-each is optional, and a task that never opens a block needs none of them.
+The transaction itself, with its checks and the lease, is ``fenced.py``'s, shared with
+the atomic steps. Nothing here imports psycopg, SQLAlchemy, Django or the PostgreSQL
+store at import time: each is optional, and a task that never opens a block needs none
+of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
-from celery_idem import codec
-from celery_idem.endpoint import Topology
-from celery_idem.exceptions import (
-    IdempotencyConfigError,
-    IdempotencyError,
-    LeaseLost,
-    ResultNotStored,
-    StoreUnavailable,
-)
-from celery_idem.store import Stored
+from celery_idem.exceptions import IdempotencyConfigError, IdempotencyError, LeaseLost
 from celery_idem.task.execution import Execution
-from celery_idem.task.transactions import (
-    SNAPSHOT_LEVELS,
-    Refusal,
-    Target,
-    check_database,
-    isolation_of,
-    target_for,
+from celery_idem.task.fenced import (
+    encoded,
+    fenced,
+    plain_transaction,
+    refusal,
+    require_postgres,
+    statements,
+    target,
 )
 
-__all__ = [
-    "AtomicBlock",
-    "AtomicTarget",
-    "Fenced",
-    "atomic_block",
-    "encoded",
-    "fenced",
-    "plain_transaction",
-    "require_postgres",
-    "statements",
-    "step_connection",
-    "target",
-    "unrecorded_step",
-]
-
-T = TypeVar("T")
-
-AtomicTarget = Any
-"""What ``step(..., atomic=...)`` takes: ``True`` (Django's default database), a Django
-alias, or a psycopg 3 ``Connection`` or SQLAlchemy ``Connection``/``Session``."""
-
-Statement = tuple[str, tuple[Any, ...]]
-"""SQL with ``%s`` placeholders and its parameters, as the PostgreSQL store builds it."""
+__all__ = ["AtomicBlock", "atomic_block"]
 
 
 class AtomicBlock:
@@ -137,12 +109,6 @@ class AtomicBlock:
         self.value = value
 
 
-def refusal(execution: Execution, what: str, kind: type[IdempotencyError]) -> Refusal:
-    """Errors of ``kind`` saying ``task 'NAME' key 'KEY': WHAT <text>``."""
-    prefix = f"task {execution.task.name!r} key {execution.key!r}: {what}"
-    return lambda text: execution.error(kind, f"{prefix} {text}")
-
-
 def running(task: Any, what: str) -> Execution:
     """The execution whose body calls ``what``; refused outside one."""
     request = task.request
@@ -157,135 +123,6 @@ def running(task: Any, what: str) -> Execution:
             task.name,
         )
     return execution
-
-
-def require_postgres(execution: Execution, what: str) -> None:
-    """Refuse ``what`` when the task's records are not in PostgreSQL (by its settings)."""
-    endpoint = execution.settings.endpoint
-    if endpoint is None or endpoint.topology is not Topology.POSTGRES:
-        where = "none" if endpoint is None else endpoint.display
-        raise refusal(execution, what, IdempotencyConfigError)(
-            f"needs the idempotency records in PostgreSQL, in the database the body "
-            f"writes to, and the task's store is {where}: set idem_store_url = "
-            f"'postgresql://...' (that database) on the app or the task"
-        )
-
-
-def statements(execution: Execution, what: str) -> Any:
-    """The PostgreSQL store, which builds the fenced statements; refused for another."""
-    store = execution.spec.store
-    if not all(callable(getattr(store, name, None)) for name in ("completion_statement", "call")):
-        raise refusal(execution, what, IdempotencyConfigError)(
-            f"cannot write its record in the body's transaction through the store in use, "
-            f"{type(store).__name__} (celery_idem.testing's in-memory store replaces "
-            f"every store while a test holds it): run such tests against PostgreSQL"
-        )
-    return store
-
-
-def target(execution: Execution, conn: Any, using: str | None, what: str) -> Target:
-    """The transaction's connection, refused (:class:`IdempotencyConfigError`) if unusable."""
-    return target_for(conn, using, refusal(execution, what, IdempotencyConfigError))
-
-
-class Fenced:
-    """The open transaction of a block or an atomic step, and the lease while it is open.
-
-    Under READ COMMITTED the renewal thread goes on renewing the lease while the body
-    runs (a long transaction keeps its key); a renewal that comes while the fenced
-    statement holds the record's row lock waits for the commit. Under REPEATABLE READ
-    or SERIALIZABLE a renewal committed after the transaction's snapshot would make the
-    fenced statement fail (40001), so the renewals stop for the transaction: one
-    renewal first, before its first statement, gives it a whole lease.
-    """
-
-    def __init__(self, execution: Execution, on: Target, store: Any) -> None:
-        self.execution, self.on, self.store = execution, on, store
-        self.paused = False
-
-    def pause(self, *, renew: bool = False) -> None:
-        """Stop the renewals (``renew``: after one more, in this thread, for a full lease).
-
-        Raises:
-            LeaseLost: That renewal found the key another attempt's.
-        """
-        execution = self.execution
-        if self.paused:
-            return
-        execution.end_lease()
-        self.paused = True
-        if not renew:
-            return
-        try:
-            owned = self.store.renew(
-                execution.storage, token=execution.token, lease=execution.settings.lease
-            )
-        except StoreUnavailable:
-            return  # unknown: the fenced statement decides
-        if not owned:
-            execution.report_lost("renew")
-            raise execution.key_error(
-                LeaseLost,
-                "lost its lease before its transaction began: another attempt took the "
-                "key over (this one stalled past idem_lease); nothing was run in it",
-            )
-
-    def resume(self) -> None:
-        """Renew the lease again (the transaction ended and the key is still this run's)."""
-        execution = self.execution
-        if self.paused and not execution.lost and execution.committed is None:
-            execution.hold_lease()
-        self.paused = False
-
-    def write(self, statement: Statement) -> bool:
-        """Run one of the store's fenced statements: True when written, False when lost.
-
-        The caller raises inside the transaction on False, which rolls it back.
-        """
-        rows = self.on.rows(*statement)
-        if len(rows) != 1 or len(rows[0]) != 1 or not isinstance(rows[0][0], bool):
-            raise self.execution.key_error(
-                IdempotencyError,
-                f"got {rows!r} from the store's fenced statement, not one boolean: the "
-                f"records' schema is not the one this celery-idem writes (run celery "
-                f"idem migrate); nothing was committed",
-            )
-        return rows[0][0]
-
-
-@contextlib.contextmanager
-def fenced(
-    execution: Execution, on: Target, what: str, *, completes: bool = False
-) -> Iterator[Fenced]:
-    """The outermost transaction on ``on``, checked to be on the records' database.
-
-    ``completes``: the transaction completes the key, so the lease is not renewed
-    again once it commits (:meth:`Execution.committed_in_transaction` ends it).
-    """
-    store = statements(execution, what)
-    refuse = refusal(execution, what, IdempotencyConfigError)
-    tx = Fenced(execution, on, store)
-    try:
-        with on.transaction(refuse):
-            known = isolation_of(on)
-            if known in SNAPSHOT_LEVELS:
-                tx.pause(renew=True)  # before the first statement takes the snapshot
-            default = check_database(on, store, refuse)
-            if known is None and default in SNAPSHOT_LEVELS:
-                tx.pause()  # learnt from the first statement: too late to renew first
-            yield tx
-    except BaseException:
-        tx.resume()
-        raise
-    if not completes:
-        tx.resume()
-
-
-@contextlib.contextmanager
-def plain_transaction(on: Target, refuse: Refusal) -> Iterator[Any]:
-    """A transaction with no record to write: the body runs unprotected, or is no task's."""
-    with on.transaction(refuse):
-        yield on.handle
 
 
 @contextlib.contextmanager
@@ -359,54 +196,6 @@ def atomic_block(task: Any, conn: Any, using: str | None) -> Iterator[AtomicBloc
     finally:
         block.open = False
         execution.atomic_open = False
-
-
-def step_connection(atomic: AtomicTarget) -> tuple[Any, str | None]:
-    """``step(atomic=...)`` as ``(conn, using)`` for :func:`target`.
-
-    ``True`` is Django's default database, a str one of its aliases, anything else a
-    connection.
-    """
-    if atomic is True:
-        return None, "default"
-    if isinstance(atomic, str):
-        return None, atomic
-    return atomic, None
-
-
-def unrecorded_step(task: Any, atomic: AtomicTarget, call: Callable[[], T]) -> T:
-    """``step(atomic=...)`` where no claimed execution runs: ``fn`` in a transaction.
-
-    A plain call ``task(x)``, or a store down under ``idem_on_store_error='run'``: there
-    is no record to write (``step()`` just calls ``fn`` there), but ``fn``'s writes
-    still commit together, as the caller asked.
-    """
-
-    def refuse(text: str) -> IdempotencyError:
-        return IdempotencyConfigError(
-            f"task {task.name!r}: self.step(..., atomic=...) {text}", None, task.name
-        )
-
-    conn, using = step_connection(atomic)
-    with plain_transaction(target_for(conn, using, refuse), refuse):
-        return call()
-
-
-def encoded(execution: Execution, value: Any, what: str) -> Stored:
-    """``value`` as the store keeps it; an unencodable one fails the transaction.
-
-    The writes are not committed yet, so nothing needs to be recorded as done without
-    a value (as a completion after the fact must): it all rolls back instead.
-    """
-    try:
-        return execution.encoded(value)
-    except codec.ENCODE_ERRORS as exc:
-        raise execution.key_error(
-            ResultNotStored,
-            f"could not store {what} ({type(exc).__name__}: {exc}), so the transaction "
-            f"was rolled back and nothing was committed. Make it something small that "
-            f"the result serializer can encode (an id)",
-        ) from exc
 
 
 def lost(execution: Execution, what: str) -> LeaseLost:

@@ -38,11 +38,11 @@ from celery_idem.keys import KeyRule
 from celery_idem.store import Store, store_for
 from celery_idem.store.unreachable import UnreachableStore
 from celery_idem.task import handover, publish, spec
-from celery_idem.task.atomic import AtomicBlock, AtomicTarget, atomic_block, unrecorded_step
+from celery_idem.task.atomic import AtomicBlock, atomic_block
 from celery_idem.task.execution import Execution
 from celery_idem.task.headers import RETRY_KEY
 from celery_idem.task.spec import Spec
-from celery_idem.task.steps import Steps
+from celery_idem.task.steps import AtomicTarget, Steps, unrecorded_step
 
 __all__ = ["IdempotentTask", "task_options"]
 

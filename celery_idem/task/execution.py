@@ -485,7 +485,7 @@ class Execution:
         """Keep this attempt's claim alive from the renewal thread until :meth:`end_lease`.
 
         Called when the body starts, and again by an ``idem_atomic()`` block whose
-        transaction failed after it stopped the renewals (see ``atomic.py``).
+        transaction failed after it stopped the renewals (see ``fenced.py``).
         """
         self.lease = renewer.add(
             Lease(

@@ -13,17 +13,18 @@ A step's value is serialized as a result is (the app's ``result_serializer``, un
 on a replay, so code after a step sees the same thing either way.
 
 ``step(name, fn, atomic=conn)`` (the PostgreSQL store) runs ``fn`` in a transaction on
-``conn`` and writes the step's record in that same transaction (``atomic.py``): the
+``conn`` and writes the step's record in that same transaction (``fenced.py``): the
 step's database writes and its stored value commit together, with no window between.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from celery_idem import codec, signals
 from celery_idem.exceptions import (
+    IdempotencyConfigError,
     IdempotencyError,
     LeaseLost,
     ResultNotStored,
@@ -32,19 +33,55 @@ from celery_idem.exceptions import (
 from celery_idem.renewer import renewer
 from celery_idem.store import StepRecord, StepRequest, Stored
 from celery_idem.store.record import RecordKind, step_label
-from celery_idem.task.atomic import (
-    AtomicTarget,
+from celery_idem.task.execution import Execution
+from celery_idem.task.fenced import (
     encoded,
     fenced,
+    plain_transaction,
     require_postgres,
     statements,
-    step_connection,
     target,
 )
-from celery_idem.task.execution import Execution
-from celery_idem.task.transactions import Target
+from celery_idem.task.transactions import Target, target_for
 
-__all__ = ["Steps"]
+__all__ = ["AtomicTarget", "Steps", "step_connection", "unrecorded_step"]
+
+T = TypeVar("T")
+
+AtomicTarget = Any
+"""What ``step(..., atomic=...)`` takes: ``True`` (Django's default database), a Django
+alias, or a psycopg 3 ``Connection`` or SQLAlchemy ``Connection``/``Session``."""
+
+
+def step_connection(atomic: AtomicTarget) -> tuple[Any, str | None]:
+    """``step(atomic=...)`` as ``(conn, using)`` for :func:`~celery_idem.task.fenced.target`.
+
+    ``True`` is Django's default database, a str one of its aliases, anything else a
+    connection.
+    """
+    if atomic is True:
+        return None, "default"
+    if isinstance(atomic, str):
+        return None, atomic
+    return atomic, None
+
+
+def unrecorded_step(task: Any, atomic: AtomicTarget, call: Callable[[], T]) -> T:
+    """``step(atomic=...)`` where no claimed execution runs: ``fn`` in a transaction.
+
+    A plain call ``task(x)``, or a store down under ``idem_on_store_error='run'``: there
+    is no record to write (``step()`` just calls ``fn`` there), but ``fn``'s writes
+    still commit together, as the caller asked.
+    """
+
+    def refuse(text: str) -> IdempotencyError:
+        return IdempotencyConfigError(
+            f"task {task.name!r}: self.step(..., atomic=...) {text}", None, task.name
+        )
+
+    conn, using = step_connection(atomic)
+    with plain_transaction(target_for(conn, using, refuse), refuse):
+        return call()
 
 
 class Steps:
