@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -80,6 +80,10 @@ def pack(head: bytes, count: int, args: Sequence[Any]) -> list[bytes]:
     return chunks
 
 
+def _read_reply(connection: Any) -> Any:
+    return connection.read_response()
+
+
 class PendingReply:
     """A command written on a connection that is held until its one reply is read.
 
@@ -104,15 +108,7 @@ class PendingReply:
             connection, self._connection = self._connection, None
             if connection is None:
                 raise RuntimeError("the reply was already read")
-            try:
-                return connection.read_response()
-            except redis.ResponseError:
-                raise  # an error reply: the connection is still in step
-            except BaseException:
-                connection.disconnect()
-                raise
-            finally:
-                self._wire.check_in(connection)
+            return self._wire.settle(connection, _read_reply)
 
 
 class Wire:
@@ -150,6 +146,23 @@ class Wire:
     def check_in(self, connection: Any) -> None:
         """Back on the stack (a failed one was disconnected: it reconnects when next used)."""
         self._idle.append(connection)
+
+    def settle(self, connection: Any, exchange: Callable[[Any], Any]) -> Any:
+        """``exchange(connection)``'s reply, the connection checked in whatever happens.
+
+        An error reply (``redis.ResponseError``) was read whole, so the connection is
+        still in step and is reused as it is; any other failure may leave part of a reply
+        unread on it, so it is disconnected first (it reconnects when next used).
+        """
+        try:
+            return exchange(connection)
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self.check_in(connection)
 
     def scripts_lost(self) -> None:
         """The server may have lost its scripts (a ``NOSCRIPT``, a reconnect): none is known."""
@@ -197,8 +210,8 @@ class Wire:
         source = script.script.encode("utf-8") if isinstance(script.script, str) else script.script
         load = pack(b"$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n", 2, [source])
         chunks = [*load, *pack(self._head(script), 3, [key, *args])]
-        connection = self.check_out()
-        try:
+
+        def exchange(connection: Any) -> Any:
             connection.send_packed_command(chunks)
             try:
                 connection.read_response()  # the SHA: the script's own, by definition
@@ -206,13 +219,8 @@ class Wire:
                 connection.read_response()  # keep the connection in step, then report
                 raise
             return connection.read_response()
-        except redis.ResponseError:
-            raise  # an error reply: the connection is still in step
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            self.check_in(connection)
+
+        return self.settle(self.check_out(), exchange)
 
     def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Write ``script`` on ``key`` with ``args`` and read its reply.
