@@ -7,7 +7,8 @@ task, and a fresh publisher process per run. Per scenario, rounds in which the
 contenders take turns (the order rotates each round), so that every ratio is taken
 within one round; in the first round of the main setup, ``redis-cli monitor`` of the
 contender's store counts its round trips. Then the per-call comparison
-(:mod:`benchmarks.percall`) in a process of its own. See ``docs/benchmarks.md``.
+(:mod:`benchmarks.percall`) and the PostgreSQL store beside Redis
+(:mod:`benchmarks.postgres`), each in a process of its own. See ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -281,16 +282,16 @@ def _scenarios(args: argparse.Namespace) -> list[Scenario]:
     return out
 
 
-def _percall(env: dict[str, str], args: argparse.Namespace) -> dict[str, Any] | None:
-    """The per-call comparison (:mod:`benchmarks.percall`), in a process of its own."""
-    cmd = [sys.executable, "-m", "benchmarks.percall", "--json", "--scale", str(args.scale)]
+def _in_process(module: str, env: dict[str, str], args: Any) -> dict[str, Any] | None:
+    """A per-call benchmark (``benchmarks.percall``, ``benchmarks.postgres``), its own process."""
+    cmd = [sys.executable, "-m", module, "--json", "--scale", str(args.scale)]
     if args.rounds:
         cmd += ["--rounds", str(max(args.rounds, 3))]
     done = subprocess.run(  # noqa: S603 - our own argv, no shell
         cmd, cwd=ROOT, env=env, capture_output=True, timeout=900, check=False
     )
     if done.returncode != 0:
-        print(f"per-call benchmark failed:\n{done.stderr.decode()[-3000:]}", file=sys.stderr)
+        print(f"{module} failed:\n{done.stderr.decode()[-3000:]}", file=sys.stderr)
         return None
     out: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     return out
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated scenarios, workloads or setups, e.g. 'a,c' or 'solo,p4i'",
     )
     parser.add_argument("--no-percall", action="store_true", help="skip the per-call bench")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL bench")
     parser.add_argument(
         "--monitor-rounds",
         type=int,
@@ -368,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     if not args.no_percall:
         print("\n== per call, one process, Celery's tracer", flush=True)
-        meta["percall"] = _percall(dict(os.environ), args)
+        meta["percall"] = _in_process("benchmarks.percall", dict(os.environ), args)
+    if not args.no_postgres:
+        print("\n== the PostgreSQL store beside Redis, per key", flush=True)
+        meta["postgres"] = _in_process("benchmarks.postgres", dict(os.environ), args)
     meta["runtime_seconds"] = time.monotonic() - started
     meta["scenarios"] = [asdict(s) for s in scenarios]
     meta["setups"] = [asdict(u) for u in setups]

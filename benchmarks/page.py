@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.contenders import LABELS
+from benchmarks.postgres_page import postgres_section
 from benchmarks.scenarios import MAIN
 from benchmarks.sections import floors_section, percall_section
 from benchmarks.sections import table as _table
@@ -156,7 +157,7 @@ def render(
     ]
     extra_sections = (
         _duplicates(result) + _round_trips(result) + floors_section(result)
-        + percall_section(result)
+        + percall_section(result) + postgres_section(meta.get("postgres"))
     )  # fmt: skip
     header_scenarios = [
         "scenario", "workload", "worker", "contenders", "N deliveries", "keys", "body", "rounds",
@@ -178,7 +179,8 @@ two peers work: they deduplicate at publish. Every workload runs on the main wor
 setup ({MAIN.label}); unique tasks (a) and duplicates of completed keys (e) also run
 on a solo worker and on prefork with 4 processes, each with and without a result
 backend. Then, per call in one process, celery-idem against AWS Lambda Powertools'
-Redis `idempotent_function`, and its store's calls beside a bare `GET`.
+Redis `idempotent_function`, and its store's calls beside a bare `GET`; and the
+PostgreSQL store beside the Redis one, per key, with its transactional completion.
 
 ![Ratios to plain Celery]({chart_name})
 
@@ -310,6 +312,7 @@ make bench                      # about 25 minutes; rewrites this page and the c
 BENCH_ROUNDS=2 BENCH_SCALE=0.2 make bench              # quick mode (development)
 .venv/bin/python -m benchmarks --only a,e --rounds 5   # some workloads (or setups: solo,p4i)
 .venv/bin/python -m benchmarks.percall                 # the per-call comparison alone
+.venv/bin/python -m benchmarks.postgres --page docs/benchmarks.md  # its section alone
 .venv/bin/python -m benchmarks.profile                 # where celery-idem's per-task time goes
 ```
 """
