@@ -38,6 +38,7 @@ from celery_idem.store.postgres_base import (
     scan_cursor,
 )
 from devtools.pg_server import PostgresServer, PostgresServerError
+from devtools.processes import wait_for
 
 RESULT = Stored(RecordKind.RESULT, b'{"ok": 1}', "j")
 
@@ -358,23 +359,26 @@ def test_a_completion_in_a_rolled_back_transaction_leaves_the_key_in_progress(
     )  # fmt: skip
 
 
-def test_a_duplicate_waits_for_the_callers_transaction_then_sees_its_outcome(
+def test_a_duplicate_does_not_wait_for_the_callers_transaction_nor_see_it_uncommitted(
     store: PostgresStore, migrated_url: str, key: str
 ) -> None:
+    """A duplicate's claim reads a live holder's row without its lock: it writes nothing."""
     psycopg = pytest.importorskip("psycopg")
     out = store.claim(request(key))
-    seen: list[ClaimState] = []
     with psycopg.connect(migrated_url) as conn:
         conn.execute(*PostgresStore.completion_statement(completion(key, out.fence)))
-        waiter = threading.Thread(
-            target=lambda: seen.append(store.claim(request(key, token="t2")).state)
-        )
-        waiter.start()
-        waiter.join(0.3)
-        assert waiter.is_alive()  # the row is locked until the caller's transaction ends
+        # The row is locked by the caller's open transaction: the duplicate is answered
+        # at once, with the row as committed (in progress), not blocked on the lock.
+        assert store.claim(request(key, token="t2")).state is ClaimState.IN_PROGRESS
         conn.commit()
-        waiter.join(10)
-    assert seen == [ClaimState.COMPLETED]
+    assert store.claim(request(key, token="t2")).state is ClaimState.COMPLETED
+    # ...and answering it took no transaction id: a read-only claim never waits for a
+    # WAL flush at its commit.
+    xid_before = store.call(None, "SELECT pg_current_xact_id()::text::bigint", ())[0][0]
+    for _ in range(5):
+        assert store.claim(request(key, token="t3")).state is ClaimState.COMPLETED
+    xid_after = store.call(None, "SELECT pg_current_xact_id()::text::bigint", ())[0][0]
+    assert xid_after - xid_before == 1  # the second probe's own id: the claims took none
 
 
 def test_a_step_statement_commits_with_the_callers_transaction(
@@ -413,12 +417,20 @@ def test_a_row_locked_by_a_transaction_that_does_not_end_fails_the_call_instead_
     assert default.call(None, "SHOW lock_timeout", ()) == [("10s",)]
     default.close()
     impatient = PostgresStore.from_url(f"{migrated_url}?options=-c%20lock_timeout%3D200")
-    out = impatient.claim(request(key))
+    out = impatient.claim(request(key, lease=0.3))
     with psycopg.connect(migrated_url) as conn:  # completes, then hangs before its commit
         conn.execute(*PostgresStore.completion_statement(completion(key, out.fence)))
+        # Past the lease a new attempt would take the key over: it must lock the row.
+        wait_for(
+            lambda: bool(impatient.call(None, SERVER_PAST, (key,))[0][0]), 10,
+            message="the lease ran out on the server's clock",
+        )  # fmt: skip
         with pytest.raises(StoreUnavailable, match="lock_timeout") as caught:
             impatient.claim(request(key, token="t2"))
         assert key in str(caught.value)
         conn.rollback()
-    assert impatient.claim(request(key, token="t2")).state is ClaimState.IN_PROGRESS
+    assert impatient.claim(request(key, token="t2")).took_over is True
     impatient.close()
+
+
+SERVER_PAST = "SELECT deadline < clock_timestamp() FROM celery_idem_records WHERE key = %s"

@@ -238,6 +238,32 @@ BEGIN
     code := 1; task_id := p_task_id; took_over := false; ms_left := 0; kind := '';
     payload := ''; codec := ''; pending := false; takeovers := 0; quarantined_now := false;
     steps := '';
+    -- The answers that change nothing are read without the row lock: a completed or
+    -- quarantined row, or one held by another live attempt. Locked, a duplicate's claim
+    -- would take a transaction id and its commit would wait for a WAL flush (an fsync
+    -- per duplicate, and per poll of a waiting one); read, it writes nothing. A
+    -- transaction completing the row meanwhile is not waited for: the duplicate sees
+    -- the row as it was (in progress) and looks again later, as it would have a moment
+    -- earlier.
+    v_now := clock_timestamp();
+    SELECT * INTO r FROM celery_idem_records WHERE key = p_key;
+    IF FOUND AND (r.expires_at IS NULL OR r.expires_at > v_now) AND (
+            r.state IN ('C', 'E', 'X', 'Q')
+            OR (r.state = 'P' AND r.owner NOT IN ('', p_token) AND r.deadline > v_now)) THEN
+        task_id := r.task_id; fence := r.fence;
+        IF r.state = 'Q' THEN
+            code := 5; takeovers := r.takeovers;
+        ELSIF p_fingerprint <> '' AND r.fingerprint <> ''
+                AND r.fingerprint <> p_fingerprint THEN
+            code := 4;
+        ELSIF r.state = 'P' THEN
+            code := 3; ms_left := celery_idem_ms(r.deadline) - celery_idem_ms(v_now);
+        ELSE
+            code := 2; kind := r.state; payload := r.payload; codec := r.codec;
+            pending := r.pending;
+        END IF;
+        RETURN;
+    END IF;
     o := celery_idem_row(p_key, 'P', p_token, p_fingerprint, p_task_id, p_lease_ms,
                          p_expire_ms, 'celery_idem_claim');
     r := o.rec; v_now := o.clock; v_now_ms := celery_idem_ms(v_now);
