@@ -341,11 +341,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(reason)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses the suite's PostgreSQL ``postgres``, however indirectly.
 
     So a run can select or leave them by marker (``-m "not postgres"``) without each
-    module remembering to mark itself.
+    module remembering to mark itself. First, before ``-m`` deselects by markers; a
+    fixture asked for by name at run time (``request.getfixturevalue``) is not seen
+    here: such a parameter carries the mark itself (the contract suite's ``postgres``).
     """
     for item in items:
         if "pg_server" in getattr(item, "fixturenames", ()):

@@ -70,7 +70,9 @@ def pg_store_url(pg_url: str) -> str:
     return pg_url
 
 
-@pytest.fixture(params=["memory", *REDIS_TOPOLOGIES, "postgres"])
+@pytest.fixture(
+    params=["memory", *REDIS_TOPOLOGIES, pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def backend(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[Backend]:
     if request.param == "postgres":
         yield from postgres_backend(request.getfixturevalue("pg_store_url"), key_prefix)

@@ -40,6 +40,8 @@ from celery_idem.store.postgres_base import (
 from devtools.pg_server import PostgresServer, PostgresServerError
 from devtools.processes import wait_for
 
+pytestmark = pytest.mark.postgres  # some start a private server: not the pg_server fixture
+
 RESULT = Stored(RecordKind.RESULT, b'{"ok": 1}', "j")
 
 
