@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from devtools.pg_server import server_description
 from devtools.redis_server import find_redis_server
 
 
@@ -114,10 +115,14 @@ def write(path: Path) -> None:
         f"- versions: celery-idem {version('celery-idem')}, celery {version('celery')}, "
         f"kombu {version('kombu')}, redis-py {version('redis')}, redis-server "
         f"{_redis_version()}, Python {platform.python_version()}",
+        f"- PostgreSQL store: {server_description()}",
         f"- machine: {platform.machine()}, {platform.system()} {platform.release()}",
         "",
         "Executions and side effects are counted by an effect ledger that the test tasks",
-        "write (a Redis list in a database the library never touches), not by the library.",
+        "write (a Redis list in a database the library never touches), not by the library;",
+        "in the PostgreSQL rows, the side effect is a row of the task's own table, counted",
+        "in the database (no unique constraint: one row per key must come from the",
+        "transactional completion).",
         "",
         "| scenario | inject | expect | deliveries | executions | completions | lost tasks "
         "| executions beyond one per key | outcome |",
