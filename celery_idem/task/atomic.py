@@ -46,6 +46,11 @@ What the issue left open, decided here:
   committed after the snapshot would make the fenced statement fail with 40001, so
   the renewals stop for the whole transaction, after one renewal before its first
   statement: such a transaction must fit in ``idem_lease``.
+- **In users' tests.** On celery-idem's in-memory store (``use_memory_store()``, the
+  ``idem_store`` fixture, ``memory://``) the block and the atomic steps run as a
+  stand-in: the same transaction on the test's database (any vendor), the completion
+  or the step written to the memory store just before the commit (a lost key rolls
+  back with ``LeaseLost``; a failed commit takes the record back): ``standin.py``.
 - **No key to complete.** A plain call ``task(x)`` is refused; a body run without a
   claim under ``idem_on_store_error='run'`` gets a plain transaction (nothing recorded),
   as ``step()`` just calls its function there.
@@ -155,7 +160,7 @@ def atomic_block(task: Any, conn: Any, using: str | None) -> Iterator[AtomicBloc
             yield block
         block.open = False
         return
-    store = statements(execution, what)
+    statements(execution, what)
     if execution.committed is not None:
         raise misuse(
             "was called a second time in one run: the first block committed the key's "
@@ -182,11 +187,10 @@ def atomic_block(task: Any, conn: Any, using: str | None) -> Iterator[AtomicBloc
             stored = encoded(execution, block.value, "done.result")
             continuation = execution.owes_continuation(stored)
             request = execution.complete_request(stored, continuation)
-            statement = store.completion_statement(request)
             # No renewal from here: one waiting on this transaction's row lock would
             # find the key completed after the commit, and tell a lease lost.
             tx.pause()
-            if not tx.write(statement):
+            if not tx.complete(request):
                 raise lost(
                     execution,
                     "before its idem_atomic() block committed: the transaction was rolled "

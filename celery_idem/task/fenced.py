@@ -7,7 +7,8 @@ records' database (:func:`fenced`, with the lease paused as its isolation level 
 :class:`Fenced`), the value encoded as a result is (:func:`encoded`), and the store's
 fenced statement (a completion or a step) written in it (:meth:`Fenced.write`), so the
 body's writes and the record commit together or not at all. The rules these follow are
-listed once, in ``atomic.py``'s docstring.
+listed once, in ``atomic.py``'s docstring. On celery-idem's in-memory test store, the
+record goes to that store instead, in the same order (``standin.py``).
 
 Nothing here imports psycopg, SQLAlchemy, Django or the PostgreSQL store at import time:
 each is optional, and a task that never opens a transaction needs none of them.
@@ -28,8 +29,10 @@ from celery_idem.exceptions import (
     ResultNotStored,
     StoreUnavailable,
 )
-from celery_idem.store import Stored
+from celery_idem.store import CompleteRequest, StepRequest, Stored
+from celery_idem.store.memory import MemoryStore
 from celery_idem.task.execution import Execution
+from celery_idem.task.standin import StandIn, memory_store, stand_in, stands_in
 from celery_idem.task.transactions import (
     SNAPSHOT_LEVELS,
     Refusal,
@@ -61,32 +64,48 @@ def refusal(execution: Execution, what: str, kind: type[IdempotencyError]) -> Re
 
 
 def require_postgres(execution: Execution, what: str) -> None:
-    """Refuse ``what`` when the task's records are not in PostgreSQL (by its settings)."""
+    """Refuse ``what`` when the task's records are not in PostgreSQL (by its settings).
+
+    Unless the in-memory test store stands in for it (``standin.py``).
+    """
     endpoint = execution.settings.endpoint
+    if stands_in(execution):
+        return
     if endpoint is None or endpoint.topology is not Topology.POSTGRES:
         where = "none" if endpoint is None else endpoint.display
+        test = (
+            " (celery_idem.testing's in-memory store stands in for PostgreSQL in tests, "
+            "not for a task configured with Redis)"
+            if memory_store(execution) is not None
+            else ""
+        )
         raise refusal(execution, what, IdempotencyConfigError)(
             f"needs the idempotency records in PostgreSQL, in the database the body "
             f"writes to, and the task's store is {where}: set idem_store_url = "
-            f"'postgresql://...' (that database) on the app or the task"
+            f"'postgresql://...' (that database) on the app or the task{test}"
         )
 
 
 def statements(execution: Execution, what: str) -> Any:
-    """The PostgreSQL store, which builds the fenced statements; refused for another."""
+    """The store that writes the record: PostgreSQL's, or the memory store standing in.
+
+    Refused for another (the PostgreSQL store builds the fenced statements).
+    """
     store = execution.spec.store
+    if stands_in(execution):
+        return store
     if not all(callable(getattr(store, name, None)) for name in ("completion_statement", "call")):
         raise refusal(execution, what, IdempotencyConfigError)(
             f"cannot write its record in the body's transaction through the store in use, "
-            f"{type(store).__name__} (celery_idem.testing's in-memory store replaces "
-            f"every store while a test holds it): run such tests against PostgreSQL"
+            f"{type(store).__name__}: point idem_store_url at PostgreSQL"
         )
     return store
 
 
 def target(execution: Execution, conn: Any, using: str | None, what: str) -> Target:
     """The transaction's connection, refused (:class:`IdempotencyConfigError`) if unusable."""
-    return target_for(conn, using, refusal(execution, what, IdempotencyConfigError))
+    refuse = refusal(execution, what, IdempotencyConfigError)
+    return target_for(conn, using, refuse, any_vendor=stands_in(execution))
 
 
 class Fenced:
@@ -153,18 +172,31 @@ class Fenced:
             )
         return rows[0][0]
 
+    def complete(self, request: CompleteRequest) -> bool:
+        """The key's completion, in the transaction: True when written, False when lost."""
+        return self.write(self.store.completion_statement(request))
+
+    def record_step(self, request: StepRequest) -> bool:
+        """A durable step's record, in the transaction: True when written, False when lost."""
+        return self.write(self.store.step_statement(request))
+
 
 @contextlib.contextmanager
 def fenced(
     execution: Execution, on: Target, what: str, *, completes: bool = False
-) -> Iterator[Fenced]:
+) -> Iterator[Fenced | StandIn]:
     """The outermost transaction on ``on``, checked to be on the records' database.
 
     ``completes``: the transaction completes the key, so the lease is not renewed
-    again once it commits (:meth:`Execution.committed_in_transaction` ends it).
+    again once it commits (:meth:`Execution.committed_in_transaction` ends it). On the
+    in-memory test store, its stand-in (``standin.py``).
     """
     store = statements(execution, what)
     refuse = refusal(execution, what, IdempotencyConfigError)
+    if isinstance(store, MemoryStore):
+        with stand_in(execution, on, store, refuse) as standing_in:
+            yield standing_in
+        return
     tx = Fenced(execution, on, store)
     try:
         with on.transaction(refuse):

@@ -15,6 +15,8 @@ on a replay, so code after a step sees the same thing either way.
 ``step(name, fn, atomic=conn)`` (the PostgreSQL store) runs ``fn`` in a transaction on
 ``conn`` and writes the step's record in that same transaction (``fenced.py``): the
 step's database writes and its stored value commit together, with no window between.
+On celery-idem's in-memory test store, the record goes to that store just before the
+commit instead (``standin.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from celery_idem.task.fenced import (
     statements,
     target,
 )
+from celery_idem.task.standin import stands_in_for
 from celery_idem.task.transactions import Target, target_for
 
 __all__ = ["AtomicTarget", "Steps", "step_connection", "unrecorded_step"]
@@ -80,7 +83,8 @@ def unrecorded_step(task: Any, atomic: AtomicTarget, call: Callable[[], T]) -> T
         )
 
     conn, using = step_connection(atomic)
-    with plain_transaction(target_for(conn, using, refuse), refuse):
+    on = target_for(conn, using, refuse, any_vendor=stands_in_for(task))  # a test's SQLite
+    with plain_transaction(on, refuse):
         return call()
 
 
@@ -193,12 +197,11 @@ class Steps:
         """
         execution = self.execution
         what = f"self.step({name!r}, atomic=...)"
-        store = statements(execution, what)
         with fenced(execution, on, what) as tx:
             value = call()
             stored = encoded(execution, value, f"the value of step {label!r}")
             request = self.step_request(name, occurrence, stored.codec, stored.payload)
-            if not tx.write(store.step_statement(request)):
+            if not tx.record_step(request):
                 raise self.lost(label, "be stored", rolled_back=True)
         return codec.decode_result(stored, execution.spec.accept)
 

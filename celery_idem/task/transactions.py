@@ -117,12 +117,15 @@ class PsycopgTarget(Target):
 
 
 class SqlAlchemyTarget(Target):
-    """A SQLAlchemy ``Connection``; ``conn.begin()``, statements by ``exec_driver_sql``."""
+    """A SQLAlchemy ``Connection``; ``conn.begin()``, statements by ``exec_driver_sql``.
+
+    ``any_vendor``: any database (the in-memory test store's stand-in writes no record).
+    """
 
     describe = "SQLAlchemy Connection"
 
-    def __init__(self, conn: Any) -> None:
-        self.handle = conn
+    def __init__(self, conn: Any, any_vendor: bool = False) -> None:
+        self.handle, self.any_vendor = conn, any_vendor
 
     def connection(self) -> Any:
         """The SQLAlchemy ``Connection`` the statements go through."""
@@ -130,6 +133,8 @@ class SqlAlchemyTarget(Target):
 
     def check_dialect(self, dialect: Any, refuse: Refusal) -> None:
         """PostgreSQL, through a driver taking ``%s`` placeholders (psycopg, psycopg2, pg8000)."""
+        if self.any_vendor:
+            return
         if dialect.name != "postgresql":
             raise refuse(f"was given a {self.describe} to {dialect.name}, not PostgreSQL")
         if dialect.paramstyle not in {"format", "pyformat"}:
@@ -198,7 +203,7 @@ class SessionTarget(SqlAlchemyTarget):
 class DjangoTarget(Target):
     """One of Django's database aliases: ``transaction.atomic(using=alias, durable=True)``."""
 
-    def __init__(self, alias: str, refuse: Refusal) -> None:
+    def __init__(self, alias: str, refuse: Refusal, any_vendor: bool = False) -> None:
         try:  # Django is optional (and ships no type hints): imported by name, here
             settings = importlib.import_module("django.conf").settings
             db = importlib.import_module("django.db")
@@ -220,7 +225,7 @@ class DjangoTarget(Target):
         except db.utils.ConnectionDoesNotExist as exc:
             raise refuse(f"was given the Django database alias {alias!r}, which "
                          f"settings.DATABASES does not define") from exc  # fmt: skip
-        if connection.vendor != "postgresql":
+        if connection.vendor != "postgresql" and not any_vendor:
             raise refuse(
                 f"was given the Django database {alias!r}, which is {connection.vendor}, "
                 f"not PostgreSQL"
@@ -254,8 +259,12 @@ class DjangoTarget(Target):
         return self.handle.connection
 
 
-def target_for(conn: Any, using: str | None, refuse: Refusal) -> Target:
+def target_for(
+    conn: Any, using: str | None, refuse: Refusal, *, any_vendor: bool = False
+) -> Target:
     """The :class:`Target` for ``conn``, or Django's alias ``using`` when ``conn`` is None.
+
+    ``any_vendor``: not only PostgreSQL (for the in-memory test store's ``standin.py``).
 
     Raises:
         IdempotencyError: (built by ``refuse``) Not a connection it can use.
@@ -263,7 +272,7 @@ def target_for(conn: Any, using: str | None, refuse: Refusal) -> Target:
     if conn is None or isinstance(conn, str):
         if isinstance(conn, str) and using is not None:
             raise refuse(f"was given both the Django alias {conn!r} and using={using!r}")
-        return DjangoTarget(using or conn or "default", refuse)
+        return DjangoTarget(using or conn or "default", refuse, any_vendor)
     if using is not None:
         raise refuse("was given using= (a Django alias) together with a connection: pass one")
     module = type(conn).__module__.split(".", 1)[0]
@@ -275,11 +284,11 @@ def target_for(conn: Any, using: str | None, refuse: Refusal) -> Target:
                      "pass a psycopg.Connection")  # fmt: skip
     engine, orm = sys.modules.get("sqlalchemy.engine"), sys.modules.get("sqlalchemy.orm")
     if engine is not None and isinstance(conn, engine.Connection):
-        return SqlAlchemyTarget(conn)
+        return SqlAlchemyTarget(conn, any_vendor)
     if orm is not None and isinstance(conn, orm.scoped_session):
-        return SessionTarget(conn())  # the session of this thread, as the body uses it
+        return SessionTarget(conn(), any_vendor)  # this thread's session, as the body's
     if orm is not None and isinstance(conn, orm.Session):
-        return SessionTarget(conn)
+        return SessionTarget(conn, any_vendor)
     if engine is not None and isinstance(conn, engine.Engine):
         raise refuse(
             "was given a SQLAlchemy Engine: pass a connection the body writes through "
@@ -288,7 +297,7 @@ def target_for(conn: Any, using: str | None, refuse: Refusal) -> Target:
         )
     base = sys.modules.get("django.db.backends.base.base")
     if base is not None and isinstance(conn, base.BaseDatabaseWrapper):
-        return DjangoTarget(conn.alias, refuse)
+        return DjangoTarget(conn.alias, refuse, any_vendor)
     raise refuse(
         f"was given {type(conn).__qualname__} (from {module}), which is not a psycopg 3 "
         f"Connection, a SQLAlchemy Connection or Session, or a Django database alias"

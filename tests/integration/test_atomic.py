@@ -386,9 +386,12 @@ def test_outside_a_running_execution_it_is_refused(at: ModuleType, uid: str) -> 
     assert rows(at, uid) == []
 
 
-def test_a_store_that_is_not_postgresql_is_refused(at: ModuleType, uid: str) -> None:
-    app = Celery("atomic-redis-less", broker="memory://", backend="cache+memory://")
-    app.conf.idem_store_url = "memory://atomic-refusal"
+def test_a_store_that_is_not_postgresql_is_refused(
+    at: ModuleType, uid: str, redis_url: str
+) -> None:
+    app = Celery("atomic-on-redis", broker="memory://", backend="cache+memory://")
+    store_url = with_db(redis_url, 5)
+    app.conf.idem_store_url = store_url
 
     @app.task(base=IdempotentTask, bind=True, name="at.elsewhere")
     def elsewhere(self: IdempotentTask) -> None:
@@ -398,15 +401,27 @@ def test_a_store_that_is_not_postgresql_is_refused(at: ModuleType, uid: str) -> 
     error = failure(elsewhere.apply(idempotency_key=uid))
     assert isinstance(error, IdempotencyConfigError)
     assert "needs the idempotency records in PostgreSQL" in str(error)
-    assert "memory://atomic-refusal" in str(error)
+    assert store_url.rsplit("/", 1)[0].split("//", 1)[1] in str(error)
 
 
-def test_the_in_memory_test_store_is_refused(at: ModuleType, uid: str) -> None:
-    with use_memory_store():
-        error = failure(at.write.apply((uid, "psycopg"), idempotency_key=uid))
-    assert isinstance(error, IdempotencyConfigError)
-    assert "in-memory store" in str(error)
-    assert rows(at, uid) == []
+def test_the_in_memory_test_store_stands_in(at: ModuleType, uid: str) -> None:
+    """Its completion goes to the memory store: nothing to the records' table.
+
+    The stand-in's own tests (psycopg, SQLAlchemy on SQLite, Django on SQLite, lost
+    leases, failed commits, refusals) are ``test_atomic_memory.py``'s.
+    """
+    with use_memory_store() as store:
+        first = at.write.apply((uid, "psycopg"), idempotency_key=uid)
+        assert first.successful(), first.traceback
+        again = at.write.apply((uid, "psycopg"), idempotency_key=uid)
+        assert again.result == first.result
+        spec = at.write.idem_spec()
+        found = store.read(storage_key(spec.settings.key_prefix, spec.scope, uid))
+        assert found is not None
+        assert found.state == RecordState.RESULT.value
+    assert rows(at, uid) == [("psycopg", first.result["fence"])]
+    assert points(at, uid, "inserted") == 1
+    assert record(at, at.write, uid) is None  # the PostgreSQL store never saw the key
 
 
 def test_without_django_configured_the_default_is_refused(at: ModuleType, uid: str) -> None:
