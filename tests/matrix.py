@@ -5,12 +5,15 @@ Two environments, each a virtualenv of its own under ``build/matrix/``:
 ``floors``
     the oldest Python found that ``requires-python`` admits (3.10 here), with every
     ``>=`` floor of pyproject.toml's ``dependencies`` pinned with ``==`` (celery, kombu,
-    redis-py): what the declared ranges promise at their low end;
+    redis-py), and the ``postgres`` extra's (psycopg, with its binary build at the same
+    version): what the declared ranges promise at their low end;
 ``newest``
     the newest Python found, everything upgraded to the newest release the registry
     has (``pip install -U --upgrade-strategy eager``).
 
-In each, the package is installed (editable, with its ``test`` extra) and pytest runs
+In each, the package is installed (editable, with its ``test`` and ``postgres`` extras,
+and psycopg's binary build, so the PostgreSQL store's contract runs on the system's
+PostgreSQL where there is one) and pytest runs
 ``tests/unit``, ``tests/contract`` and ``tests/install``: the last one builds the
 wheel and starts the README's quickstart worker from a fresh venv on that Python, at
 the floors under the same pins (``IDEM_INSTALL_CONSTRAINTS``). The venvs are kept and
@@ -38,6 +41,9 @@ PYPROJECT = ROOT / "pyproject.toml"
 BUILD = ROOT / "build" / "matrix"
 TESTS = ["tests/unit", "tests/contract", "tests/install"]
 ENVIRONMENTS = ("floors", "newest")
+EXTRAS = ".[test,postgres]"
+BINARY = {"psycopg": "psycopg-binary"}
+"""A dependency whose compiled build is installed beside it, pinned to the same floor."""
 
 
 def log(message: str) -> None:
@@ -55,16 +61,23 @@ def _project_table(text: str) -> str:
 
 
 def declared_floors(text: str) -> list[str]:
-    """``name==X`` for every ``>=X`` in ``[project] dependencies`` (extras dropped)."""
+    """``name==X`` for every ``>=X`` in ``[project] dependencies`` and the ``postgres``
+    extra (extras of a requirement dropped); a :data:`BINARY` build pinned beside its
+    package."""
     block = re.search(r"^dependencies = \[\n(.*?)^\]", _project_table(text), re.M | re.S)
     if not block:
         raise SystemExit(f"{PYPROJECT}: no dependencies list in [project]")
+    extra = re.search(r"^postgres = \[(.*?)\]", text, re.M | re.S)
+    requirements = re.findall(r'^\s*"([^"]+)"', block.group(1), re.MULTILINE)
+    requirements += re.findall(r'"([^"]+)"', extra.group(1)) if extra else []
     pins = []
-    for requirement in re.findall(r'^\s*"([^"]+)"', block.group(1), re.MULTILINE):
+    for requirement in requirements:
         name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
         floor = re.search(r">=\s*([0-9][0-9A-Za-z.]*)", requirement)
         if name and floor:
             pins.append(f"{name.group(0)}=={floor.group(1)}")
+            if name.group(0) in BINARY:
+                pins.append(f"{BINARY[name.group(0)]}=={floor.group(1)}")
     if not pins:
         raise SystemExit(f"{PYPROJECT}: no '>=' floor in [project] dependencies")
     return pins
@@ -154,7 +167,7 @@ def prepare(name: str, python: str, version: tuple[int, int], pins: list[str]) -
     venv_python = venv / "bin" / "python"
     if not venv_python.exists() and run([python, "-m", "venv", str(venv)]):
         raise RuntimeError(f"could not create {venv}")
-    install = [str(venv_python), "-m", "pip", "install", "-q", "-e", ".[test]"]
+    install = [str(venv_python), "-m", "pip", "install", "-q", "-e", EXTRAS, *BINARY.values()]
     if pins:
         constraints = venv / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n", encoding="utf-8")
@@ -170,7 +183,7 @@ def installed_versions(venv: Path) -> str:
     script = (
         "import importlib.metadata as m, platform; print(f'Python "
         "{platform.python_version()}', *(f'{d} {m.version(d)}' for d in "
-        "('celery', 'kombu', 'redis')), sep=', ')"
+        "('celery', 'kombu', 'redis', 'psycopg')), sep=', ')"
     )
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", script],
