@@ -585,7 +585,7 @@ def test_idem_store_url_selects_postgres_and_refuses_redis_only_settings() -> No
     assert s.endpoint is not None
     assert s.endpoint.topology is Topology.POSTGRES
     assert s.endpoint.display == "postgresql://u:**@db.internal:5432/app"
-    redis = resolve_settings({"idem_store_url": "redis://localhost:6379/3"})
+    redis = resolve_settings({"idem_store_url": "redis://redis.internal:6380/3"})
     assert redis.endpoint is not None
     assert redis.endpoint.topology is Topology.STANDALONE
     with pytest.raises(IdempotencyConfigError, match=r"idem_min_replicas is invalid.*PostgreSQL"):

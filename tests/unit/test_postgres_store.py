@@ -138,7 +138,7 @@ def test_without_psycopg_the_modules_import_and_the_store_says_what_to_install(
 
 def test_from_url_refuses_a_url_of_another_store() -> None:
     with pytest.raises(IdempotencyConfigError, match="not a PostgreSQL URL"):
-        PostgresStore.from_url("redis://:secret@localhost:6379/0")
+        PostgresStore.from_url("redis://:secret@redis.internal:6380/0")
 
 
 # --------------------------------------------------------------------------- the schema
@@ -436,3 +436,34 @@ def test_a_row_locked_by_a_transaction_that_does_not_end_fails_the_call_instead_
 
 
 SERVER_PAST = "SELECT deadline < clock_timestamp() FROM celery_idem_records WHERE key = %s"
+
+
+def test_a_duplicate_is_one_statement_and_a_first_run_two_counted_by_the_server(
+    pg_server: Any, migrated_url: str, key: str
+) -> None:
+    """One round trip for a duplicate, one before a first run's body and one after it.
+
+    Counted in the server's own log (``log_statement = all`` on the store's sessions:
+    one line per statement a client sends, none for what a function runs inside).
+    """
+    from benchmarks.pgcount import PgCounter, logged  # noqa: PLC0415 - tests' own tools
+
+    store = PostgresStore.from_url(logged(migrated_url))
+    store.claim(request(f"{key}:warm"))  # the store's first call also checks the schema
+    counter = PgCounter(pg_server.log_path, migrated_url)
+    try:
+        out: list[Any] = []
+
+        def first_run() -> None:
+            out.append(store.claim(request(key)))
+            assert store.complete(completion(key, out[0].fence))
+
+        first = counter.count(first_run, 1, {})
+        duplicate = counter.count(lambda: out.append(store.claim(request(key, "t2"))), 1, {})
+    finally:
+        counter.close()
+        store.close()
+    assert out[0].state is ClaimState.CLAIMED
+    assert out[1].state is ClaimState.COMPLETED
+    assert first == {"store": {"celery_idem_claim": 1, "celery_idem_complete": 1}}
+    assert duplicate == {"store": {"celery_idem_claim": 1}}
