@@ -265,15 +265,15 @@ class Steps:
         execution = self.execution
         execution.report_lost("step")
         after = (
-            "its transaction was rolled back, the step's writes with it"
+            "Its transaction was rolled back, the step's writes with it"
             if rolled_back
-            else "pass self.step_key downstream so a step run twice is still applied once"
+            else "Pass self.step_key downstream so a step run twice is still applied once"
         )
         return execution.key_error(
             LeaseLost,
             f"lost its lease before step {label!r} could {what}: another attempt took the "
             f"key over (this one stalled past idem_lease). This run stops here and the step "
-            f"is not recorded; the new owner decides. {after[0].upper()}{after[1:]}",
+            f"is not recorded; the new owner decides. {after}",
         )
 
     def keep(self, name: str, occurrence: int, label: str, value: Any) -> Any:
