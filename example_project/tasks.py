@@ -29,13 +29,12 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import formataddr
-from typing import Any
 
-import redis
 from celery.utils.log import get_task_logger
 
-from celery_idem import IdempotentTask, signals
-from example_project import app
+from celery_idem import IdempotentTask
+from example_project import app, report
+from example_project.report import REPORT_TTL, count, report_client
 
 logger = get_task_logger(__name__)
 
@@ -192,70 +191,7 @@ def mark_notified(row_id: int, message_id: str) -> None:
 # signals). The counters live in their own Redis database (``demo_report_url`` in
 # celeryconfig.py).
 
-REPORT_TTL = 24 * 3600  # seconds the demo's counters are kept
-_report: tuple[int, redis.Redis] | None = None
-
-
-def report_client() -> redis.Redis:
-    """A Redis client for the report counters, one per process (prefork children)."""
-    global _report  # noqa: PLW0603 - one client per process
-    if _report is None or _report[0] != os.getpid():
-        _report = (os.getpid(), redis.Redis.from_url(app.conf.demo_report_url))
-    return _report[1]
-
-
-def count(what: str, name: str | None) -> None:
-    """Add one to the report counter ``demo:<what>:<name>`` (kept for a day)."""
-    counter = f"demo:{what}:{name}"
-    with report_client().pipeline() as pipe:
-        pipe.incr(counter)
-        pipe.expire(counter, REPORT_TTL)
-        pipe.execute()
-
-
-REPORTED = {send_welcome_email.name, record_order.name}
-"""The tasks whose replays the demo reports."""
-
-
-@signals.replayed.connect
-def count_replay(
-    sender: Any = None,
-    key: str | None = None,
-    task_id: str | None = None,
-    original_task_id: str | None = None,
-    **_: Any,
-) -> None:
-    """Record the deliveries answered from the stored result (the body did not run).
-
-    A set of task ids, not a counter: a delivery's message can itself be delivered
-    twice by the broker (visibility timeout), and that is still one delivery. A replay
-    to the very message that ran (``original_task_id``) is such a redelivery too.
-    """
-    if getattr(sender, "name", None) not in REPORTED or task_id == original_task_id:
-        return
-    replays = f"demo:replays:{key}"
-    with report_client().pipeline() as pipe:
-        pipe.sadd(replays, str(task_id))
-        pipe.expire(replays, REPORT_TTL)
-        pipe.execute()
-
-
-@signals.step_replayed.connect
-def count_step_replay(
-    sender: Any = None, key: str | None = None, step: str | None = None, **_: Any
-) -> None:
-    """Record the durable steps answered from the key's record (their function did not run).
-
-    A list of step names per key, in replay order: the demo checks that the order's
-    redelivered message replayed exactly its ``row`` step.
-    """
-    if getattr(sender, "name", None) not in REPORTED:
-        return
-    replays = f"demo:step-replays:{key}"
-    with report_client().pipeline() as pipe:
-        pipe.rpush(replays, str(step))
-        pipe.expire(replays, REPORT_TTL)
-        pipe.execute()
+report.use(lambda: str(app.conf.demo_report_url), {send_welcome_email.name, record_order.name})
 
 
 def pause_before_send(key: str | None, fence: int | None) -> None:
