@@ -36,7 +36,7 @@ from typing import Any
 
 from devtools.redis_server import RedisServer
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "timed", "tracer"]
 
 ROUNDS = 7
 CALLS = 1000
@@ -44,7 +44,7 @@ TTL = 86400
 RESULT_CODEC = "j"
 
 
-def _tracer(app: Any, task: Any) -> Callable[[str], Any]:
+def tracer(app: Any, task: Any) -> Callable[[str], Any]:
     """One call of ``task`` as a worker runs it: the tracer with a fresh task id."""
     from celery.app.trace import build_tracer  # noqa: PLC0415 - after the app's config
 
@@ -130,9 +130,9 @@ def _build(url: str) -> dict[str, Any]:
 
     return {
         "tasks": {
-            "idem": _tracer(app, idem),
-            "powertools": _tracer(app, powertools),
-            "plain": _tracer(app, plain),
+            "idem": tracer(app, idem),
+            "powertools": tracer(app, powertools),
+            "plain": tracer(app, plain),
         },
         "raw": {
             "get": store.client.get,
@@ -143,7 +143,7 @@ def _build(url: str) -> dict[str, Any]:
     }
 
 
-def _timed(fn: Callable[[str], Any], keys: list[str]) -> float:
+def timed(fn: Callable[[str], Any], keys: list[str]) -> float:
     """Microseconds per call of ``fn`` over ``keys``."""
     start = time.perf_counter()
     for key in keys:
@@ -157,13 +157,13 @@ def _block(name: str, parts: dict[str, Any], calls: int, tag: str) -> dict[str, 
     if name == "raw":
         raw = parts["raw"]
         return {
-            "get": _timed(raw["get"], keys),
-            "claim": _timed(raw["claim"], keys),
-            "complete": _timed(raw["complete"], keys),
-            "duplicate_claim": _timed(raw["duplicate_claim"], keys),
+            "get": timed(raw["get"], keys),
+            "claim": timed(raw["claim"], keys),
+            "complete": timed(raw["complete"], keys),
+            "duplicate_claim": timed(raw["duplicate_claim"], keys),
         }
     call = parts["tasks"][name]
-    return {f"{name}_first": _timed(call, keys), f"{name}_duplicate": _timed(call, keys)}
+    return {f"{name}_first": timed(call, keys), f"{name}_duplicate": timed(call, keys)}
 
 
 def measure(url: str, rounds: int, calls: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.percall import _tracer
+from benchmarks.percall import timed, tracer
 from benchmarks.pgcount import Counts, PgCounter, RedisCounter, logged
 from benchmarks.procstat import cpu_seconds, descendants, machine_busy_seconds
 from devtools.pg_server import PostgresServer, PostgresServerError
@@ -146,16 +146,8 @@ def _build(redis_url: str, pg_url: str) -> dict[str, Any]:
     ):
         options = {"base": base} if base else {}
         task = apps[store].task(bind=True, name=f"pgbench.{name}", **options)(fn)
-        tasks[name] = _tracer(apps[store], task)
+        tasks[name] = tracer(apps[store], task)
     return {"stores": _stores(redis_url, pg_url), "tasks": tasks, "body": body}
-
-
-def _timed(fn: Callable[[str], Any], keys: list[str]) -> float:
-    """Microseconds per call of ``fn`` over ``keys``."""
-    start = time.perf_counter()
-    for key in keys:
-        fn(key)
-    return 1e6 * (time.perf_counter() - start) / len(keys)
 
 
 def _block(name: str, parts: dict[str, Any], calls: int, tag: str) -> dict[str, float]:
@@ -164,11 +156,11 @@ def _block(name: str, parts: dict[str, Any], calls: int, tag: str) -> dict[str, 
     if name.endswith("_store"):
         store = name.removesuffix("_store")
         calls_of = parts["stores"][store]
-        return {f"{store}_{what}": _timed(calls_of[what], keys) for what in calls_of}
+        return {f"{store}_{what}": timed(calls_of[what], keys) for what in calls_of}
     call = parts["tasks"][name]
     if name in ("plain", "insert"):  # nothing to deduplicate: a second run is a first one
-        return {f"{name}_first": _timed(call, keys)}
-    return {f"{name}_first": _timed(call, keys), f"{name}_duplicate": _timed(call, keys)}
+        return {f"{name}_first": timed(call, keys)}
+    return {f"{name}_first": timed(call, keys), f"{name}_duplicate": timed(call, keys)}
 
 
 def _each(fn: Callable[[str], Any], keys: list[str]) -> None:
